@@ -1,0 +1,1 @@
+"""Triton kernels of sparsetrain, installed as ``sparsetrain.kernels``. Importing this imports Triton."""

@@ -1,0 +1,12 @@
+"""sparsetrain: regularization-driven pruning fused into the optimizer step.
+
+``import sparsetrain`` imports torch only; Triton and compiled extensions load when a backend
+that needs them is first used.
+"""
+
+from . import backends, contract, masks, ops, optim, philox
+from .backends import BackendUnavailableError
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendUnavailableError", "backends", "contract", "masks", "ops", "optim", "philox", "__version__"]

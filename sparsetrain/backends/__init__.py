@@ -1,0 +1,77 @@
+"""Backend registry: which implementations of the fused-step ops exist, and whether each is usable.
+
+A backend is a module exposing ``available() -> (usable, reason)``, ``sgd_step(...)`` and
+``adam_step(...)`` with the signatures of :mod:`sparsetrain.backends.torch_ref`. Modules are
+imported only when first asked for, so ``import sparsetrain`` never imports Triton or a compiled
+extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {
+    "torch": "sparsetrain.backends.torch_ref",
+    "triton": "sparsetrain.backends.triton_backend",
+    "cuda": "sparsetrain.backends.cuda_backend",
+}
+# Preference of backend="auto" for tensors on a CUDA device; CPU tensors always use "torch".
+_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+@cache
+def module(name: str) -> ModuleType:
+    check_name(name)
+    return importlib.import_module(_MODULES[name])
+
+
+def check_name(name: str) -> None:
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+
+
+@cache
+def availability(name: str) -> tuple[bool, str]:
+    """(usable, reason) for backend ``name`` on this machine; ``reason`` is empty when usable."""
+    check_name(name)
+    try:
+        mod = module(name)
+    except Exception as exc:  # an import failure is exactly the reason to report
+        return False, f"cannot import {_MODULES[name]}: {type(exc).__name__}: {exc}"
+    return mod.available()
+
+
+def resolve(requested: str | None, device: torch.device) -> str:
+    """The backend to use for tensors on ``device``.
+
+    ``requested`` ``None`` reads ``SPARSETRAIN_BACKEND`` (default ``"auto"``). ``"auto"`` picks
+    the first usable of cuda, triton, torch on CUDA devices and torch elsewhere; every backend
+    computes the same function, so the choice never changes results beyond rounding. An
+    explicit backend that is not usable raises :class:`BackendUnavailableError` with the reason.
+    """
+    name = requested if requested is not None else os.environ.get("SPARSETRAIN_BACKEND", "auto")
+    check_name(name)
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return next(b for b in _AUTO_ORDER_CUDA if availability(b)[0])
+    usable, reason = availability(name)
+    if not usable:
+        raise BackendUnavailableError(f"backend {name!r} is not usable here: {reason}")
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(
+            f"backend 'triton' needs CUDA tensors (got {device}); CPU tensors run only under TRITON_INTERPRET=1"
+        )
+    return name

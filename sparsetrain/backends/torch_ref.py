@@ -1,0 +1,237 @@
+"""The torch reference backend: DESIGN.md's per-element contract in plain torch, on any device.
+
+This is the executable specification the Triton and CUDA backends are tested against. It is
+written for clarity: one tensor at a time, the math in float32 (float64 for statistics), and the
+optimizer updates in exactly the order ``torch.optim``'s single-tensor implementations use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import masks as mask_format
+from .. import philox
+from ..contract import (
+    COEF_L1,
+    COEF_L2,
+    COEF_PRUNE_COUNT,
+    COEF_SD,
+    COEF_SD_BETA,
+    COEF_TEMPERATURE,
+    COEF_THRESHOLD,
+    GROUP_LAM,
+    GROUP_PRUNE,
+    STAT_ALIVE,
+    STAT_SUM_ABS_G,
+    STAT_SUM_ABS_W,
+    STAT_SUM_KERNEL,
+    STAT_TM,
+)
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+@dataclass
+class _Pruning:
+    """The pruning and regularization arguments shared by every optimizer op."""
+
+    mask_words: list[Tensor]
+    stats: list[Tensor]
+    tensor_coefs: list[Tensor]
+    group_coefs: list[Tensor]
+    group_inner: list[int]
+    seeds: Tensor
+    prune: str
+    regularize: bool
+    l1_proximal: bool
+
+    def __post_init__(self) -> None:
+        self.seed_values = self.seeds.tolist() if self.prune == "stochastic" else None
+
+    def alive(self, t: int, numel: int, device: torch.device) -> Tensor:
+        if not self.mask_words:
+            return torch.ones(numel, dtype=torch.bool, device=device)
+        return mask_format.unpack(self.mask_words[t], numel)
+
+    def group_index(self, t: int, numel: int, device: torch.device) -> Tensor:
+        groups = self.group_coefs[t].shape[1]
+        return (torch.arange(numel, device=device) // self.group_inner[t]) % groups
+
+    def regularization(self, t: int, w: Tensor, g: Tensor) -> Tensor:
+        """r = l2*w + lam[j]*w + sd*w*max(0, 1 - |g|/(beta*gbar)) [+ l1*sign(w) if not proximal]."""
+        r = torch.zeros_like(w)
+        if self.group_coefs:
+            lam = self.group_coefs[t][GROUP_LAM].float()[self.group_index(t, w.numel(), w.device)]
+            r = r + lam * w
+        if not self.regularize:
+            return r
+        coefs = self.tensor_coefs[t].float()
+        r = r + coefs[COEF_L2] * w
+        if not self.l1_proximal:
+            r = r + coefs[COEF_L1] * torch.sign(w)
+        if self.stats:
+            prev = self.stats[t]
+            gbar = (prev[STAT_SUM_ABS_G] / prev[STAT_ALIVE].clamp(min=1.0)).float()
+            scale = coefs[COEF_SD_BETA] * gbar
+            relevance = torch.where(scale > 0, 1 - g.abs() / scale, torch.zeros_like(g))
+            r = r + coefs[COEF_SD] * w * relevance.clamp(min=0)
+        return r
+
+    def proximal_l1(self, t: int, w: Tensor, lr: float | Tensor) -> Tensor:
+        """Soft-threshold ``w`` by ``lr * l1`` (the default L1 form: exact zeros)."""
+        if not (self.regularize and self.l1_proximal):
+            return w
+        shrink = lr * self.tensor_coefs[t].float()[COEF_L1]
+        return torch.sign(w) * (w.abs() - shrink).clamp(min=0)
+
+    def decide(self, t: int, w: Tensor, alive: Tensor) -> Tensor:
+        """The new alive bits after this step's pruning decision on the updated weights."""
+        if self.prune == "none":
+            return alive
+        coefs = self.tensor_coefs[t].float()
+        if self.prune == "stochastic":
+            prev = self.stats[t]
+            count, kernel_sum, tm = coefs[COEF_PRUNE_COUNT], prev[STAT_SUM_KERNEL].float(), prev[STAT_TM].float()
+            if not (count > 0 and kernel_sum > 0 and tm > 0):
+                return alive
+            q = torch.clamp(count / kernel_sum * torch.exp(-w.abs() / tm), max=1.0)
+            u = philox.rand(self.seed_values[t], torch.arange(w.numel(), device=w.device))
+            return alive & ~(u < q)
+        if self.prune == "low":
+            return alive & ~(w.abs() < coefs[COEF_THRESHOLD])
+        if self.prune == "high":
+            return alive & ~(w.abs() > coefs[COEF_THRESHOLD])
+        flagged = self.group_coefs[t][GROUP_PRUNE][self.group_index(t, w.numel(), w.device)] != 0
+        return alive & ~flagged
+
+    def finish(self, t: int, w: Tensor, g: Tensor, alive: Tensor) -> None:
+        """Write the new mask bits and this step's statistics."""
+        if self.mask_words:
+            self.mask_words[t].copy_(mask_format.pack(alive))
+        if not self.stats:
+            return
+        stats = self.stats[t]
+        prev_alive, prev_sum_w = float(stats[STAT_ALIVE]), float(stats[STAT_SUM_ABS_W])
+        temperature = float(self.tensor_coefs[t][COEF_TEMPERATURE]) if self.tensor_coefs else 0.0
+        tm = temperature * prev_sum_w / prev_alive if prev_alive > 0 else 0.0
+        w64, live = w.double().abs(), alive.double()
+        kernel = torch.exp(-w64.float() / tm).double() * live if tm > 0 else torch.zeros_like(w64)
+        stats.copy_(
+            torch.stack([live.sum(), (w64 * live).sum(), kernel.sum(), (g.double().abs() * live).sum(), w64.new_tensor(tm)])
+        )
+
+
+def _apply(pruning: _Pruning, t: int, param: Tensor, update) -> None:
+    """Run one tensor through mask, regularize, ``update``, proximal L1, decide, mask, stats."""
+    numel = param.numel()
+    alive = pruning.alive(t, numel, param.device)
+    w = param.detach().reshape(-1).float()
+    new_w, g_raw, states = update(w, alive)
+    new_alive = pruning.decide(t, new_w, alive)
+    keep = new_alive.to(new_w.dtype)
+    new_w = new_w * keep
+    for state in states:
+        flat = state.view(-1)
+        flat.mul_(keep)
+    param.detach().copy_(new_w.view_as(param).to(param.dtype))
+    pruning.finish(t, new_w, g_raw, new_alive)
+
+
+def _pruning(kw: dict) -> _Pruning:
+    return _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__})
+
+
+def _lr(lr: float, lr_tensor: Tensor | None) -> float | Tensor:
+    return lr_tensor.float() if lr_tensor is not None else lr
+
+
+def _skip(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item())
+
+
+def sgd_step(
+    params, grads, momentum_buffers, steps, *, found_inf, lr, lr_tensor, weight_decay, momentum,
+    dampening, nesterov, maximize, **pruning_kw,
+) -> None:
+    """Fused SGD step (torch.optim.SGD semantics) plus regularization, pruning and masks."""
+    if _skip(found_inf):
+        return
+    pruning = _pruning(pruning_kw)
+    lr = _lr(lr, lr_tensor)
+    for t, (param, grad) in enumerate(zip(params, grads)):
+        steps[t].add_(1)
+        first = float(steps[t]) == 1.0
+
+        def update(w: Tensor, alive: Tensor, t=t, grad=grad, first=first):
+            g_raw = grad.reshape(-1).float()
+            g = -g_raw if maximize else g_raw
+            w = w * alive
+            if weight_decay != 0:
+                g = g.add(w, alpha=weight_decay)
+            g = g + pruning.regularization(t, w, g_raw) if (pruning.regularize or pruning.group_coefs) else g
+            states = []
+            if momentum != 0:
+                buf = momentum_buffers[t].view(-1)
+                if first:
+                    buf.copy_(g)
+                else:
+                    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+                g = g.add(buf, alpha=momentum) if nesterov else buf
+                states.append(buf)
+            w = w - lr * g if isinstance(lr, Tensor) else w.add(g, alpha=-lr)
+            return pruning.proximal_l1(t, w, lr), g_raw, states
+
+        _apply(pruning, t, param, update)
+
+
+def adam_step(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, found_inf, lr, lr_tensor, beta1,
+    beta2, eps, weight_decay, decoupled, amsgrad, maximize, **pruning_kw,
+) -> None:
+    """Fused Adam / AdamW step (torch.optim semantics) plus regularization, pruning and masks."""
+    if _skip(found_inf):
+        return
+    pruning = _pruning(pruning_kw)
+    lr = _lr(lr, lr_tensor)
+    for t, (param, grad) in enumerate(zip(params, grads)):
+        steps[t].add_(1)
+        step = float(steps[t])
+
+        def update(w: Tensor, alive: Tensor, t=t, grad=grad, step=step):
+            g_raw = grad.reshape(-1).float()
+            g = -g_raw if maximize else g_raw
+            w = w * alive
+            r = pruning.regularization(t, w, g_raw) if (pruning.regularize or pruning.group_coefs) else None
+            if weight_decay != 0:
+                if decoupled:
+                    w = w * (1 - lr * weight_decay)
+                else:
+                    g = g.add(w, alpha=weight_decay)
+            if r is not None:
+                g = g + r
+            exp_avg, exp_avg_sq = exp_avgs[t].view(-1), exp_avg_sqs[t].view(-1)
+            exp_avg.lerp_(g, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+            states = [exp_avg, exp_avg_sq]
+            if amsgrad:
+                max_sq = max_exp_avg_sqs[t].view(-1)
+                torch.maximum(max_sq, exp_avg_sq, out=max_sq)
+                denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                states.append(max_sq)
+            else:
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            if isinstance(lr, Tensor):
+                w = w - (lr / bias_correction1) * exp_avg / denom
+            else:
+                w = w.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
+            return pruning.proximal_l1(t, w, lr), g_raw, states
+
+        _apply(pruning, t, param, update)

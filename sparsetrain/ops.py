@@ -1,0 +1,114 @@
+"""The op contract: one in-place fused-step op per optimizer family, registered with torch.library.
+
+``sparsetrain::sgd_step_`` and ``sparsetrain::adam_step_`` (Adam and AdamW, ``decoupled``) update
+lists of tensors in place, all in one call: regularization gradient, optimizer update, pruning
+decision, mask application and next-step statistics. The layouts of ``tensor_coefs``,
+``group_coefs``, ``stats`` and ``mask_words`` are documented in :mod:`sparsetrain.contract`.
+``backend`` names the implementation (:mod:`sparsetrain.backends`); every backend computes the
+same function. The ops have fake implementations, so ``torch.compile(fullgraph=True)`` keeps them
+in the graph.
+
+Empty lists switch features off: no ``mask_words`` = no masks; no ``stats`` = no statistics;
+no ``group_coefs`` = no per-group lam. ``steps`` are incremented by the op. When ``found_inf``
+is given and nonzero, nothing at all is modified.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_PRUNING_MUTATES = ("mask_words", "stats")
+
+
+@torch.library.custom_op(
+    "sparsetrain::sgd_step_", mutates_args=("params", "momentum_buffers", "steps", *_PRUNING_MUTATES)
+)
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    mask_words: list[Tensor],
+    stats: list[Tensor],
+    tensor_coefs: list[Tensor],
+    group_coefs: list[Tensor],
+    group_inner: list[int],
+    seeds: Tensor,
+    found_inf: Optional[Tensor],
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    prune: str,
+    regularize: bool,
+    l1_proximal: bool,
+    backend: str,
+) -> None:
+    """Fused SGD (torch.optim.SGD semantics) with regularization, pruning and masks, in place."""
+    backends.module(backend).sgd_step(
+        params, grads, momentum_buffers, steps, mask_words=mask_words, stats=stats,
+        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, seeds=seeds,
+        found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, prune=prune, regularize=regularize,
+        l1_proximal=l1_proximal,
+    )
+
+
+@sgd_step_.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    "sparsetrain::adam_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", *_PRUNING_MUTATES),
+)
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    mask_words: list[Tensor],
+    stats: list[Tensor],
+    tensor_coefs: list[Tensor],
+    group_coefs: list[Tensor],
+    group_inner: list[int],
+    seeds: Tensor,
+    found_inf: Optional[Tensor],
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    prune: str,
+    regularize: bool,
+    l1_proximal: bool,
+    backend: str,
+) -> None:
+    """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place."""
+    backends.module(backend).adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words=mask_words, stats=stats,
+        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, seeds=seeds,
+        found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, prune=prune,
+        regularize=regularize, l1_proximal=l1_proximal,
+    )
+
+
+@adam_step_.register_fake
+def _(*args, **kwargs) -> None:
+    return None

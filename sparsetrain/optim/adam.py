@@ -1,0 +1,56 @@
+"""Fused Adam and AdamW: torch.optim's arguments and results, plus regularization, pruning and masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import ops
+from .base import FusedOptimizer
+
+
+class Adam(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.Adam` (betas, eps, coupled weight_decay, amsgrad, maximize).
+
+    Extra keywords as for :class:`sparsetrain.optim.SGD`: ``backend``, ``skip_nonfinite``, ``seed``,
+    ``l1_proximal``. Moments are float32 whatever the parameter dtype.
+    """
+
+    _decoupled = False
+
+    def __init__(
+        self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float | None = None, amsgrad: bool = False, *, maximize: bool = False,
+        backend: str | None = None, skip_nonfinite: bool = False, seed: int = 0, l1_proximal: bool = True,
+    ) -> None:
+        if weight_decay is None:
+            weight_decay = 1e-2 if self._decoupled else 0.0
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, seed=seed,
+                         l1_proximal=l1_proximal)
+
+    def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _launch(self, group, params, grads, common) -> None:
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        ops.adam_step_(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+            beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled=self._decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"], **common,
+        )
+
+
+class AdamW(Adam):
+    """Drop-in for :class:`torch.optim.AdamW`: Adam with decoupled weight decay (default 1e-2)."""
+
+    _decoupled = True

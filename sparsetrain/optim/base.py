@@ -1,0 +1,339 @@
+"""Shared machinery of the drop-in fused optimizers: state, pruning state, validation, state_dict.
+
+Per parameter ``p`` the optimizer state holds, besides the algorithm's own buffers:
+
+* ``step``: float32 scalar tensor on ``p``'s device (incremented by the fused op);
+* once pruning is enabled for ``p`` (:meth:`FusedOptimizer.enable_pruning`): ``mask_words``
+  (int32, bit-packed), ``stats`` (float64 ``[NUM_STATS]``), ``coefs`` (float32 ``[NUM_COEFS]``),
+  ``group_coefs`` (float32 ``[2, G]``) and ``group_inner`` (int).
+
+The optimizer-wide pruning state (``base_seed``, the pruning-event counter) is saved under the
+``"sparsetrain"`` key of :meth:`state_dict`. Everything is restored bit-identically by
+:meth:`load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import backends, contract, philox
+from .. import masks as mask_format
+
+STATE_FORMAT = 1
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of :class:`~sparsetrain.optim.SGD`, :class:`~sparsetrain.optim.Adam`, :class:`~sparsetrain.optim.AdamW`.
+
+    Subclasses define ``_algo_states(group)`` (names of the per-parameter fp32 buffers the group
+    needs) and ``_launch(group, params, grads, common)``, which calls their op once for a list of
+    tensors.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        backend: str | None = None,
+        skip_nonfinite: bool = False,
+        seed: int = 0,
+        l1_proximal: bool = True,
+    ) -> None:
+        backends.check_name(backend if backend is not None else "auto")
+        self.requested_backend = backend
+        self.skip_nonfinite = skip_nonfinite
+        self.l1_proximal = l1_proximal
+        self.base_seed = int(seed) & philox.MASK63
+        self.prune_events = 0
+        self.regularize = False  # set when any per-tensor l2 / l1 / selective-decay coefficient is used
+        self.uses_groups = False  # set when per-group lam or group pruning is used
+        self._pending_prune = "none"
+        self._backend_by_device: dict[torch.device, str] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for index, p in enumerate(params):
+            where = f"parameter {index} of param group {len(self.param_groups)}"
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{where} is a {type(p).__name__}, not a Tensor")
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(f"{where} has dtype {p.dtype}; only real floating-point parameters can be optimized")
+            if p.is_sparse:
+                raise TypeError(f"{where} is a sparse tensor; only dense parameters are supported")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        for p in group["params"]:
+            self._init_state(p, group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {float(lr)}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for name in self._algo_states(group):
+            if name not in state:
+                state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _param_index(self) -> dict[Tensor, int]:
+        return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    # ---------------------------------------------------------------------------------- pruning
+    def enable_pruning(self, param: Tensor, *, groups: int = 1, group_inner: int | None = None) -> None:
+        """Give ``param`` a mask (all alive), statistics, coefficients and ``groups`` groups.
+
+        Element ``i`` belongs to group ``(i // group_inner) % groups``; ``group_inner`` defaults
+        to ``numel // groups`` (contiguous groups, e.g. output filters).
+        """
+        if param not in self._param_index():
+            raise ValueError("enable_pruning: the tensor is not a parameter of this optimizer")
+        numel = param.numel()
+        if groups < 1 or numel % groups:
+            raise ValueError(f"enable_pruning: {groups} groups do not divide a tensor of {numel} elements")
+        inner = group_inner if group_inner is not None else numel // groups
+        state = self.state[param]
+        if "mask_words" in state:
+            return
+        device = param.device
+        with torch.no_grad():
+            stats = torch.zeros(contract.NUM_STATS, dtype=torch.float64, device=device)
+            stats[contract.STAT_ALIVE] = numel
+            stats[contract.STAT_SUM_ABS_W] = param.detach().double().abs().sum()
+        state["mask_words"] = mask_format.full(numel, device)
+        state["stats"] = stats
+        state["coefs"] = torch.zeros(contract.NUM_COEFS, dtype=torch.float32, device=device)
+        state["group_coefs"] = torch.zeros(2, groups, dtype=torch.float32, device=device)
+        state["group_inner"] = int(inner)
+
+    def set_mask(self, param: Tensor, alive: Tensor) -> None:
+        """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state)."""
+        state = self.state[param]
+        if "mask_words" not in state:
+            self.enable_pruning(param)
+        if alive.shape != param.shape:
+            raise ValueError(f"set_mask: mask shape {tuple(alive.shape)} != parameter shape {tuple(param.shape)}")
+        alive = alive.to(device=param.device, dtype=torch.bool)
+        with torch.no_grad():
+            state["mask_words"].copy_(mask_format.pack(alive & self.mask(param)))
+            keep = self.mask(param)
+            param.mul_(keep)
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.mul_(keep)
+            state["stats"][contract.STAT_ALIVE] = keep.sum()
+            state["stats"][contract.STAT_SUM_ABS_W] = param.double().abs().sum()
+
+    def mask(self, param: Tensor) -> Tensor:
+        """``param``'s mask as a bool tensor of its shape (all True when pruning is not enabled)."""
+        state = self.state.get(param, {})
+        if "mask_words" not in state:
+            return torch.ones_like(param, dtype=torch.bool)
+        return mask_format.unpack(state["mask_words"], param.numel(), param.shape)
+
+    def set_coefs(self, param: Tensor, **values: float) -> None:
+        """Set per-tensor coefficients by name: l2, l1, sd, sd_beta, threshold, prune_count, temperature."""
+        coefs = self.state[param]["coefs"]
+        for name, value in values.items():
+            index = getattr(contract, f"COEF_{name.upper()}", None)
+            if index is None:
+                raise ValueError(f"unknown coefficient {name!r}")
+            coefs[index] = float(value)
+            if name in ("l2", "l1", "sd") and value != 0:
+                self.regularize = True
+
+    def schedule_pruning(self, mode: str) -> None:
+        """Make the next :meth:`step` take a pruning decision of ``mode`` on every masked tensor."""
+        if mode not in contract.PRUNE_MODES:
+            raise ValueError(f"unknown prune mode {mode!r}; choose one of {contract.PRUNE_MODES}")
+        self._pending_prune = mode
+
+    # ------------------------------------------------------------------------------------- step
+    def _backend_for(self, device: torch.device) -> str:
+        name = self._backend_by_device.get(device)
+        if name is None:
+            name = backends.resolve(self.requested_backend, device)
+            self._backend_by_device[device] = name
+        return name
+
+    @property
+    def backend(self) -> str | None:
+        """The backend the last step used (``None`` before the first step)."""
+        return next(iter(self._backend_by_device.values()), None)
+
+    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]:
+        """Per group, split into masked and unmasked tensors that have gradients; validate everything."""
+        calls = []
+        device = None
+        for group_index, group in enumerate(self.param_groups):
+            split: dict[bool, tuple[list[Tensor], list[Tensor]]] = {True: ([], []), False: ([], [])}
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                where = f"parameter {index} of param group {group_index} (shape {tuple(p.shape)})"
+                if grad.is_sparse:
+                    raise RuntimeError(f"{where} has a sparse gradient; sparsetrain optimizers need dense gradients")
+                if grad.shape != p.shape or grad.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"{where}: gradient {tuple(grad.shape)} {grad.dtype} does not match the parameter's {p.dtype}"
+                    )
+                if device is None:
+                    device = p.device
+                if p.device != device or grad.device != device:
+                    raise RuntimeError(
+                        f"{where} is on {p.device} (gradient on {grad.device}) but earlier parameters are on {device}; "
+                        "one sparsetrain optimizer steps tensors of one device"
+                    )
+                self._init_state(p, group)
+                masked = "mask_words" in self.state[p]
+                split[masked][0].append(p)
+                split[masked][1].append(grad)
+            for masked, (params, grads) in split.items():
+                if params:
+                    calls.append((group, params, grads, masked))
+        return calls
+
+    def _found_inf(self, calls) -> Tensor | None:
+        if not self.skip_nonfinite or not calls:
+            return None
+        grads = [g for _, _, gs, _ in calls for g in gs]
+        maxima = torch._foreach_norm(grads, math.inf)
+        return (~torch.isfinite(torch.stack(maxima))).any()
+
+    def _pruning_args(self, params: list[Tensor], masked: bool, backend: str) -> dict[str, Any]:
+        states = [self.state[p] for p in params]
+        device = params[0].device
+        prune = self._pending_prune if masked else "none"
+        if prune == "stochastic":
+            index = self._param_index()
+            seeds = torch.tensor(
+                [philox.event_seed(self.base_seed, index[p], self.prune_events) for p in params],
+                dtype=torch.int64, device=device,
+            )
+        else:
+            seeds = torch.zeros(0, dtype=torch.int64, device=device)
+        use_groups = masked and self.uses_groups
+        return {
+            "mask_words": [s["mask_words"] for s in states] if masked else [],
+            "stats": [s["stats"] for s in states] if masked else [],
+            "tensor_coefs": [s["coefs"] for s in states] if masked else [],
+            "group_coefs": [s["group_coefs"] for s in states] if use_groups else [],
+            "group_inner": [s["group_inner"] for s in states] if use_groups else [],
+            "seeds": seeds,
+            "prune": prune,
+            "regularize": masked and self.regularize,
+            "l1_proximal": self.l1_proximal,
+            "backend": backend,
+        }
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused step over all parameters with gradients; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        calls = self._gather()
+        if calls:
+            backend = self._backend_for(calls[0][1][0].device)
+            found_inf = self._found_inf(calls)
+            for group, params, grads, masked in calls:
+                lr = group["lr"]
+                lr_args = {"lr": float(lr), "lr_tensor": None}
+                if isinstance(lr, Tensor):
+                    lr_args = {"lr": 0.0, "lr_tensor": lr.reshape(()).to(params[0].device)}
+                common = {"found_inf": found_inf, **lr_args, **self._pruning_args(params, masked, backend)}
+                self._launch(group, params, grads, common)
+        if self._pending_prune == "stochastic":
+            self.prune_events += 1
+        self._pending_prune = "none"
+        return loss
+
+    # ------------------------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["sparsetrain"] = {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "base_seed": self.base_seed,
+            "prune_events": self.prune_events,
+            "regularize": self.regularize,
+            "uses_groups": self.uses_groups,
+            "param_shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by the same optimizer class for the same parameters.
+
+        Tensors keep their saved dtype (statistics stay float64, states float32) and move to the
+        parameter's device. Everything is validated before anything is changed.
+        """
+        meta = state_dict.get("sparsetrain")
+        name = type(self).__name__
+        if meta is None:
+            raise ValueError(f"{name}.load_state_dict: not a sparsetrain state_dict (no 'sparsetrain' entry)")
+        if meta["optimizer"] != name:
+            raise ValueError(f"{name}.load_state_dict: the state_dict was saved by {meta['optimizer']}, not {name}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: {len(saved_groups)} param groups saved, this optimizer has {len(self.param_groups)}"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        shapes = [tuple(p.shape) for p in params]
+        if [tuple(s) for s in meta["param_shapes"]] != shapes or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict belongs to another model "
+                f"(saved parameter shapes {meta['param_shapes'][:4]}..., here {shapes[:4]}...)"
+            )
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, saved in state_dict["state"].items():
+            p = by_id[key]
+            for field, value in saved.items():
+                if isinstance(value, Tensor):
+                    if value.dim() > 0 and field in self._algo_state_names() and value.shape != p.shape:
+                        raise ValueError(f"{name}.load_state_dict: state {field!r} has shape {tuple(value.shape)}, param {tuple(p.shape)}")
+                    new_state[p][field] = value.detach().to(device=p.device, copy=True)
+                else:
+                    new_state[p][field] = copy.deepcopy(value)
+        new_groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            fresh = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            fresh["params"] = group["params"]
+            new_groups.append(fresh)
+        self.state = new_state
+        self.param_groups = new_groups
+        self.base_seed = meta["base_seed"]
+        self.prune_events = meta["prune_events"]
+        self.regularize = meta["regularize"]
+        self.uses_groups = meta["uses_groups"]
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group)
+
+    def _algo_state_names(self) -> set[str]:
+        return {n for g in self.param_groups for n in self._algo_states(g)}
