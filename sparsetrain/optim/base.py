@@ -58,6 +58,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._pending_prune = "none"
         self._backend_by_device: dict[torch.device, str] = {}
         super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is not None:  # resolve now: an unusable backend fails here, and step() stays traceable
+            self._backend_for(first.device)
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
