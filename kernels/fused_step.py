@@ -1,0 +1,238 @@
+"""The fused pruning step: one pass over memory for every tensor of an optimizer call.
+
+Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and math in fp32:
+
+    a = mask bit; dead elements are neither read nor written (they are zero already)
+    r = lam[j]*w + l2*w + sd*w*max(0, 1 - |g|/(beta*gbar)) [+ l1*sign(w) unless proximal]
+    SGD : g' = g + wd*w + r; buf = g' (first step) or momentum*buf + (1-dampening)*g';
+          w -= lr * (g' + momentum*buf if nesterov else buf)
+    Adam: g' = g [+ wd*w unless decoupled] + r; w *= 1 - lr*wd if decoupled; m = lerp(m, g', 1-b1);
+          v = b2*v + (1-b2)*g'^2; vmax = max(vmax, v); w -= lr/bc1 * m / (sqrt(v or vmax)/sqrt(bc2) + eps)
+    proximal L1: w = sign(w) * max(|w| - lr*l1, 0)
+    decision on the updated w at pruning events: stochastic u < q(|w|) with u = tl.rand(seed_t, i),
+    i the element's index in its tensor; |w| < t; |w| > t; group j flagged
+    write w*a', states*a', mask words; per-block partial statistics in fp64
+
+Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
+20.25 B. A block whose mask words are all zero reads and writes nothing but its mask words.
+A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
+and advances the step counters. Runtime values (lr, coefficients, seeds, steps) are arguments or
+live in device memory; only structural switches are ``tl.constexpr``.
+
+Dtypes: parameters and gradients fp32 / bf16 / fp16 (one launch per parameter dtype), optimizer
+states fp32, statistics fp64, masks int32. Offsets are int64 throughout.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
+ROW_PARAM, ROW_GRAD, ROW_STATE1, ROW_STATE2, ROW_STATE3, ROW_MASK, ROW_COEF, ROW_STATS = range(8)
+ROW_GROUP, ROW_STEP, ROW_NUMEL, ROW_INNER, ROW_GROUPS = range(8, 13)
+NUM_ROWS = 13
+
+# Prune-mode switch values: positions in sparsetrain.contract.PRUNE_MODES.
+PRUNE_NONE, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP = range(5)
+
+# Layout constants mirrored from sparsetrain.contract (asserted equal in the host launcher).
+COEF_L2, COEF_L1, COEF_SD, COEF_SD_BETA, COEF_THRESHOLD, COEF_PRUNE_COUNT, COEF_TEMPERATURE = range(7)
+STAT_ALIVE, STAT_SUM_ABS_W, STAT_SUM_KERNEL, STAT_SUM_ABS_G, STAT_TM = range(5)
+NUM_PARTIALS = 4
+
+
+@triton.jit
+def _row_ptr(table, row, t, num_tensors, DTYPE: tl.constexpr):
+    return tl.load(table + row * num_tensors + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _row_int(table, row, t, num_tensors):
+    return tl.load(table + row * num_tensors + t)
+
+
+@triton.jit
+def _kernel_scale(stats_ptr, coef_ptr):
+    """temperature * mean|w| of the previous step (fp64), 0 when undefined."""
+    prev_alive = tl.load(stats_ptr + STAT_ALIVE)
+    prev_sum = tl.load(stats_ptr + STAT_SUM_ABS_W)
+    temperature = tl.load(coef_ptr + COEF_TEMPERATURE).to(tl.float64)
+    return tl.where(prev_alive > 0, temperature * prev_sum / tl.maximum(prev_alive, 1.0), 0.0)
+
+
+@triton.jit
+def fused_step_kernel(
+    table, num_tensors, seeds, block_tensor, block_local, partials, partial_base, found_inf_ptr, lr_ptr,
+    lr, weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor,
+    log_betas_ptr,
+    PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    PRUNE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, WORDS: tl.constexpr,
+):
+    block = tl.program_id(0)
+    t = tl.load(block_tensor + block)
+    local = tl.load(block_local + block).to(tl.int64)
+    numel = _row_int(table, ROW_NUMEL, t, num_tensors)
+    lanes = tl.arange(0, 32)
+    word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
+    offs = word_idx[:, None] * 32 + lanes[None, :]
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0
+    inside = (offs < numel) & go
+    word_ok = (word_idx < (numel + 31) // 32) & go
+
+    if HAS_MASK:
+        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
+        words = tl.load(mask_ptr + word_idx, mask=word_ok, other=0)
+        live = inside & (((words[:, None] >> lanes[None, :]) & 1) != 0)
+    else:
+        live = inside
+
+    param_ptr = _row_ptr(table, ROW_PARAM, t, num_tensors, PARAM_DTYPE)
+    grad_ptr = _row_ptr(table, ROW_GRAD, t, num_tensors, PARAM_DTYPE)
+    w = tl.load(param_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    g_raw = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    g = -g_raw if MAXIMIZE else g_raw
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
+        decay_factor = 1.0 - lr * weight_decay
+    step = tl.load(_row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)) + 1.0
+    stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
+    coef_ptr = _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32)
+
+    # regularization gradient
+    r = tl.zeros([WORDS, 32], dtype=tl.float32)
+    if HAS_GROUPS:
+        group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
+        group = (offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(table, ROW_GROUPS, t, num_tensors)
+        r = r + tl.load(group_ptr + group, mask=live, other=0.0) * w
+    if REGULARIZE:
+        r = r + tl.load(coef_ptr + COEF_L2) * w
+        if not L1_PROX:
+            r = r + tl.load(coef_ptr + COEF_L1) * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        if HAS_STATS:
+            gbar = (tl.load(stats_ptr + STAT_SUM_ABS_G) / tl.maximum(tl.load(stats_ptr + STAT_ALIVE), 1.0)).to(
+                tl.float32
+            )
+            scale = tl.load(coef_ptr + COEF_SD_BETA) * gbar
+            relevance = tl.where(scale > 0, 1.0 - tl.abs(g_raw) / tl.where(scale > 0, scale, 1.0), 0.0)
+            r = r + tl.load(coef_ptr + COEF_SD) * w * tl.maximum(relevance, 0.0)
+
+    # optimizer update
+    if IS_ADAM:
+        if DECOUPLED:
+            w = w * decay_factor
+        else:
+            g = g + weight_decay * w
+        if HAS_GROUPS or REGULARIZE:
+            g = g + r
+        m_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
+        v_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, tl.float32)
+        m = tl.load(m_ptr + offs, mask=live, other=0.0)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0)
+        weight = one_minus_beta1
+        m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))  # torch.lerp
+        v = v * beta2 + one_minus_beta2 * (g * g)
+        step64 = step.to(tl.float64)  # bias corrections in fp64 from log(beta) held in fp64
+        bias_correction1 = 1.0 - tl.exp(step64 * tl.load(log_betas_ptr))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1))).to(tl.float32)
+        step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
+        if AMSGRAD:
+            vmax_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, tl.float32)
+            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=live, other=0.0), v)
+            denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
+        else:
+            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+        w = w - step_size * (m / denom)
+    else:
+        g = g + weight_decay * w
+        if HAS_GROUPS or REGULARIZE:
+            g = g + r
+        if HAS_MOMENTUM:
+            buf_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
+            buf = tl.load(buf_ptr + offs, mask=live, other=0.0)
+            buf = tl.where(step == 1.0, g, buf * momentum + one_minus_dampening * g)
+            if NESTEROV:
+                g = g + momentum * buf
+            else:
+                g = buf
+        w = w - lr * g
+    if REGULARIZE:
+        if L1_PROX:
+            shrink = lr * tl.load(coef_ptr + COEF_L1)
+            w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - shrink, 0.0)
+
+    # pruning decision on the updated weights
+    keep = live
+    if PRUNE == PRUNE_STOCHASTIC:
+        count = tl.load(coef_ptr + COEF_PRUNE_COUNT)
+        kernel_sum = tl.load(stats_ptr + STAT_SUM_KERNEL).to(tl.float32)
+        tm = tl.load(stats_ptr + STAT_TM).to(tl.float32)
+        active = (count > 0) & (kernel_sum > 0) & (tm > 0)
+        c = count / tl.where(active, kernel_sum, 1.0)
+        q = tl.minimum(c * tl.exp(-tl.abs(w) / tl.where(active, tm, 1.0)), 1.0)
+        u = tl.rand(tl.load(seeds + t), offs)
+        keep = live & ~((u < q) & active)
+    elif PRUNE == PRUNE_LOW:
+        keep = live & ~(tl.abs(w) < tl.load(coef_ptr + COEF_THRESHOLD))
+    elif PRUNE == PRUNE_HIGH:
+        keep = live & ~(tl.abs(w) > tl.load(coef_ptr + COEF_THRESHOLD))
+    elif PRUNE == PRUNE_GROUP:
+        flagged = tl.load(group_ptr + _row_int(table, ROW_GROUPS, t, num_tensors) + group, mask=live, other=0.0)
+        keep = live & (flagged == 0)
+
+    # writes: dead-before elements are untouched; pruned-now elements become zero
+    w = tl.where(keep, w, 0.0)
+    tl.store(param_ptr + offs, w.to(PARAM_DTYPE), mask=live)
+    if IS_ADAM:
+        tl.store(m_ptr + offs, tl.where(keep, m, 0.0), mask=live)
+        tl.store(v_ptr + offs, tl.where(keep, v, 0.0), mask=live)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, tl.where(keep, vmax, 0.0), mask=live)
+    elif HAS_MOMENTUM:
+        tl.store(buf_ptr + offs, tl.where(keep, buf, 0.0), mask=live)
+    if HAS_MASK:
+        new_words = tl.sum(keep.to(tl.int32) << lanes[None, :], axis=1)
+        tl.store(mask_ptr + word_idx, new_words, mask=word_ok & (words != 0))
+
+    if HAS_STATS:
+        kept = keep.to(tl.float64)
+        abs_w = tl.abs(w)
+        tm_now = _kernel_scale(stats_ptr, coef_ptr)
+        tm32 = tl.where(tm_now > 0, tm_now, 1.0).to(tl.float32)
+        kernel = tl.where(keep & (tm_now > 0), tl.exp(-abs_w / tm32), 0.0).to(tl.float64)
+        out = partials + (partial_base + block) * NUM_PARTIALS
+        tl.store(out + 0, tl.sum(tl.sum(kept, axis=1), axis=0))
+        tl.store(out + 1, tl.sum(tl.sum(abs_w.to(tl.float64), axis=1), axis=0))
+        tl.store(out + 2, tl.sum(tl.sum(kernel, axis=1), axis=0))
+        tl.store(out + 3, tl.sum(tl.sum(tl.abs(g_raw).to(tl.float64) * kept, axis=1), axis=0))
+
+
+@triton.jit
+def finish_step_kernel(
+    table, num_tensors, tensor_first_partial, tensor_num_partials, partials, found_inf_ptr,
+    HAS_STATS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Per tensor: step += 1 and stats = fixed-order sum of its blocks' partials (one program each)."""
+    t = tl.program_id(0)
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0
+    step_ptr = _row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)
+    tl.store(step_ptr, tl.load(step_ptr) + 1.0, mask=go)
+    if HAS_STATS:
+        stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
+        tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
+        first = tl.load(tensor_first_partial + t).to(tl.int64)
+        end = first + tl.load(tensor_num_partials + t)
+        cols = tl.arange(0, NUM_PARTIALS)
+        acc = tl.zeros([NUM_PARTIALS], dtype=tl.float64)
+        for start in range(first, end, CHUNK):
+            rows = start + tl.arange(0, CHUNK)
+            values = tl.load(partials + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0)
+            acc += tl.sum(values, axis=0)
+        tl.store(stats_ptr + cols, acc, mask=go)
+        tl.store(stats_ptr + STAT_TM, tm_now, mask=go)

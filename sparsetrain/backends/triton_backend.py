@@ -1,0 +1,203 @@
+"""The Triton backend: host launcher of :mod:`sparsetrain.kernels.fused_step`.
+
+One ``fused_step_kernel`` launch per
+parameter dtype present in the call (fp32, bf16, fp16), then one ``finish_step_kernel`` launch for
+all tensors. The per-tensor address table and the block map are built once per distinct set of
+tensors and cached (keyed by addresses, sizes and dtypes), so a training loop whose gradients stay
+in place rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from .. import contract
+
+WORDS_PER_BLOCK = 32  # 1024 elements per program
+BLOCK = WORDS_PER_BLOCK * 32
+FINISH_CHUNK = 64
+_PLAN_CACHE_SIZE = 16
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc}); install with: pip install 'sparsetrain[triton]'"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "no CUDA device is visible (Triton runs on CPU tensors only under TRITON_INTERPRET=1)"
+    return True, ""
+
+
+def _kernels():
+    from ..kernels import fused_step
+
+    assert (fused_step.COEF_PRUNE_COUNT, fused_step.STAT_TM) == (contract.COEF_PRUNE_COUNT, contract.STAT_TM)
+    return fused_step
+
+
+class _Plan:
+    """Address table, block map and partials buffer for one set of tensors."""
+
+    def __init__(self, device: torch.device, columns: list[list[Tensor | None]], numels, inners, groups, dtypes):
+        fs = _kernels()
+        num_tensors = len(numels)
+        table = torch.zeros(fs.NUM_ROWS, num_tensors, dtype=torch.int64)
+        for row, column in enumerate(columns):
+            table[row] = torch.tensor([x.data_ptr() if x is not None else 0 for x in column], dtype=torch.int64)
+        table[fs.ROW_NUMEL] = torch.tensor(numels, dtype=torch.int64)
+        table[fs.ROW_INNER] = torch.tensor(inners, dtype=torch.int64)
+        table[fs.ROW_GROUPS] = torch.tensor(groups, dtype=torch.int64)
+        self.table = table.to(device)
+        self.num_tensors = num_tensors
+        blocks = [max(1, math.ceil(n / BLOCK)) for n in numels]
+        first = [0] * num_tensors
+        self.launches = []  # (param dtype, block_tensor, block_local, partial_base, num_blocks)
+        base = 0
+        for dtype in sorted(set(dtypes), key=str):
+            members = [t for t in range(num_tensors) if dtypes[t] == dtype]
+            block_tensor, block_local = [], []
+            for t in members:
+                first[t] = base + len(block_tensor)
+                block_tensor += [t] * blocks[t]
+                block_local += list(range(blocks[t]))
+            self.launches.append(
+                (
+                    dtype,
+                    torch.tensor(block_tensor, dtype=torch.int32, device=device),
+                    torch.tensor(block_local, dtype=torch.int32, device=device),
+                    base,
+                    len(block_tensor),
+                )
+            )
+            base += len(block_tensor)
+        self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
+        self.num_partials = torch.tensor(blocks, dtype=torch.int32, device=device)
+        self.partials = torch.empty(base * fs.NUM_PARTIALS, dtype=torch.float64, device=device)
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_log_betas: dict[tuple, Tensor] = {}
+_dummies: dict[torch.device, Tensor] = {}
+
+
+def _dummy(device: torch.device) -> Tensor:
+    if device not in _dummies:
+        _dummies[device] = torch.zeros(2, dtype=torch.float64, device=device)
+    return _dummies[device]
+
+
+def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[int] | None = None) -> None:
+    for index, x in enumerate(tensors):
+        if x.device != device:
+            raise RuntimeError(f"{name}[{index}] is on {x.device}, the first parameter on {device}")
+        if not x.is_contiguous():
+            raise RuntimeError(f"{name}[{index}] is not contiguous; the Triton backend needs contiguous tensors")
+        if numels is not None and x.numel() != numels[index]:
+            raise RuntimeError(f"{name}[{index}] has {x.numel()} elements, its parameter {numels[index]}")
+
+
+def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner) -> _Plan:
+    fs = _kernels()
+    num = len(params)
+    pad = lambda xs: list(xs) if xs else [None] * num  # noqa: E731
+    columns = [params, grads, *(pad(s) for s in state_lists), pad(mask_words), pad(coefs), pad(stats),
+               pad(group_coefs), steps]
+    numels = [p.numel() for p in params]
+    inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
+    groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
+    dtypes = [p.dtype for p in params]
+    key = (device, tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col), tuple(numels),
+           tuple(inners), tuple(groups), tuple(dtypes))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _Plan(device, columns, numels, inners, groups, dtypes)
+        _plans[key] = plan
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    assert len(columns) == fs.ROW_STEP + 1
+    return plan
+
+
+def _launch(
+    *, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner, seeds,
+    found_inf, lr, lr_tensor, prune, regularize, l1_proximal, is_adam, scalars, flags,
+) -> None:
+    import triton.language as tl
+
+    fs = _kernels()
+    if not params:
+        return
+    device = params[0].device
+    numels = [p.numel() for p in params]
+    _check("params", params, device)
+    for name, tensors in (("grads", grads), *(("state", s) for s in state_lists)):
+        _check(name, tensors, device, numels)
+    if prune != "none" and not (mask_words and tensor_coefs):
+        raise RuntimeError(f"prune={prune!r} needs mask_words and tensor_coefs")
+    if prune == "stochastic" and not stats:
+        raise RuntimeError("prune='stochastic' needs stats")
+    if prune == "group" and not group_coefs:
+        raise RuntimeError("prune='group' needs group_coefs")
+    if regularize and not tensor_coefs:
+        raise RuntimeError("regularize=True needs tensor_coefs")
+    plan = _plan(device, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner)
+    dummy = _dummy(device)
+    found = found_inf.to(torch.int32) if found_inf is not None else dummy
+    seeds_arg = seeds if prune == "stochastic" else dummy
+    lr_ptr = lr_tensor.to(torch.float32) if lr_tensor is not None else dummy
+    beta_key = (device, scalars["beta1"], scalars["beta2"])
+    if beta_key not in _log_betas:
+        _log_betas[beta_key] = torch.tensor(
+            [math.log(scalars["beta1"]) if scalars["beta1"] > 0 else -math.inf,
+             math.log(scalars["beta2"]) if scalars["beta2"] > 0 else -math.inf],
+            dtype=torch.float64, device=device,
+        )
+    dtype_map = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    for dtype, block_tensor, block_local, base, num_blocks in plan.launches:
+        if dtype not in dtype_map:
+            raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {dtype}")
+        fs.fused_step_kernel[(num_blocks,)](
+            plan.table, plan.num_tensors, seeds_arg, block_tensor, block_local, plan.partials, base, found, lr_ptr,
+            lr, scalars["weight_decay"], scalars["momentum"], 1.0 - scalars["dampening"], scalars["beta2"],
+            1.0 - scalars["beta1"], 1.0 - scalars["beta2"], scalars["eps"], 1.0 - lr * scalars["weight_decay"],
+            _log_betas[beta_key],
+            PARAM_DTYPE=dtype_map[dtype], IS_ADAM=is_adam, HAS_MOMENTUM=bool(flags.get("has_momentum")),
+            NESTEROV=bool(flags.get("nesterov")), MAXIMIZE=bool(flags["maximize"]),
+            DECOUPLED=bool(flags.get("decoupled")), AMSGRAD=bool(flags.get("amsgrad")), HAS_MASK=bool(mask_words),
+            HAS_STATS=bool(stats), REGULARIZE=bool(regularize), L1_PROX=bool(l1_proximal),
+            HAS_GROUPS=bool(group_coefs), PRUNE=contract.PRUNE_MODES.index(prune),
+            HAS_FOUND_INF=found_inf is not None, LR_ON_DEVICE=lr_tensor is not None, WORDS=WORDS_PER_BLOCK,
+        )
+    fs.finish_step_kernel[(plan.num_tensors,)](
+        plan.table, plan.num_tensors, plan.first_partial, plan.num_partials, plan.partials, found,
+        HAS_STATS=bool(stats), HAS_FOUND_INF=found_inf is not None, CHUNK=FINISH_CHUNK,
+    )
+
+
+def sgd_step(
+    params, grads, momentum_buffers, steps, *, found_inf, lr, lr_tensor, weight_decay, momentum, dampening,
+    nesterov, maximize, **pruning_kw,
+) -> None:
+    scalars = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, beta1=0.0, beta2=0.0, eps=0.0)
+    flags = dict(has_momentum=momentum != 0, nesterov=nesterov, maximize=maximize)
+    _launch(params=params, grads=grads, state_lists=[momentum_buffers, [], []], steps=steps, found_inf=found_inf,
+            lr=lr, lr_tensor=lr_tensor, is_adam=False, scalars=scalars, flags=flags, **pruning_kw)
+
+
+def adam_step(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, found_inf, lr, lr_tensor, beta1, beta2, eps,
+    weight_decay, decoupled, amsgrad, maximize, **pruning_kw,
+) -> None:
+    scalars = dict(weight_decay=weight_decay, momentum=0.0, dampening=0.0, beta1=beta1, beta2=beta2, eps=eps)
+    flags = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+    _launch(params=params, grads=grads, state_lists=[exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps=steps,
+            found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, is_adam=True, scalars=scalars, flags=flags,
+            **pruning_kw)
