@@ -30,8 +30,8 @@ import triton.language as tl
 
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
 ROW_PARAM, ROW_GRAD, ROW_STATE1, ROW_STATE2, ROW_STATE3, ROW_MASK, ROW_COEF, ROW_STATS = range(8)
-ROW_GROUP, ROW_STEP, ROW_NUMEL, ROW_INNER, ROW_GROUPS = range(8, 13)
-NUM_ROWS = 13
+ROW_GROUP, ROW_STEP, ROW_NUMEL, ROW_INNER, ROW_GROUPS, ROW_SHARD_OFFSET = range(8, 14)
+NUM_ROWS = 14
 
 # Prune-mode switch values: positions in sparsetrain.contract.PRUNE_MODES.
 PRUNE_NONE, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP = range(5)
@@ -78,6 +78,7 @@ def fused_step_kernel(
     lanes = tl.arange(0, 32)
     word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
     offs = word_idx[:, None] * 32 + lanes[None, :]
+    global_offs = offs + _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)  # index in the unsharded tensor
     go = True
     if HAS_FOUND_INF:
         go = tl.load(found_inf_ptr) == 0
@@ -107,7 +108,7 @@ def fused_step_kernel(
     r = tl.zeros([WORDS, 32], dtype=tl.float32)
     if HAS_GROUPS:
         group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
-        group = (offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(table, ROW_GROUPS, t, num_tensors)
+        group = (global_offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(table, ROW_GROUPS, t, num_tensors)
         r = r + tl.load(group_ptr + group, mask=live, other=0.0) * w
     if REGULARIZE:
         r = r + tl.load(coef_ptr + COEF_L2) * w
@@ -174,12 +175,12 @@ def fused_step_kernel(
         active = (count > 0) & (kernel_sum > 0) & (tm > 0)
         c = count / tl.where(active, kernel_sum, 1.0)
         q = tl.minimum(c * tl.exp(-tl.abs(w) / tl.where(active, tm, 1.0)), 1.0)
-        u = tl.rand(tl.load(seeds + t), offs)
-        keep = live & ~((u < q) & active)
+        u = tl.rand(tl.load(seeds + t), global_offs)
+        keep = live & (tl.where(active, u < q, False) == 0)
     elif PRUNE == PRUNE_LOW:
-        keep = live & ~(tl.abs(w) < tl.load(coef_ptr + COEF_THRESHOLD))
+        keep = live & (tl.abs(w) >= tl.load(coef_ptr + COEF_THRESHOLD))
     elif PRUNE == PRUNE_HIGH:
-        keep = live & ~(tl.abs(w) > tl.load(coef_ptr + COEF_THRESHOLD))
+        keep = live & (tl.abs(w) <= tl.load(coef_ptr + COEF_THRESHOLD))
     elif PRUNE == PRUNE_GROUP:
         flagged = tl.load(group_ptr + _row_int(table, ROW_GROUPS, t, num_tensors) + group, mask=live, other=0.0)
         keep = live & (flagged == 0)
@@ -203,7 +204,7 @@ def fused_step_kernel(
         abs_w = tl.abs(w)
         tm_now = _kernel_scale(stats_ptr, coef_ptr)
         tm32 = tl.where(tm_now > 0, tm_now, 1.0).to(tl.float32)
-        kernel = tl.where(keep & (tm_now > 0), tl.exp(-abs_w / tm32), 0.0).to(tl.float64)
+        kernel = tl.where(keep, tl.where(tm_now > 0, tl.exp(-abs_w / tm32), 0.0), 0.0).to(tl.float64)
         out = partials + (partial_base + block) * NUM_PARTIALS
         tl.store(out + 0, tl.sum(tl.sum(kept, axis=1), axis=0))
         tl.store(out + 1, tl.sum(tl.sum(abs_w.to(tl.float64), axis=1), axis=0))

@@ -8,6 +8,10 @@ decision, mask application and next-step statistics. The layouts of ``tensor_coe
 same function. The ops have fake implementations, so ``torch.compile(fullgraph=True)`` keeps them
 in the graph.
 
+``shard_offsets[t]`` is the index of the tensor's first element in the full, unsharded tensor: the
+random stream and the group index use global indices, so masks do not depend on sharding (empty
+list = all 0).
+
 Empty lists switch features off: no ``mask_words`` = no masks; no ``stats`` = no statistics;
 no ``group_coefs`` = no per-group lam. ``steps`` are incremented by the op. When ``found_inf``
 is given and nonzero, nothing at all is modified.
@@ -38,6 +42,7 @@ def sgd_step_(
     tensor_coefs: list[Tensor],
     group_coefs: list[Tensor],
     group_inner: list[int],
+    shard_offsets: list[int],
     seeds: Tensor,
     found_inf: Optional[Tensor],
     lr: float,
@@ -55,7 +60,7 @@ def sgd_step_(
     """Fused SGD (torch.optim.SGD semantics) with regularization, pruning and masks, in place."""
     backends.module(backend).sgd_step(
         params, grads, momentum_buffers, steps, mask_words=mask_words, stats=stats,
-        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, seeds=seeds,
+        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, shard_offsets=shard_offsets, seeds=seeds,
         found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, weight_decay=weight_decay, momentum=momentum,
         dampening=dampening, nesterov=nesterov, maximize=maximize, prune=prune, regularize=regularize,
         l1_proximal=l1_proximal,
@@ -83,6 +88,7 @@ def adam_step_(
     tensor_coefs: list[Tensor],
     group_coefs: list[Tensor],
     group_inner: list[int],
+    shard_offsets: list[int],
     seeds: Tensor,
     found_inf: Optional[Tensor],
     lr: float,
@@ -102,7 +108,7 @@ def adam_step_(
     """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place."""
     backends.module(backend).adam_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words=mask_words, stats=stats,
-        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, seeds=seeds,
+        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, shard_offsets=shard_offsets, seeds=seeds,
         found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, prune=prune,
         regularize=regularize, l1_proximal=l1_proximal,

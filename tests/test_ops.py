@@ -17,6 +17,7 @@ def _pruning_args(params, prune, groups):
         tensor_coefs=[torch.tensor([1e-3, 1e-3, 0.1, 2.0, 0.3, 4.0, 1.0, 0.0]) for _ in params],
         group_coefs=[torch.rand(2, 3).round() for _ in params] if groups else [],
         group_inner=[p.numel() // 3 for p in params] if groups else [],
+        shard_offsets=[0, 2**33 + 5],
         seeds=torch.tensor([11, 12], dtype=torch.int64),
         found_inf=None, lr=0.1, lr_tensor=None, prune=prune, regularize=True, l1_proximal=True, backend="torch",
     )

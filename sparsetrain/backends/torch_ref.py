@@ -46,6 +46,7 @@ class _Pruning:
     tensor_coefs: list[Tensor]
     group_coefs: list[Tensor]
     group_inner: list[int]
+    shard_offsets: list[int]
     seeds: Tensor
     prune: str
     regularize: bool
@@ -59,9 +60,13 @@ class _Pruning:
             return torch.ones(numel, dtype=torch.bool, device=device)
         return mask_format.unpack(self.mask_words[t], numel)
 
+    def global_index(self, t: int, numel: int, device: torch.device) -> Tensor:
+        base = self.shard_offsets[t] if self.shard_offsets else 0
+        return base + torch.arange(numel, dtype=torch.int64, device=device)
+
     def group_index(self, t: int, numel: int, device: torch.device) -> Tensor:
         groups = self.group_coefs[t].shape[1]
-        return (torch.arange(numel, device=device) // self.group_inner[t]) % groups
+        return (self.global_index(t, numel, device) // self.group_inner[t]) % groups
 
     def regularization(self, t: int, w: Tensor, g: Tensor) -> Tensor:
         """r = l2*w + lam[j]*w + sd*w*max(0, 1 - |g|/(beta*gbar)) [+ l1*sign(w) if not proximal]."""
@@ -101,7 +106,7 @@ class _Pruning:
             if not (count > 0 and kernel_sum > 0 and tm > 0):
                 return alive
             q = torch.clamp(count / kernel_sum * torch.exp(-w.abs() / tm), max=1.0)
-            u = philox.rand(self.seed_values[t], torch.arange(w.numel(), device=w.device))
+            u = philox.rand(self.seed_values[t], self.global_index(t, w.numel(), w.device))
             return alive & ~(u < q)
         if self.prune == "low":
             return alive & ~(w.abs() < coefs[COEF_THRESHOLD])

@@ -44,7 +44,7 @@ def _kernels():
 class _Plan:
     """Address table, block map and partials buffer for one set of tensors."""
 
-    def __init__(self, device: torch.device, columns: list[list[Tensor | None]], numels, inners, groups, dtypes):
+    def __init__(self, device: torch.device, columns: list[list[Tensor | None]], numels, inners, groups, shard, dtypes):
         fs = _kernels()
         num_tensors = len(numels)
         table = torch.zeros(fs.NUM_ROWS, num_tensors, dtype=torch.int64)
@@ -53,6 +53,7 @@ class _Plan:
         table[fs.ROW_NUMEL] = torch.tensor(numels, dtype=torch.int64)
         table[fs.ROW_INNER] = torch.tensor(inners, dtype=torch.int64)
         table[fs.ROW_GROUPS] = torch.tensor(groups, dtype=torch.int64)
+        table[fs.ROW_SHARD_OFFSET] = torch.tensor(shard, dtype=torch.int64)
         self.table = table.to(device)
         self.num_tensors = num_tensors
         blocks = [max(1, math.ceil(n / BLOCK)) for n in numels]
@@ -102,7 +103,7 @@ def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[
             raise RuntimeError(f"{name}[{index}] has {x.numel()} elements, its parameter {numels[index]}")
 
 
-def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner) -> _Plan:
+def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner, shard_offsets) -> _Plan:
     fs = _kernels()
     num = len(params)
     pad = lambda xs: list(xs) if xs else [None] * num  # noqa: E731
@@ -111,12 +112,13 @@ def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, g
     numels = [p.numel() for p in params]
     inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
+    shard = list(shard_offsets) if shard_offsets else [0] * num
     dtypes = [p.dtype for p in params]
-    key = (device, tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col), tuple(numels),
+    key = (device, tuple(shard), tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col), tuple(numels),
            tuple(inners), tuple(groups), tuple(dtypes))
     plan = _plans.get(key)
     if plan is None:
-        plan = _Plan(device, columns, numels, inners, groups, dtypes)
+        plan = _Plan(device, columns, numels, inners, groups, shard, dtypes)
         _plans[key] = plan
         if len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
@@ -127,7 +129,7 @@ def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, g
 
 
 def _launch(
-    *, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner, seeds,
+    *, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds,
     found_inf, lr, lr_tensor, prune, regularize, l1_proximal, is_adam, scalars, flags,
 ) -> None:
     import triton.language as tl
@@ -148,7 +150,8 @@ def _launch(
         raise RuntimeError("prune='group' needs group_coefs")
     if regularize and not tensor_coefs:
         raise RuntimeError("regularize=True needs tensor_coefs")
-    plan = _plan(device, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner)
+    plan = _plan(device, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner,
+                 shard_offsets)
     dummy = _dummy(device)
     found = found_inf.to(torch.int32) if found_inf is not None else dummy
     seeds_arg = seeds if prune == "stochastic" else dummy

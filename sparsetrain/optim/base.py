@@ -241,6 +241,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             "tensor_coefs": [s["coefs"] for s in states] if masked else [],
             "group_coefs": [s["group_coefs"] for s in states] if use_groups else [],
             "group_inner": [s["group_inner"] for s in states] if use_groups else [],
+            "shard_offsets": [],
             "seeds": seeds,
             "prune": prune,
             "regularize": masked and self.regularize,
