@@ -4,9 +4,10 @@
 that needs them is first used.
 """
 
-from . import backends, contract, masks, ops, optim, philox
+from . import backends, contract, masks, methods, ops, optim, philox
 from .backends import BackendUnavailableError
+from .pruner import Pruner
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "backends", "contract", "masks", "ops", "optim", "philox", "__version__"]
+__all__ = ["BackendUnavailableError", "Pruner", "methods", "backends", "contract", "masks", "ops", "optim", "philox", "__version__"]

@@ -1,0 +1,10 @@
+"""Pruning methods: host-side schedules that drive the fused step."""
+
+from .base import Method
+from .greg import GReg1, GReg2
+from .magnitude import Magnitude
+from .schedules import sparsity_at
+from .selective import SelectiveDecay
+from .stochastic import StochasticMagnitude
+
+__all__ = ["Method", "GReg1", "GReg2", "Magnitude", "SelectiveDecay", "StochasticMagnitude", "sparsity_at"]

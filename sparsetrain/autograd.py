@@ -1,0 +1,90 @@
+"""The autograd path, for users who keep their own optimizer (torch's fused AdamW, 8-bit, anything).
+
+``MaskedPruner(model, method)`` makes each pruned weight a masked weight: its forward is
+``w * mask`` and its backward returns ``(grad + l2*w + l1*sign(w)) * mask`` — the masked gradient
+plus the method's regularization gradient, in one op (``sparsetrain::masked_weight``, registered
+with torch.library and ``register_autograd``). Call ``pruner.step()`` after your optimizer's step:
+it runs the method's schedule and updates the masks with the same fused op, sampling stream and
+thresholds as the optimizer path (a zero-learning-rate fused step that only decides and masks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import masks as mask_format
+from .contract import COEF_L1, COEF_L2
+from .methods.base import Method
+from .optim.sgd import SGD
+from .pruner import DEFAULT_TYPES, Pruner, select_targets
+
+
+@torch.library.custom_op("sparsetrain::masked_weight", mutates_args=())
+def masked_weight(weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
+    """``weight * mask`` (mask bit-packed); the backward adds the L2/L1 regularization gradient."""
+    return weight * mask_format.unpack(mask_words, weight.numel(), weight.shape)
+
+
+@masked_weight.register_fake
+def _(weight, mask_words, coefs):
+    return torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weight, mask_words, coefs = inputs
+    ctx.save_for_backward(weight, mask_words, coefs)
+
+
+def _backward(ctx, grad: Tensor):
+    weight, mask_words, coefs = ctx.saved_tensors
+    alive = mask_format.unpack(mask_words, weight.numel(), weight.shape)
+    coefs = coefs.to(weight.dtype)
+    regularized = grad + coefs[COEF_L2] * weight + coefs[COEF_L1] * torch.sign(weight)
+    return regularized * alive, None, None
+
+
+masked_weight.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MaskParametrization(nn.Module):
+    def __init__(self, state: dict[str, Any]) -> None:
+        super().__init__()
+        self._state = state
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return masked_weight(weight, self._state["mask_words"], self._state["coefs"])
+
+
+class MaskedPruner(Pruner):
+    """Prune with any optimizer: masked weights in the forward, masks updated by :meth:`step`.
+
+    Create it before your optimizer's first step; the parameters stay the same tensors (torch's
+    parametrization keeps the original as ``module.parametrizations.weight.original``).
+    """
+
+    def __init__(self, model: nn.Module, method: Method, *, include=None, exclude=None, types=DEFAULT_TYPES,
+                 ratios=None, record_every: int = 10, backend: str | None = None, seed: int = 0) -> None:
+        chosen = select_targets(model, include=include, exclude=exclude, types=types, ratios=ratios,
+                                default_ratio=method.target, structure=method.structure)
+        params = [t.param for t in chosen] + [t.bias for t in chosen if t.bias is not None]
+        self._mask_optimizer = SGD(params, lr=0.0, backend=backend, seed=seed, skip_nonfinite=True)
+        super().__init__(model, self._mask_optimizer, method, include=include, exclude=exclude, types=types,
+                         ratios=ratios, record_every=record_every)
+        self._zero_grads: dict[Tensor, Tensor] = {}
+        for t in self.targets:
+            parametrize.register_parametrization(t.module, "weight", _MaskParametrization(self.optimizer.state[t.param]))
+
+    def step(self) -> None:
+        """Run the method's schedule for one training step and update the masks (weights untouched otherwise)."""
+        missing = [p for g in self._mask_optimizer.param_groups for p in g["params"] if p.grad is None]
+        for p in missing:
+            p.grad = self._zero_grads.setdefault(p, torch.zeros_like(p))
+        try:
+            self._mask_optimizer.step()
+        finally:
+            for p in missing:
+                p.grad = None

@@ -1,0 +1,134 @@
+"""Magnitude pruning: the k smallest (or, with ``largest=True``, largest) weights or groups.
+
+Scope per layer or global; unstructured, or groups (filters / input channels) scored by their L1
+or L2 norm; one-shot or iterative on a linear or cubic schedule. One-shot pruning selects on the
+current weights and applies the masks at once, exactly as ``torch.nn.utils.prune`` selects
+(``l1_unstructured``, ``global_unstructured`` with ``L1Unstructured``, ``ln_structured`` on dim 0).
+Iterative events compute thresholds (a global one by radix select, never by sorting everything)
+and hand the decision to the fused step, on the updated weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..contract import COEF_THRESHOLD, GROUP_PRUNE
+from ..selection import group_scores, kth_smallest_abs, prune_count
+from .base import Method, check_ratio
+from .schedules import check_schedule, sparsity_at
+
+
+class Magnitude(Method):
+    def __init__(
+        self, target: float, *, largest: bool = False, scope: str = "layer", structure: str | None = None,
+        norm: float = 1.0, schedule: str = "oneshot", start: int = 0, end: int = 0, interval: int = 100,
+    ) -> None:
+        self.target = check_ratio("target", target)
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if structure is not None and scope == "global":
+            raise ValueError("structured magnitude pruning is per layer (scope='layer')")
+        if largest and structure is not None:
+            raise ValueError("largest=True is defined for unstructured pruning")
+        check_schedule(schedule, start, end)
+        self.largest, self.scope, self.structure, self.norm = largest, scope, structure, norm
+        self.schedule, self.start, self.end, self.interval = schedule, start, end, max(1, interval)
+        self.uses_groups = structure is not None
+        self.events_done = 0
+
+    def check(self, targets) -> None:
+        for t in targets:
+            sparsity = float((t.param.detach() == 0).float().mean())
+            if sparsity > t.ratio and self.structure is None:
+                raise ValueError(f"{t.name} is already {sparsity:.1%} sparse, above its target {t.ratio:.1%}")
+
+    def attach(self, pruner) -> None:
+        if self.schedule == "oneshot" and self.start == 0:
+            self.prune_now(pruner, 1.0)
+
+    def level(self, step: int) -> float:
+        return sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
+
+    # ---------------------------------------------------------------- one-shot (exact selection)
+    def prune_now(self, pruner, level: float) -> None:
+        """Select on the current weights and apply the masks immediately."""
+        if self.structure is not None:
+            for t in pruner.targets:
+                scores = group_scores(t.param, self.structure, self.norm)
+                k = prune_count(level * t.ratio, scores.numel())
+                alive = torch.ones_like(scores, dtype=torch.bool)
+                if k:
+                    alive[torch.topk(scores, k, largest=False).indices] = False
+                pruner.set_group_mask(t, alive)
+        elif self.scope == "layer":
+            for t in pruner.targets:
+                k = prune_count(level * t.ratio, t.param.numel())
+                alive = torch.ones(t.param.numel(), dtype=torch.bool, device=t.param.device)
+                if k:
+                    magnitudes = t.param.detach().abs().reshape(-1)
+                    alive[torch.topk(magnitudes, k, largest=self.largest).indices] = False
+                pruner.optimizer.set_mask(t.param, alive.reshape(t.param.shape))
+        else:
+            tensors = [t.param for t in pruner.targets]
+            total = sum(x.numel() for x in tensors)
+            k = prune_count(level * self.target, total)
+            if k:
+                threshold = self._global_threshold(tensors, k, total)
+                for t in pruner.targets:
+                    magnitudes = t.param.detach().abs()
+                    dead = magnitudes > threshold if self.largest else magnitudes < threshold
+                    pruner.optimizer.set_mask(t.param, ~dead)
+        self.events_done += 1
+
+    def _global_threshold(self, tensors, k: int, total: int) -> float:
+        """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
+        if self.largest:
+            return math.nextafter(kth_smallest_abs(tensors, total - k + 1), 0.0)
+        return math.nextafter(kth_smallest_abs(tensors, k), math.inf)
+
+    # ---------------------------------------------------------------- iterative (fused decision)
+    def before_step(self, pruner, step: int) -> None:
+        if self.schedule == "oneshot":
+            if step == self.start and self.start > 0:
+                self.prune_now(pruner, 1.0)
+            return
+        if not (self.start <= step <= self.end and (step - self.start) % self.interval == 0):
+            return
+        level = self.level(step)
+        opt = pruner.optimizer
+        if self.structure is not None:
+            for t in pruner.targets:
+                scores = group_scores(t.param, self.structure, self.norm)
+                k = prune_count(level * t.ratio, scores.numel())
+                flags = torch.zeros_like(scores)
+                if k:
+                    flags[torch.topk(scores, k, largest=False).indices] = 1.0
+                for table in pruner.group_coefs(t):
+                    table[GROUP_PRUNE] = flags
+            opt.schedule_pruning("group")
+        else:
+            if self.scope == "global":
+                tensors = [t.param for t in pruner.targets]
+                total = sum(x.numel() for x in tensors)
+                k = prune_count(level * self.target, total)
+                threshold = self._global_threshold(tensors, k, total) if k else (math.inf if self.largest else 0.0)
+                thresholds = [threshold] * len(pruner.targets)
+            else:
+                thresholds = []
+                for t in pruner.targets:
+                    k = prune_count(level * t.ratio, t.param.numel())
+                    thresholds.append(self._global_threshold([t.param], k, t.param.numel()) if k
+                                      else (math.inf if self.largest else 0.0))
+            for t, threshold in zip(pruner.targets, thresholds):
+                pruner.coefs(t)[COEF_THRESHOLD] = threshold
+            opt.schedule_pruning("high" if self.largest else "low")
+        self.events_done += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events_done": self.events_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events_done = state["events_done"]

@@ -1,0 +1,197 @@
+"""Pruner: attaches a method to a model and a sparsetrain optimizer, two lines on top of a loop.
+
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    pruner = sparsetrain.Pruner(model, opt, sparsetrain.methods.GReg1(ratio=0.5, structure="filters"))
+    ... loss.backward(); opt.step(); opt.zero_grad()   # unchanged
+
+The pruner hooks the optimizer's step (``register_step_pre_hook`` / ``register_step_post_hook``):
+before a step the method writes its coefficients and schedules a pruning decision, the fused op
+does the rest, after the step the history is recorded (device tensors, no host sync per step).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .methods.base import Method, check_ratio
+from .metrics import History
+from .optim.base import FusedOptimizer
+from .selection import group_layout
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Target:
+    """One prunable weight: where it lives, its target ratio and its group layout."""
+
+    name: str  # "features.0.weight"
+    module_name: str
+    module: nn.Module
+    param: Tensor
+    ratio: float
+    structure: str | None
+    groups: int
+    inner: int
+    bias: Tensor | None  # structured filters: the bias is pruned with its filter
+
+
+def select_targets(
+    model: nn.Module, *, include=None, exclude=None, types=DEFAULT_TYPES, ratios=None, default_ratio: float,
+    structure: str | None,
+) -> list[Target]:
+    """Weights of modules of ``types`` (or named by ``include`` patterns), minus ``exclude`` patterns."""
+    modules = dict(model.named_modules())
+    for label, patterns in (("include", include), ("exclude", exclude), ("ratios", ratios)):
+        for pattern in patterns or ():
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in modules if name):
+                raise ValueError(f"{label}: no module of the model matches {pattern!r} (modules: {_some(modules)})")
+    targets = []
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if not name or not isinstance(weight, nn.Parameter):
+            continue
+        chosen = any(fnmatch.fnmatchcase(name, p) for p in include) if include else isinstance(module, tuple(types))
+        if not chosen or any(fnmatch.fnmatchcase(name, p) for p in exclude or ()):
+            continue
+        ratio = default_ratio
+        for pattern, value in (ratios or {}).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                ratio = check_ratio(f"ratios[{pattern!r}]", value)
+        try:
+            groups, inner = group_layout(weight.shape, structure)
+        except ValueError as exc:
+            raise ValueError(f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}") from None
+        bias = getattr(module, "bias", None) if structure == "filters" else None
+        targets.append(Target(f"{name}.weight", name, module, weight, ratio, structure, groups, inner,
+                              bias if isinstance(bias, nn.Parameter) else None))
+    if not targets:
+        raise ValueError("no prunable weight was selected (check include / exclude / types)")
+    return targets
+
+
+def _some(modules: dict[str, nn.Module]) -> str:
+    names = [n for n in modules if n]
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+class Pruner:
+    """Prune ``model``'s weights with ``method`` through the fused steps of ``optimizer``.
+
+    ``include`` / ``exclude``: module-name patterns (fnmatch); ``types``: module types pruned by
+    default (conv and linear weights; never biases, norms or embeddings unless included);
+    ``ratios``: per-module-pattern target ratios overriding the method's; ``record_every``: steps
+    between history records.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: Any, method: Method, *, include=None, exclude=None, types=DEFAULT_TYPES,
+        ratios: dict[str, float] | None = None, record_every: int = 10,
+    ) -> None:
+        if not isinstance(optimizer, FusedOptimizer):
+            raise TypeError(
+                f"Pruner needs a sparsetrain optimizer (sparsetrain.optim.SGD / Adam / AdamW), got "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__}; to keep your own optimizer, use the autograd "
+                "path: sparsetrain.autograd.MaskedPruner(model, method)"
+            )
+        self.model, self.optimizer, self.method = model, optimizer, method
+        self.targets = select_targets(model, include=include, exclude=exclude, types=types, ratios=ratios,
+                                      default_ratio=method.target, structure=method.structure)
+        owned = set(optimizer._param_index())
+        for target in self.targets:
+            if target.param not in owned:
+                raise ValueError(f"{target.name} is not a parameter of the optimizer")
+        method.check(self.targets)
+        for target in self.targets:
+            optimizer.enable_pruning(target.param, groups=target.groups, group_inner=target.inner)
+            if target.bias is not None:
+                if target.bias not in owned:
+                    raise ValueError(f"{target.module_name}.bias is not a parameter of the optimizer")
+                optimizer.enable_pruning(target.bias, groups=target.groups, group_inner=1)
+        optimizer.uses_groups = optimizer.uses_groups or method.uses_groups
+        self.step_count = 0
+        self.history = History(self.targets, every=record_every)
+        method.attach(self)
+        self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
+
+    # -- hooks
+    def _before(self, optimizer, args, kwargs) -> None:
+        self.method.before_step(self, self.step_count)
+
+    def _after(self, optimizer, args, kwargs) -> None:
+        self.method.after_step(self, self.step_count)
+        self.step_count += 1
+        self.history.maybe_record(self.step_count, self.method.scalars())
+
+    def remove(self) -> None:
+        """Detach from the optimizer (masks stay in its state)."""
+        for hook in self._hooks:
+            hook.remove()
+
+    # -- what methods use
+    def coefs(self, target: Target) -> Tensor:
+        return self.optimizer.state[target.param]["coefs"]
+
+    def stats(self, target: Target) -> Tensor:
+        return self.optimizer.state[target.param]["stats"]
+
+    def group_coefs(self, target: Target) -> list[Tensor]:
+        """The group tables of the target's weight and, for structured filters, its bias."""
+        tables = [self.optimizer.state[target.param]["group_coefs"]]
+        if target.bias is not None:
+            tables.append(self.optimizer.state[target.bias]["group_coefs"])
+        return tables
+
+    def set_group_mask(self, target: Target, alive_groups: Tensor) -> None:
+        """Prune the target's groups where ``alive_groups`` is False, now (weight, bias, states)."""
+        from .selection import expand_groups
+
+        self.optimizer.set_mask(target.param, expand_groups(alive_groups, target.param.shape, target.structure))
+        if target.bias is not None:
+            self.optimizer.set_mask(target.bias, alive_groups.reshape(target.bias.shape))
+
+    # -- public API
+    def mask(self, name_or_param: str | Tensor) -> Tensor:
+        """The bool mask (True = alive) of a target, by parameter name, module name or tensor."""
+        for target in self.targets:
+            if name_or_param is target.param or name_or_param in (target.name, target.module_name):
+                return self.optimizer.mask(target.param)
+        raise KeyError(f"{name_or_param if isinstance(name_or_param, str) else 'the tensor'} is not pruned by this pruner")
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Per target now: weight sparsity, dead output nodes / filters, dead input channels."""
+        return {t.name: {k: float(v) for k, v in layer_metrics(t).items()} for t in self.targets}
+
+    def export(self, example_inputs: Tensor | None = None, *, structured: bool | None = None) -> nn.Module:
+        """A copy of the model with masks folded in; see :func:`sparsetrain.export.export`."""
+        from .export import export
+
+        return export(self, example_inputs, structured=structured)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "method": self.method.state_dict(), "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step_count"]
+        self.method.load_state_dict(state["method"])
+        self.history.load_state_dict(state["history"])
+
+
+def layer_metrics(target: Target) -> dict[str, Tensor]:
+    """Device-side metrics of one target (no host sync): sparsity, dead outputs, dead inputs."""
+    w = target.param.detach()
+    zero = w == 0
+    rows = zero.reshape(w.shape[0], -1).all(dim=1)
+    out = {"weight_sparsity": zero.float().mean(), "dead_outputs": rows.float().mean()}
+    if w.dim() >= 2:
+        out["dead_inputs"] = zero.transpose(0, 1).reshape(w.shape[1], -1).all(dim=1).float().mean()
+    else:
+        out["dead_inputs"] = torch.zeros((), device=w.device)
+    return out
+
+
