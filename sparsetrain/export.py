@@ -1,8 +1,8 @@
 """Export: fold masks into the weights; for structured pruning, a physically smaller model.
 
 Removal uses Torch-Pruning's dependency graph (every coupled layer — following convolutions,
-norms, linear layers — shrinks with it). Only output groups whose weights and bias are exactly zero
-are removed, and the result is checked against the masked model on the example inputs: if removing
+norms, linear layers — shrinks with it). Only outputs whose incoming weights and bias are exactly zero,
+or whose every consumer has all-zero weights for them, are removed, and the result is checked against the masked model on the example inputs: if removing
 them would change the outputs (an activation with f(0) != 0, say), export raises instead of
 returning a different function.
 """
@@ -38,13 +38,28 @@ def _raw_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def dead_output_groups(module: nn.Module) -> list[int]:
-    """Indices of outputs whose incoming weights and bias are all exactly zero."""
+def dead_output_groups(module: nn.Module) -> torch.Tensor:
+    """Bool per output: its incoming weights and bias are all exactly zero (it outputs f(0))."""
     weight = module.weight.detach()
     dead = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
     if getattr(module, "bias", None) is not None:
         dead &= module.bias.detach() == 0
-    return dead.nonzero().flatten().tolist()
+    return dead
+
+
+def unused_output(graph, module: nn.Module, fn, index: int) -> bool:
+    """True when every layer consuming output ``index`` has all-zero weights for it (it is never used)."""
+    consumers = 0
+    for dep, idxs in graph.get_pruning_group(module, fn, idxs=[index]):
+        target = dep.target.module
+        if getattr(dep.handler, "__name__", "") != "prune_in_channels" or target is module:
+            continue
+        if not isinstance(target, (nn.Linear, nn.modules.conv._ConvNd)):
+            return False
+        consumers += 1
+        if (target.weight.detach()[:, list(idxs)] != 0).any():
+            return False
+    return consumers > 0
 
 
 def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, structured: bool | None = None) -> nn.Module:
@@ -75,14 +90,15 @@ def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, struct
     modules = dict(model.named_modules())
     for t in pruner.targets:
         module = modules[t.module_name]
-        dead = dead_output_groups(module)
-        if not dead or len(dead) == module.weight.shape[0]:
-            continue
         if isinstance(module, nn.Linear):
             fn = tp.prune_linear_out_channels
         elif isinstance(module, nn.modules.conv._ConvNd):
             fn = tp.prune_conv_out_channels
         else:
+            continue
+        dead_in = dead_output_groups(module).tolist()
+        dead = [i for i, d in enumerate(dead_in) if d or unused_output(graph, module, fn, i)]
+        if not dead or len(dead) == module.weight.shape[0]:
             continue
         group = graph.get_pruning_group(module, fn, idxs=dead)
         if graph.check_pruning_group(group):

@@ -124,6 +124,8 @@ class GReg1(Method):
 
     def scalars(self) -> dict[str, float]:
         out = {}
+        if self.phase == "pruned":  # picked groups are gone: nothing left to regularize or compare
+            return out
         for name, lam in self.lam.items():
             out[f"lam/{name}"] = lam
             if name in self.ratio_now:
