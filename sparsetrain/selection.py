@@ -47,6 +47,12 @@ def kth_smallest_abs(tensors: Sequence[Tensor], k: int) -> float:
     return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).item()
 
 
+def next_float32(value: float, toward: float) -> float:
+    """The float32 neighbour of ``value`` in the direction of ``toward`` (thresholds compare in fp32)."""
+    here = torch.tensor(value, dtype=torch.float32)
+    return float(torch.nextafter(here, torch.tensor(toward, dtype=torch.float32)))
+
+
 def prune_count(amount: float | int, size: int) -> int:
     """Number of units to prune, as torch.nn.utils.prune computes it (round for fractions)."""
     if isinstance(amount, int) and not isinstance(amount, bool):

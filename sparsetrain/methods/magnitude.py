@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
-from ..selection import group_scores, kth_smallest_abs, prune_count
+from ..selection import group_scores, kth_smallest_abs, next_float32, prune_count
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
 
@@ -86,8 +86,8 @@ class Magnitude(Method):
     def _global_threshold(self, tensors, k: int, total: int) -> float:
         """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
         if self.largest:
-            return math.nextafter(kth_smallest_abs(tensors, total - k + 1), 0.0)
-        return math.nextafter(kth_smallest_abs(tensors, k), math.inf)
+            return next_float32(kth_smallest_abs(tensors, total - k + 1), 0.0)
+        return next_float32(kth_smallest_abs(tensors, k), math.inf)
 
     # ---------------------------------------------------------------- iterative (fused decision)
     def before_step(self, pruner, step: int) -> None:

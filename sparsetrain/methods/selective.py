@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from ..contract import COEF_THRESHOLD
-from ..selection import kth_smallest_abs, prune_count
+from ..selection import kth_smallest_abs, next_float32, prune_count
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
 
@@ -40,6 +40,6 @@ class SelectiveDecay(Method):
         level = sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
         for t in pruner.targets:
             k = prune_count(level * t.ratio, t.param.numel())
-            threshold = math.nextafter(kth_smallest_abs([t.param], k), math.inf) if k else 0.0
+            threshold = next_float32(kth_smallest_abs([t.param], k), math.inf) if k else 0.0
             pruner.coefs(t)[COEF_THRESHOLD] = threshold
         pruner.optimizer.schedule_pruning("low")
