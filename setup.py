@@ -36,9 +36,7 @@ def cuda_extension():
         if mode == "1":
             raise SystemExit(f"SPARSETRAIN_BUILD_CUDA=1 but the extension cannot be built: {reason}")
         return []
-    ext = CUDAExtension(
-        "sparsetrain._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}
-    )
+    ext = CUDAExtension("sparsetrain._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     return [ext], {"build_ext": BuildExtension}
 
 

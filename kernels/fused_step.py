@@ -63,13 +63,41 @@ def _kernel_scale(stats_ptr, coef_ptr):
 
 @triton.jit
 def fused_step_kernel(
-    table, num_tensors, seeds, block_tensor, block_local, partials, partial_base, found_inf_ptr, lr_ptr,
-    lr, weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor,
+    table,
+    num_tensors,
+    seeds,
+    block_tensor,
+    block_local,
+    partials,
+    partial_base,
+    found_inf_ptr,
+    lr_ptr,
+    lr,
+    weight_decay,
+    momentum,
+    one_minus_dampening,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    decay_factor,
     log_betas_ptr,
-    PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    PRUNE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_ON_DEVICE: tl.constexpr, WORDS: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    IS_ADAM: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+    REGULARIZE: tl.constexpr,
+    L1_PROX: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    PRUNE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     block = tl.program_id(0)
     t = tl.load(block_tensor + block)
@@ -108,7 +136,9 @@ def fused_step_kernel(
     r = tl.zeros([WORDS, 32], dtype=tl.float32)
     if HAS_GROUPS:
         group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
-        group = (global_offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(table, ROW_GROUPS, t, num_tensors)
+        group = (global_offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(
+            table, ROW_GROUPS, t, num_tensors
+        )
         r = r + tl.load(group_ptr + group, mask=live, other=0.0) * w
     if REGULARIZE:
         r = r + tl.load(coef_ptr + COEF_L2) * w
@@ -214,8 +244,15 @@ def fused_step_kernel(
 
 @triton.jit
 def finish_step_kernel(
-    table, num_tensors, tensor_first_partial, tensor_num_partials, partials, found_inf_ptr,
-    HAS_STATS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+    table,
+    num_tensors,
+    tensor_first_partial,
+    tensor_num_partials,
+    partials,
+    found_inf_ptr,
+    HAS_STATS: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """Per tensor: step += 1 and stats = fixed-order sum of its blocks' partials (one program each)."""
     t = tl.program_id(0)
@@ -233,7 +270,9 @@ def finish_step_kernel(
         acc = tl.zeros([NUM_PARTIALS], dtype=tl.float64)
         for start in range(first, end, CHUNK):
             rows = start + tl.arange(0, CHUNK)
-            values = tl.load(partials + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0)
+            values = tl.load(
+                partials + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0
+            )
             acc += tl.sum(values, axis=0)
         tl.store(stats_ptr + cols, acc, mask=go)
         tl.store(stats_ptr + STAT_TM, tm_now, mask=go)

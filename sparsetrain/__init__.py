@@ -10,4 +10,15 @@ from .pruner import Pruner
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "Pruner", "methods", "backends", "contract", "masks", "ops", "optim", "philox", "__version__"]
+__all__ = [
+    "BackendUnavailableError",
+    "Pruner",
+    "methods",
+    "backends",
+    "contract",
+    "masks",
+    "ops",
+    "optim",
+    "philox",
+    "__version__",
+]

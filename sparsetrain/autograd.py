@@ -66,17 +66,45 @@ class MaskedPruner(Pruner):
     parametrization keeps the original as ``module.parametrizations.weight.original``).
     """
 
-    def __init__(self, model: nn.Module, method: Method, *, include=None, exclude=None, types=DEFAULT_TYPES,
-                 ratios=None, record_every: int = 10, backend: str | None = None, seed: int = 0) -> None:
-        chosen = select_targets(model, include=include, exclude=exclude, types=types, ratios=ratios,
-                                default_ratio=method.target, structure=method.structure)
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        *,
+        include=None,
+        exclude=None,
+        types=DEFAULT_TYPES,
+        ratios=None,
+        record_every: int = 10,
+        backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        chosen = select_targets(
+            model,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            default_ratio=method.target,
+            structure=method.structure,
+        )
         params = [t.param for t in chosen] + [t.bias for t in chosen if t.bias is not None]
         self._mask_optimizer = SGD(params, lr=0.0, backend=backend, seed=seed, skip_nonfinite=True)
-        super().__init__(model, self._mask_optimizer, method, include=include, exclude=exclude, types=types,
-                         ratios=ratios, record_every=record_every)
+        super().__init__(
+            model,
+            self._mask_optimizer,
+            method,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            record_every=record_every,
+        )
         self._zero_grads: dict[Tensor, Tensor] = {}
         for t in self.targets:
-            parametrize.register_parametrization(t.module, "weight", _MaskParametrization(self.optimizer.state[t.param]))
+            parametrize.register_parametrization(
+                t.module, "weight", _MaskParametrization(self.optimizer.state[t.param])
+            )
 
     def step(self) -> None:
         """Run the method's schedule for one training step and update the masks (weights untouched otherwise)."""

@@ -54,15 +54,26 @@ def load_mnist(device: torch.device, test_fraction: float = 0.2) -> Data:
 def mlp() -> nn.Module:
     """LeNet-300-100. Hidden layers have no bias, so a node whose incoming weights are all zero
     outputs exactly zero and can be removed from the exported model without changing it."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300, bias=False), nn.ReLU(), nn.Linear(300, 100, bias=False),
-                         nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300, bias=False),
+        nn.ReLU(),
+        nn.Linear(300, 100, bias=False),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -119,12 +130,24 @@ def run_mlp(data: Data, backend: str | None, epochs: int, decay: str) -> dict:
     steps_per_epoch = (len(data.y_train) + 63) // 64
     total = epochs * steps_per_epoch
     coefficient = {"l2": 1e-2} if decay == "l2" else {"l1": 3e-4}
-    method = methods.StochasticMagnitude(target=0.98, start=steps_per_epoch, end=int(total * 0.7), schedule="cubic",
-                                         interval=5, temperature=0.1, **coefficient)
+    start = max(1, min(steps_per_epoch, total // 10))  # after one epoch of dense training
+    method = methods.StochasticMagnitude(
+        target=0.98,
+        start=start,
+        end=max(start + 1, int(total * 0.7)),
+        schedule="cubic",
+        interval=5,
+        temperature=0.1,
+        **coefficient,
+    )
     pruner = sparsetrain.Pruner(model, opt, method, ratios={"5": 0.8}, record_every=10)
     train(model, opt, data, epochs, label=f"MLP stochastic+{decay.upper()}")
-    return {"model": model, "pruner": pruner, "accuracy": accuracy(model, data.x_test, data.y_test),
-            "backend": opt.backend}
+    return {
+        "model": model,
+        "pruner": pruner,
+        "accuracy": accuracy(model, data.x_test, data.y_test),
+        "backend": opt.backend,
+    }
 
 
 def run_dense(factory, data: Data, backend: str | None, epochs: int, label: str, **opt_kw) -> dict:
@@ -144,8 +167,12 @@ def run_cnn(data: Data, backend: str | None, epochs: int) -> dict:
     method = methods.GReg1(ratio=0.5, structure="filters", update_interval=5, delta=1e-2, ceiling=1.0, stabilize=60)
     pruner = sparsetrain.Pruner(model, opt, method, include=["0", "3"], record_every=5)
     train(model, opt, data, epochs, label="CNN GReg-1")
-    return {"model": model, "pruner": pruner, "accuracy": accuracy(model, data.x_test, data.y_test),
-            "pruned_at": method.pruned_at}
+    return {
+        "model": model,
+        "pruner": pruner,
+        "accuracy": accuracy(model, data.x_test, data.y_test),
+        "pruned_at": method.pruned_at,
+    }
 
 
 def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | None = None) -> int:
@@ -172,27 +199,41 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
         exported = run["pruner"].export(example, structured=True)
         dead, total = hidden_nodes_removed(run["model"])
         size = size_report(exported, example)
-        rows.append({
-            "model": f"MLP, StochasticMagnitude + {decay.upper()}", "backend": run["backend"],
-            "dense_acc": dense_mlp["accuracy"], "pruned_acc": run["accuracy"],
-            "exported_acc": accuracy(exported, data.x_test, data.y_test),
-            "weight_sparsity": weight_sparsity(run["pruner"]), "nodes_removed": dead / total,
-            "nodes": f"{dead}/{total}", "params": f"{dense_size['params']} -> {size['params']}",
-            "nonzero_params": size["nonzero_params"], "macs": f"{dense_size['macs']} -> {size['macs']}",
-        })
+        rows.append(
+            {
+                "model": f"MLP, StochasticMagnitude + {decay.upper()}",
+                "backend": run["backend"],
+                "dense_acc": dense_mlp["accuracy"],
+                "pruned_acc": run["accuracy"],
+                "exported_acc": accuracy(exported, data.x_test, data.y_test),
+                "weight_sparsity": weight_sparsity(run["pruner"]),
+                "nodes_removed": dead / total,
+                "nodes": f"{dead}/{total}",
+                "params": f"{dense_size['params']} -> {size['params']}",
+                "nonzero_params": size["nonzero_params"],
+                "macs": f"{dense_size['macs']} -> {size['macs']}",
+            }
+        )
     exported_cnn = greg["pruner"].export(example)
     dense_cnn_size = size_report(cnn().to(device), example)
     cnn_size = size_report(exported_cnn, example)
     convs = [m for m in exported_cnn.modules() if isinstance(m, nn.Conv2d)]
     kept = sum(m.out_channels for m in convs)
-    rows.append({
-        "model": "CNN, GReg-1 (filters)", "backend": greg["pruner"].optimizer.backend,
-        "dense_acc": dense_cnn["accuracy"], "pruned_acc": greg["accuracy"],
-        "exported_acc": accuracy(exported_cnn, data.x_test, data.y_test),
-        "weight_sparsity": weight_sparsity(greg["pruner"]), "nodes_removed": 1 - kept / 48,
-        "nodes": f"{48 - kept}/48 filters", "params": f"{dense_cnn_size['params']} -> {cnn_size['params']}",
-        "nonzero_params": cnn_size["nonzero_params"], "macs": f"{dense_cnn_size['macs']} -> {cnn_size['macs']}",
-    })
+    rows.append(
+        {
+            "model": "CNN, GReg-1 (filters)",
+            "backend": greg["pruner"].optimizer.backend,
+            "dense_acc": dense_cnn["accuracy"],
+            "pruned_acc": greg["accuracy"],
+            "exported_acc": accuracy(exported_cnn, data.x_test, data.y_test),
+            "weight_sparsity": weight_sparsity(greg["pruner"]),
+            "nodes_removed": 1 - kept / 48,
+            "nodes": f"{48 - kept}/48 filters",
+            "params": f"{dense_cnn_size['params']} -> {cnn_size['params']}",
+            "nonzero_params": cnn_size["nonzero_params"],
+            "macs": f"{dense_cnn_size['macs']} -> {cnn_size['macs']}",
+        }
+    )
 
     table = _markdown(rows)
     print(table)
@@ -211,12 +252,15 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
 
 
 def _markdown(rows: list[dict]) -> str:
-    header = ("| model | backend | dense acc | pruned acc | exported acc | weight sparsity | nodes/filters removed "
-              "| params (exported) | nonzero params | MACs (exported) |")
+    header = (
+        "| model | backend | dense acc | pruned acc | exported acc | weight sparsity | nodes/filters removed "
+        "| params (exported) | nonzero params | MACs (exported) |"
+    )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['dense_acc']:.2f}% | {r['pruned_acc']:.2f}% | {r['exported_acc']:.2f}% "
+            f"| {r['model']} | {r['backend']} | {r['dense_acc']:.2f}% | {r['pruned_acc']:.2f}% "
+            f"| {r['exported_acc']:.2f}% "
             f"| {r['weight_sparsity']:.1%} | {r['nodes_removed']:.1%} ({r['nodes']}) | {r['params']} "
             f"| {r['nonzero_params']} | {r['macs']} |"
         )

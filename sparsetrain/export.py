@@ -2,7 +2,8 @@
 
 Removal uses Torch-Pruning's dependency graph (every coupled layer — following convolutions,
 norms, linear layers — shrinks with it). Only outputs whose incoming weights and bias are exactly zero,
-or whose every consumer has all-zero weights for them, are removed, and the result is checked against the masked model on the example inputs: if removing
+or whose every consumer has all-zero weights for them, are removed, and the result is checked
+against the masked model on the example inputs: if removing
 them would change the outputs (an activation with f(0) != 0, say), export raises instead of
 returning a different function.
 """
@@ -62,18 +63,29 @@ def unused_output(graph, module: nn.Module, fn, index: int) -> bool:
     return consumers > 0
 
 
+def _strip_parametrizations(model: nn.Module) -> None:
+    """Turn the copy's masked-weight parametrizations back into plain ``weight`` parameters.
+
+    torch's ``remove_parametrizations`` edits the module's dynamically made class, which a deep copy
+    shares with the original, so the copy is unwrapped by hand and the original keeps working.
+    """
+    for module in list(model.modules()):
+        parametrizations = module._modules.get("parametrizations")
+        if parametrizations is None or "weight" not in parametrizations:
+            continue
+        original = parametrizations["weight"].original
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules["parametrizations"]
+        module.register_parameter("weight", original)
+
+
 def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, structured: bool | None = None) -> nn.Module:
     """A copy of the pruned model: masks folded in and, if ``structured``, dead outputs removed.
 
     ``structured`` defaults to True for structured methods and needs ``example_inputs``.
     """
     model = copy.deepcopy(pruner.model)
-    if any(hasattr(m, "parametrizations") for m in model.modules()):
-        from torch.nn.utils import parametrize
-
-        for module in model.modules():
-            if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    _strip_parametrizations(model)
     fold_masks(pruner, model)
     if structured is None:
         structured = pruner.method.structure is not None
@@ -107,8 +119,10 @@ def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, struct
         result = model(example_inputs)
     if result.shape != reference.shape or not torch.allclose(result, reference, rtol=1e-4, atol=1e-5):
         diff = (result - reference).abs().max().item() if result.shape == reference.shape else float("nan")
-        raise RuntimeError(f"structured export would change the model's outputs (max abs diff {diff:.3g}); "
-                           "export with structured=False")
+        raise RuntimeError(
+            f"structured export would change the model's outputs (max abs diff {diff:.3g}); "
+            "export with structured=False"
+        )
     return model
 
 

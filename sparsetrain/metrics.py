@@ -42,7 +42,9 @@ class History:
     def as_dict(self) -> dict[str, Any]:
         """``{"step": [...], "layers": {name: {metric: [...]}}, "scalars": {key: [...]}}`` on the host."""
         table = torch.stack(self.records).cpu() if self.records else torch.zeros(0, len(self.names), len(METRICS))
-        layers = {name: {m: table[:, i, j].tolist() for j, m in enumerate(METRICS)} for i, name in enumerate(self.names)}
+        layers = {
+            name: {m: table[:, i, j].tolist() for j, m in enumerate(METRICS)} for i, name in enumerate(self.names)
+        }
         keys = sorted({k for s in self.scalars for k in s})
         scalars = {k: [s.get(k, float("nan")) for s in self.scalars] for k in keys}  # nan where not recorded
         return {"step": list(self.steps), "layers": layers, "scalars": scalars}

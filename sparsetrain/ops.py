@@ -19,8 +19,6 @@ is given and nonzero, nothing at all is modified.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -44,9 +42,9 @@ def sgd_step_(
     group_inner: list[int],
     shard_offsets: list[int],
     seeds: Tensor,
-    found_inf: Optional[Tensor],
+    found_inf: Tensor | None,
     lr: float,
-    lr_tensor: Optional[Tensor],
+    lr_tensor: Tensor | None,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -59,10 +57,27 @@ def sgd_step_(
 ) -> None:
     """Fused SGD (torch.optim.SGD semantics) with regularization, pruning and masks, in place."""
     backends.module(backend).sgd_step(
-        params, grads, momentum_buffers, steps, mask_words=mask_words, stats=stats,
-        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, shard_offsets=shard_offsets, seeds=seeds,
-        found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, weight_decay=weight_decay, momentum=momentum,
-        dampening=dampening, nesterov=nesterov, maximize=maximize, prune=prune, regularize=regularize,
+        params,
+        grads,
+        momentum_buffers,
+        steps,
+        mask_words=mask_words,
+        stats=stats,
+        tensor_coefs=tensor_coefs,
+        group_coefs=group_coefs,
+        group_inner=group_inner,
+        shard_offsets=shard_offsets,
+        seeds=seeds,
+        found_inf=found_inf,
+        lr=lr,
+        lr_tensor=lr_tensor,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        prune=prune,
+        regularize=regularize,
         l1_proximal=l1_proximal,
     )
 
@@ -90,9 +105,9 @@ def adam_step_(
     group_inner: list[int],
     shard_offsets: list[int],
     seeds: Tensor,
-    found_inf: Optional[Tensor],
+    found_inf: Tensor | None,
     lr: float,
-    lr_tensor: Optional[Tensor],
+    lr_tensor: Tensor | None,
     beta1: float,
     beta2: float,
     eps: float,
@@ -107,11 +122,32 @@ def adam_step_(
 ) -> None:
     """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place."""
     backends.module(backend).adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words=mask_words, stats=stats,
-        tensor_coefs=tensor_coefs, group_coefs=group_coefs, group_inner=group_inner, shard_offsets=shard_offsets, seeds=seeds,
-        found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, prune=prune,
-        regularize=regularize, l1_proximal=l1_proximal,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        mask_words=mask_words,
+        stats=stats,
+        tensor_coefs=tensor_coefs,
+        group_coefs=group_coefs,
+        group_inner=group_inner,
+        shard_offsets=shard_offsets,
+        seeds=seeds,
+        found_inf=found_inf,
+        lr=lr,
+        lr_tensor=lr_tensor,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        prune=prune,
+        regularize=regularize,
+        l1_proximal=l1_proximal,
     )
 
 

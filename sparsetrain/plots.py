@@ -16,10 +16,18 @@ def plot_node_dynamics(histories: dict[str, dict], path: Path) -> Path:
     styles = {"l1": "--", "l2": "-"}
     for decay, history in histories.items():
         for name, series in history["layers"].items():
-            axes[0].plot(history["step"], [100 * v for v in series["dead_outputs"]], styles.get(decay, "-"),
-                         label=f"{name} ({decay.upper()})")
-            axes[1].plot(history["step"], [100 * v for v in series["weight_sparsity"]], styles.get(decay, "-"),
-                         label=f"{name} ({decay.upper()})")
+            axes[0].plot(
+                history["step"],
+                [100 * v for v in series["dead_outputs"]],
+                styles.get(decay, "-"),
+                label=f"{name} ({decay.upper()})",
+            )
+            axes[1].plot(
+                history["step"],
+                [100 * v for v in series["weight_sparsity"]],
+                styles.get(decay, "-"),
+                label=f"{name} ({decay.upper()})",
+            )
     axes[0].set(title="dead output nodes (all incoming weights zero)", xlabel="step", ylabel="% of nodes")
     axes[1].set(title="weight sparsity", xlabel="step", ylabel="% of weights")
     for ax in axes:
@@ -37,8 +45,13 @@ def plot_sparsity(history: dict, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, series in history["layers"].items():
         line = ax.plot(history["step"], [100 * v for v in series["weight_sparsity"]], label=f"{name} weights")[0]
-        ax.plot(history["step"], [100 * v for v in series["dead_outputs"]], ":", color=line.get_color(),
-                label=f"{name} dead outputs")
+        ax.plot(
+            history["step"],
+            [100 * v for v in series["dead_outputs"]],
+            ":",
+            color=line.get_color(),
+            label=f"{name} dead outputs",
+        )
     ax.set(title=f"sparsity per layer: {title}", xlabel="step", ylabel="%")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

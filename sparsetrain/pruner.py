@@ -42,7 +42,13 @@ class Target:
 
 
 def select_targets(
-    model: nn.Module, *, include=None, exclude=None, types=DEFAULT_TYPES, ratios=None, default_ratio: float,
+    model: nn.Module,
+    *,
+    include=None,
+    exclude=None,
+    types=DEFAULT_TYPES,
+    ratios=None,
+    default_ratio: float,
     structure: str | None,
 ) -> list[Target]:
     """Weights of modules of ``types`` (or named by ``include`` patterns), minus ``exclude`` patterns."""
@@ -66,10 +72,23 @@ def select_targets(
         try:
             groups, inner = group_layout(weight.shape, structure)
         except ValueError as exc:
-            raise ValueError(f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}") from None
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}"
+            ) from None
         bias = getattr(module, "bias", None) if structure == "filters" else None
-        targets.append(Target(f"{name}.weight", name, module, weight, ratio, structure, groups, inner,
-                              bias if isinstance(bias, nn.Parameter) else None))
+        targets.append(
+            Target(
+                f"{name}.weight",
+                name,
+                module,
+                weight,
+                ratio,
+                structure,
+                groups,
+                inner,
+                bias if isinstance(bias, nn.Parameter) else None,
+            )
+        )
     if not targets:
         raise ValueError("no prunable weight was selected (check include / exclude / types)")
     return targets
@@ -90,18 +109,34 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: Any, method: Method, *, include=None, exclude=None, types=DEFAULT_TYPES,
-        ratios: dict[str, float] | None = None, record_every: int = 10,
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        method: Method,
+        *,
+        include=None,
+        exclude=None,
+        types=DEFAULT_TYPES,
+        ratios: dict[str, float] | None = None,
+        record_every: int = 10,
     ) -> None:
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
                 f"Pruner needs a sparsetrain optimizer (sparsetrain.optim.SGD / Adam / AdamW), got "
-                f"{type(optimizer).__module__}.{type(optimizer).__name__}; to keep your own optimizer, use the autograd "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__}; to keep your own optimizer, "
+                "use the autograd "
                 "path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         self.model, self.optimizer, self.method = model, optimizer, method
-        self.targets = select_targets(model, include=include, exclude=exclude, types=types, ratios=ratios,
-                                      default_ratio=method.target, structure=method.structure)
+        self.targets = select_targets(
+            model,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            default_ratio=method.target,
+            structure=method.structure,
+        )
         owned = set(optimizer._param_index())
         for target in self.targets:
             if target.param not in owned:
@@ -161,7 +196,9 @@ class Pruner:
         for target in self.targets:
             if name_or_param is target.param or name_or_param in (target.name, target.module_name):
                 return self.optimizer.mask(target.param)
-        raise KeyError(f"{name_or_param if isinstance(name_or_param, str) else 'the tensor'} is not pruned by this pruner")
+        raise KeyError(
+            f"{name_or_param if isinstance(name_or_param, str) else 'the tensor'} is not pruned by this pruner"
+        )
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Per target now: weight sparsity, dead output nodes / filters, dead input channels."""
@@ -193,5 +230,3 @@ def layer_metrics(target: Target) -> dict[str, Tensor]:
     else:
         out["dead_inputs"] = torch.zeros((), device=w.device)
     return out
-
-

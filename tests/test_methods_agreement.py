@@ -46,8 +46,9 @@ def test_oneshot_global_matches_global_unstructured():
     ours, ref = _twins(1)
     pruner, _ = _attach(ours, methods.Magnitude(0.45, scope="global"))
     modules = dict(ref.named_modules())
-    prune.global_unstructured([(modules[n], "weight") for n in LAYERS], pruning_method=prune.L1Unstructured,
-                              amount=0.45)
+    prune.global_unstructured(
+        [(modules[n], "weight") for n in LAYERS], pruning_method=prune.L1Unstructured, amount=0.45
+    )
     for name in LAYERS:
         assert torch.equal(pruner.mask(name), modules[name].weight_mask.bool())
 
@@ -61,7 +62,9 @@ def test_oneshot_filters_match_ln_structured(norm):
         prune.ln_structured(modules[name], "weight", amount=0.5, n=norm, dim=0)
         assert torch.equal(pruner.mask(name), modules[name].weight_mask.bool())
         bias_alive = pruner.optimizer.mask(dict(ours.named_modules())[name].bias)
-        assert torch.equal(bias_alive, modules[name].weight_mask.reshape(modules[name].weight.shape[0], -1)[:, 0].bool())
+        assert torch.equal(
+            bias_alive, modules[name].weight_mask.reshape(modules[name].weight.shape[0], -1)[:, 0].bool()
+        )
 
 
 def test_largest_prunes_the_largest():
@@ -129,7 +132,7 @@ def test_greg1_pick_grow_ceiling_stabilize_prune():
     assert [set(method.picked[t.name].tolist()) for t in pruner.targets] == expected_picks
     x = torch.randn(3, 2, 9, 9)
     lam_seen = []
-    for step in range(30):
+    for _ in range(30):
         _train(model, opt, 1, x)
         lam_seen.append(opt.state[convs[0].weight]["group_coefs"][contract.GROUP_LAM].clone())
     # growth: +delta on the picked groups at steps 0, 3, 6, ..., kept groups stay at 0
@@ -169,8 +172,17 @@ def test_greg1_magnitude_ratio_stop():
 
 def test_greg2_warmup_then_pick_and_kept_lam():
     model = _greg_model()
-    method = methods.GReg2(0.5, delta_all=0.01, warm_ceiling=0.03, kept_lam=-1e-4, update_interval=2, delta=0.1,
-                           ceiling=0.35, stabilize=2, mag_ratio_limit=1e9)
+    method = methods.GReg2(
+        0.5,
+        delta_all=0.01,
+        warm_ceiling=0.03,
+        kept_lam=-1e-4,
+        update_interval=2,
+        delta=0.1,
+        ceiling=0.35,
+        stabilize=2,
+        mag_ratio_limit=1e9,
+    )
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, backend="torch")
     pruner = sparsetrain.Pruner(model, opt, method)
     x = torch.randn(3, 2, 9, 9)
@@ -204,10 +216,31 @@ def test_stochastic_frequency_per_magnitude_bin_matches_q():
     mask_words = sparsetrain.masks.full(n)
     seed = philox.event_seed(99, 0, 0)
     before = w.clone()
-    ops.sgd_step_([w], [grad], [], [torch.zeros(())], mask_words=[mask_words], stats=[stats], tensor_coefs=[coefs],
-                  group_coefs=[], group_inner=[], shard_offsets=[], seeds=torch.tensor([seed]), found_inf=None,
-                  lr=0.0, lr_tensor=None, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
-                  maximize=False, prune="stochastic", regularize=False, l1_proximal=True, backend="torch")
+    ops.sgd_step_(
+        [w],
+        [grad],
+        [],
+        [torch.zeros(())],
+        mask_words=[mask_words],
+        stats=[stats],
+        tensor_coefs=[coefs],
+        group_coefs=[],
+        group_inner=[],
+        shard_offsets=[],
+        seeds=torch.tensor([seed]),
+        found_inf=None,
+        lr=0.0,
+        lr_tensor=None,
+        weight_decay=0.0,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        prune="stochastic",
+        regularize=False,
+        l1_proximal=True,
+        backend="torch",
+    )
     pruned = ~sparsetrain.masks.unpack(mask_words, n)
     q = (count / kernel_sum * torch.exp(-before.abs().double() / tm)).clamp(max=1)
     edges = torch.quantile(before.abs().double(), torch.linspace(0, 1, 11, dtype=torch.float64))

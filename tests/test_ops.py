@@ -19,17 +19,33 @@ def _pruning_args(params, prune, groups):
         group_inner=[p.numel() // 3 for p in params] if groups else [],
         shard_offsets=[0, 2**33 + 5],
         seeds=torch.tensor([11, 12], dtype=torch.int64),
-        found_inf=None, lr=0.1, lr_tensor=None, prune=prune, regularize=True, l1_proximal=True, backend="torch",
+        found_inf=None,
+        lr=0.1,
+        lr_tensor=None,
+        prune=prune,
+        regularize=True,
+        l1_proximal=True,
+        backend="torch",
     )
 
 
 @pytest.mark.parametrize("prune", contract.PRUNE_MODES)
 def test_opcheck_sgd(prune):
     params = [torch.randn(6, 5), torch.randn(9)]
-    args = (params, [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params],
-            [torch.ones(()) for _ in params])
-    kwargs = dict(weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False,
-                  **_pruning_args(params, prune, groups=prune == "group"))
+    args = (
+        params,
+        [torch.randn_like(p) for p in params],
+        [torch.randn_like(p) for p in params],
+        [torch.ones(()) for _ in params],
+    )
+    kwargs = dict(
+        weight_decay=0.01,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=True,
+        maximize=False,
+        **_pruning_args(params, prune, groups=prune == "group"),
+    )
     torch.library.opcheck(ops.sgd_step_, args, kwargs)
 
 
@@ -37,10 +53,24 @@ def test_opcheck_sgd(prune):
 def test_opcheck_adam(amsgrad):
     params = [torch.randn(6, 5), torch.randn(9)]
     states = [[torch.rand_like(p) for p in params] for _ in range(3)]
-    args = (params, [torch.randn_like(p) for p in params], states[0], states[1], states[2] if amsgrad else [],
-            [torch.ones(()) for _ in params])
-    kwargs = dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, decoupled=True, amsgrad=amsgrad,
-                  maximize=False, **_pruning_args(params, "stochastic", groups=True))
+    args = (
+        params,
+        [torch.randn_like(p) for p in params],
+        states[0],
+        states[1],
+        states[2] if amsgrad else [],
+        [torch.ones(()) for _ in params],
+    )
+    kwargs = dict(
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.01,
+        decoupled=True,
+        amsgrad=amsgrad,
+        maximize=False,
+        **_pruning_args(params, "stochastic", groups=True),
+    )
     torch.library.opcheck(ops.adam_step_, args, kwargs)
 
 
@@ -77,8 +107,9 @@ def test_import_does_not_import_triton():
 
 
 def test_cli_info_lists_every_backend_with_reason():
-    result = subprocess.run([sys.executable, "-m", "sparsetrain.cli", "info"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsetrain.cli", "info"], capture_output=True, text=True, check=True
+    )
     out = result.stdout
     assert f"sparsetrain {sparsetrain.__version__}" in out and "torch " in out
     assert "  torch   usable" in out

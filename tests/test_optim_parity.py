@@ -21,17 +21,24 @@ def _torch_cases(name, func, extra):
 
 CASES = (
     _torch_cases(
-        "SGD", optim_inputs_func_sgd,
-        [{"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-3, "maximize": True},
-         {"lr": torch.tensor(0.05), "momentum": 0.9, "nesterov": True}],
+        "SGD",
+        optim_inputs_func_sgd,
+        [
+            {"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-3, "maximize": True},
+            {"lr": torch.tensor(0.05), "momentum": 0.9, "nesterov": True},
+        ],
     )
     + _torch_cases(
-        "Adam", optim_inputs_func_adam,
-        [{"lr": torch.tensor(3e-3), "betas": (0.8, 0.95), "eps": 1e-6},
-         {"lr": 2e-2, "amsgrad": True, "maximize": True, "betas": (torch.tensor(0.85), torch.tensor(0.99))}],
+        "Adam",
+        optim_inputs_func_adam,
+        [
+            {"lr": torch.tensor(3e-3), "betas": (0.8, 0.95), "eps": 1e-6},
+            {"lr": 2e-2, "amsgrad": True, "maximize": True, "betas": (torch.tensor(0.85), torch.tensor(0.99))},
+        ],
     )
     + _torch_cases(
-        "AdamW", optim_inputs_func_adamw,
+        "AdamW",
+        optim_inputs_func_adamw,
         [{"lr": 5e-3, "weight_decay": 0.3, "amsgrad": True}, {"lr": torch.tensor(1e-2), "weight_decay": 0.05}],
     )
 )

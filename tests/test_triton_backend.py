@@ -36,8 +36,9 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
     stats = []
     for p, a in zip(params, alive_masks):
         w = p.double().abs()
-        stats.append(torch.tensor([a.sum(), w.sum(), (torch.exp(-w / 0.3) * a).sum(), 0.8 * a.sum(), 0.3],
-                                  dtype=torch.float64))
+        stats.append(
+            torch.tensor([a.sum(), w.sum(), (torch.exp(-w / 0.3) * a).sum(), 0.8 * a.sum(), 0.3], dtype=torch.float64)
+        )
     coefs = []
     for n in sizes:
         c = torch.zeros(contract.NUM_COEFS)
@@ -46,11 +47,19 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
         c[contract.COEF_PRUNE_COUNT] = max(1.0, 0.2 * n)
         c[contract.COEF_TEMPERATURE] = 0.7
         coefs.append(c)
-    group_coefs = [torch.stack([torch.rand(groups, generator=gen) * 0.1, (torch.rand(groups, generator=gen) < 0.4).float()])
-                   for _ in sizes]
+    group_coefs = [
+        torch.stack([torch.rand(groups, generator=gen) * 0.1, (torch.rand(groups, generator=gen) < 0.4).float()])
+        for _ in sizes
+    ]
     return dict(
-        params=params, grads=grads, state_lists=state_lists, steps=[torch.tensor(3.0) for _ in sizes],
-        mask_words=[masks.pack(a) for a in alive_masks], stats=stats, tensor_coefs=coefs, group_coefs=group_coefs,
+        params=params,
+        grads=grads,
+        state_lists=state_lists,
+        steps=[torch.tensor(3.0) for _ in sizes],
+        mask_words=[masks.pack(a) for a in alive_masks],
+        stats=stats,
+        tensor_coefs=coefs,
+        group_coefs=group_coefs,
         group_inner=[max(1, n // groups // 2) for n in sizes],
         shard_offsets=shard_offsets if shard_offsets is not None else [],
         seeds=torch.tensor([philox.event_seed(seed, t, 2) for t in range(len(sizes))], dtype=torch.int64),
@@ -60,34 +69,72 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
 def _call(inputs, backend, *, algo, prune, regularize=True, l1_proximal=True, lr_tensor=None, **hyper):
     x = inputs
     common = dict(
-        mask_words=x["mask_words"], stats=x["stats"], tensor_coefs=x["tensor_coefs"], group_coefs=x["group_coefs"],
-        group_inner=x["group_inner"], shard_offsets=x["shard_offsets"], seeds=x["seeds"], found_inf=None, lr=0.05,
-        lr_tensor=lr_tensor, prune=prune, regularize=regularize, l1_proximal=l1_proximal, backend=backend,
+        mask_words=x["mask_words"],
+        stats=x["stats"],
+        tensor_coefs=x["tensor_coefs"],
+        group_coefs=x["group_coefs"],
+        group_inner=x["group_inner"],
+        shard_offsets=x["shard_offsets"],
+        seeds=x["seeds"],
+        found_inf=None,
+        lr=0.05,
+        lr_tensor=lr_tensor,
+        prune=prune,
+        regularize=regularize,
+        l1_proximal=l1_proximal,
+        backend=backend,
     )
     if algo == "sgd":
-        ops.sgd_step_(x["params"], x["grads"], x["state_lists"][0], x["steps"], weight_decay=1e-3,
-                      momentum=hyper.get("momentum", 0.9), dampening=hyper.get("dampening", 0.1),
-                      nesterov=False, maximize=hyper.get("maximize", False), **common)
+        ops.sgd_step_(
+            x["params"],
+            x["grads"],
+            x["state_lists"][0],
+            x["steps"],
+            weight_decay=1e-3,
+            momentum=hyper.get("momentum", 0.9),
+            dampening=hyper.get("dampening", 0.1),
+            nesterov=False,
+            maximize=hyper.get("maximize", False),
+            **common,
+        )
     else:
-        ops.adam_step_(x["params"], x["grads"], x["state_lists"][0], x["state_lists"][1], x["state_lists"][2],
-                       x["steps"], beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-2,
-                       decoupled=hyper.get("decoupled", True), amsgrad=True, maximize=hyper.get("maximize", False),
-                       **common)
+        ops.adam_step_(
+            x["params"],
+            x["grads"],
+            x["state_lists"][0],
+            x["state_lists"][1],
+            x["state_lists"][2],
+            x["steps"],
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=1e-2,
+            decoupled=hyper.get("decoupled", True),
+            amsgrad=True,
+            maximize=hyper.get("maximize", False),
+            **common,
+        )
 
 
 def _compare(ref, out):
     for t, (a, b) in enumerate(zip(ref["params"], out["params"])):
         tol = TOL[a.dtype]
-        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol * float(a.float().abs().max()) + 1e-30,
-                                   msg=lambda m, t=t: f"params[{t}]: {m}")
+        torch.testing.assert_close(
+            b.float(),
+            a.float(),
+            rtol=tol,
+            atol=tol * float(a.float().abs().max()) + 1e-30,
+            msg=lambda m, t=t: f"params[{t}]: {m}",
+        )
     for states_ref, states_out in zip(ref["state_lists"], out["state_lists"]):
         for a, b in zip(states_ref, states_out):
             lowp = any(p.dtype != torch.float32 for p in ref["params"])
             tol = 1e-2 if lowp else 1e-6
             torch.testing.assert_close(b, a, rtol=tol, atol=tol * float(a.abs().max()) + 1e-30)
     for a, b in zip(ref["stats"], out["stats"]):
-        torch.testing.assert_close(b, a, rtol=1e-5 if any(p.dtype != torch.float32 for p in ref["params"]) else 1e-6,
-                                   atol=1e-9)
+        torch.testing.assert_close(
+            b, a, rtol=1e-5 if any(p.dtype != torch.float32 for p in ref["params"]) else 1e-6, atol=1e-9
+        )
     for a, b in zip(ref["steps"], out["steps"]):
         assert float(a) == float(b) == 4.0
 
@@ -125,15 +172,22 @@ def _run_both(sizes, dtypes, algo, prune, seed=0, **kw):
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
 def test_all_prune_modes_fp32(algo, prune):
     inputs, ref, out = _run_both(SIZES, [torch.float32] * len(SIZES), algo, prune, seed=len(algo) * 10 + len(prune))
-    newly_pruned = sum(masks.alive_count(a) - masks.alive_count(b) for a, b in zip(inputs["mask_words"], out["mask_words"]))
+    newly_pruned = sum(
+        masks.alive_count(a) - masks.alive_count(b) for a, b in zip(inputs["mask_words"], out["mask_words"])
+    )
     assert (newly_pruned > 0) == (prune != "none")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(algo="sgd", momentum=0.0), dict(algo="sgd", maximize=True, l1_proximal=False),
-    dict(algo="adam", decoupled=False, maximize=True), dict(algo="sgd", regularize=False),
-    dict(algo="adam", lr_tensor=torch.tensor(0.02)),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(algo="sgd", momentum=0.0),
+        dict(algo="sgd", maximize=True, l1_proximal=False),
+        dict(algo="adam", decoupled=False, maximize=True),
+        dict(algo="sgd", regularize=False),
+        dict(algo="adam", lr_tensor=torch.tensor(0.02)),
+    ],
+)
 def test_optimizer_variants(variant):
     variant = dict(variant)
     _run_both([33, BLOCK + 1], [torch.float32] * 2, variant.pop("algo"), "low", seed=5, **variant)
@@ -147,8 +201,9 @@ def test_mixed_dtypes_in_one_call(algo):
 
 def test_offsets_above_2_pow_32_without_allocating_them():
     offsets = [2**32 + 7, 2**33 - 5, 3 * 2**32]
-    inputs, ref, out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3,
-                                 shard_offsets=offsets)
+    inputs, ref, out = _run_both(
+        [100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3, shard_offsets=offsets
+    )
     # and the shard's draws really come from the high offsets: the same call at offset 0 differs
     plain, plain_out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3)[0:3:2]
     assert not all(torch.equal(a, b) for a, b in zip(out["mask_words"], plain_out["mask_words"]))
@@ -186,10 +241,32 @@ def test_found_inf_skips_everything():
     x = copy.deepcopy(inputs)
     common_before = copy.deepcopy(x)
     x_found = torch.tensor(True)
-    ops.adam_step_(x["params"], x["grads"], *x["state_lists"], x["steps"], mask_words=x["mask_words"],
-                   stats=x["stats"], tensor_coefs=x["tensor_coefs"], group_coefs=x["group_coefs"],
-                   group_inner=x["group_inner"], shard_offsets=[], seeds=x["seeds"], found_inf=x_found, lr=0.1,
-                   lr_tensor=None, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=True,
-                   maximize=False, prune="stochastic", regularize=True, l1_proximal=True, backend="triton")
+    ops.adam_step_(
+        x["params"],
+        x["grads"],
+        *x["state_lists"],
+        x["steps"],
+        mask_words=x["mask_words"],
+        stats=x["stats"],
+        tensor_coefs=x["tensor_coefs"],
+        group_coefs=x["group_coefs"],
+        group_inner=x["group_inner"],
+        shard_offsets=[],
+        seeds=x["seeds"],
+        found_inf=x_found,
+        lr=0.1,
+        lr_tensor=None,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=True,
+        amsgrad=True,
+        maximize=False,
+        prune="stochastic",
+        regularize=True,
+        l1_proximal=True,
+        backend="triton",
+    )
     for key in ("params", "mask_words", "stats", "steps"):
         assert all(torch.equal(a, b) for a, b in zip(common_before[key], x[key]))

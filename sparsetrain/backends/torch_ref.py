@@ -128,7 +128,9 @@ class _Pruning:
         w64, live = w.double().abs(), alive.double()
         kernel = torch.exp(-w64.float() / tm).double() * live if tm > 0 else torch.zeros_like(w64)
         stats.copy_(
-            torch.stack([live.sum(), (w64 * live).sum(), kernel.sum(), (g.double().abs() * live).sum(), w64.new_tensor(tm)])
+            torch.stack(
+                [live.sum(), (w64 * live).sum(), kernel.sum(), (g.double().abs() * live).sum(), w64.new_tensor(tm)]
+            )
         )
 
 
@@ -161,8 +163,20 @@ def _skip(found_inf: Tensor | None) -> bool:
 
 
 def sgd_step(
-    params, grads, momentum_buffers, steps, *, found_inf, lr, lr_tensor, weight_decay, momentum,
-    dampening, nesterov, maximize, **pruning_kw,
+    params,
+    grads,
+    momentum_buffers,
+    steps,
+    *,
+    found_inf,
+    lr,
+    lr_tensor,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    **pruning_kw,
 ) -> None:
     """Fused SGD step (torch.optim.SGD semantics) plus regularization, pruning and masks."""
     if _skip(found_inf):
@@ -196,8 +210,24 @@ def sgd_step(
 
 
 def adam_step(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, found_inf, lr, lr_tensor, beta1,
-    beta2, eps, weight_decay, decoupled, amsgrad, maximize, **pruning_kw,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    found_inf,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    **pruning_kw,
 ) -> None:
     """Fused Adam / AdamW step (torch.optim semantics) plus regularization, pruning and masks."""
     if _skip(found_inf):

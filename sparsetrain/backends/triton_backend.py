@@ -103,19 +103,36 @@ def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[
             raise RuntimeError(f"{name}[{index}] has {x.numel()} elements, its parameter {numels[index]}")
 
 
-def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner, shard_offsets) -> _Plan:
+def _plan(
+    device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner, shard_offsets
+) -> _Plan:
     fs = _kernels()
     num = len(params)
     pad = lambda xs: list(xs) if xs else [None] * num  # noqa: E731
-    columns = [params, grads, *(pad(s) for s in state_lists), pad(mask_words), pad(coefs), pad(stats),
-               pad(group_coefs), steps]
+    columns = [
+        params,
+        grads,
+        *(pad(s) for s in state_lists),
+        pad(mask_words),
+        pad(coefs),
+        pad(stats),
+        pad(group_coefs),
+        steps,
+    ]
     numels = [p.numel() for p in params]
     inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
     shard = list(shard_offsets) if shard_offsets else [0] * num
     dtypes = [p.dtype for p in params]
-    key = (device, tuple(shard), tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col), tuple(numels),
-           tuple(inners), tuple(groups), tuple(dtypes))
+    key = (
+        device,
+        tuple(shard),
+        tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col),
+        tuple(numels),
+        tuple(inners),
+        tuple(groups),
+        tuple(dtypes),
+    )
     plan = _plans.get(key)
     if plan is None:
         plan = _Plan(device, columns, numels, inners, groups, shard, dtypes)
@@ -129,8 +146,27 @@ def _plan(device, params, grads, state_lists, steps, mask_words, stats, coefs, g
 
 
 def _launch(
-    *, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds,
-    found_inf, lr, lr_tensor, prune, regularize, l1_proximal, is_adam, scalars, flags,
+    *,
+    params,
+    grads,
+    state_lists,
+    steps,
+    mask_words,
+    stats,
+    tensor_coefs,
+    group_coefs,
+    group_inner,
+    shard_offsets,
+    seeds,
+    found_inf,
+    lr,
+    lr_tensor,
+    prune,
+    regularize,
+    l1_proximal,
+    is_adam,
+    scalars,
+    flags,
 ) -> None:
     import triton.language as tl
 
@@ -150,8 +186,19 @@ def _launch(
         raise RuntimeError("prune='group' needs group_coefs")
     if regularize and not tensor_coefs:
         raise RuntimeError("regularize=True needs tensor_coefs")
-    plan = _plan(device, params, grads, state_lists, steps, mask_words, stats, tensor_coefs, group_coefs, group_inner,
-                 shard_offsets)
+    plan = _plan(
+        device,
+        params,
+        grads,
+        state_lists,
+        steps,
+        mask_words,
+        stats,
+        tensor_coefs,
+        group_coefs,
+        group_inner,
+        shard_offsets,
+    )
     dummy = _dummy(device)
     found = found_inf.to(torch.int32) if found_inf is not None else dummy
     seeds_arg = seeds if prune == "stochastic" else dummy
@@ -159,48 +206,132 @@ def _launch(
     beta_key = (device, scalars["beta1"], scalars["beta2"])
     if beta_key not in _log_betas:
         _log_betas[beta_key] = torch.tensor(
-            [math.log(scalars["beta1"]) if scalars["beta1"] > 0 else -math.inf,
-             math.log(scalars["beta2"]) if scalars["beta2"] > 0 else -math.inf],
-            dtype=torch.float64, device=device,
+            [
+                math.log(scalars["beta1"]) if scalars["beta1"] > 0 else -math.inf,
+                math.log(scalars["beta2"]) if scalars["beta2"] > 0 else -math.inf,
+            ],
+            dtype=torch.float64,
+            device=device,
         )
     dtype_map = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     for dtype, block_tensor, block_local, base, num_blocks in plan.launches:
         if dtype not in dtype_map:
             raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {dtype}")
         fs.fused_step_kernel[(num_blocks,)](
-            plan.table, plan.num_tensors, seeds_arg, block_tensor, block_local, plan.partials, base, found, lr_ptr,
-            lr, scalars["weight_decay"], scalars["momentum"], 1.0 - scalars["dampening"], scalars["beta2"],
-            1.0 - scalars["beta1"], 1.0 - scalars["beta2"], scalars["eps"], 1.0 - lr * scalars["weight_decay"],
+            plan.table,
+            plan.num_tensors,
+            seeds_arg,
+            block_tensor,
+            block_local,
+            plan.partials,
+            base,
+            found,
+            lr_ptr,
+            lr,
+            scalars["weight_decay"],
+            scalars["momentum"],
+            1.0 - scalars["dampening"],
+            scalars["beta2"],
+            1.0 - scalars["beta1"],
+            1.0 - scalars["beta2"],
+            scalars["eps"],
+            1.0 - lr * scalars["weight_decay"],
             _log_betas[beta_key],
-            PARAM_DTYPE=dtype_map[dtype], IS_ADAM=is_adam, HAS_MOMENTUM=bool(flags.get("has_momentum")),
-            NESTEROV=bool(flags.get("nesterov")), MAXIMIZE=bool(flags["maximize"]),
-            DECOUPLED=bool(flags.get("decoupled")), AMSGRAD=bool(flags.get("amsgrad")), HAS_MASK=bool(mask_words),
-            HAS_STATS=bool(stats), REGULARIZE=bool(regularize), L1_PROX=bool(l1_proximal),
-            HAS_GROUPS=bool(group_coefs), PRUNE=contract.PRUNE_MODES.index(prune),
-            HAS_FOUND_INF=found_inf is not None, LR_ON_DEVICE=lr_tensor is not None, WORDS=WORDS_PER_BLOCK,
+            PARAM_DTYPE=dtype_map[dtype],
+            IS_ADAM=is_adam,
+            HAS_MOMENTUM=bool(flags.get("has_momentum")),
+            NESTEROV=bool(flags.get("nesterov")),
+            MAXIMIZE=bool(flags["maximize"]),
+            DECOUPLED=bool(flags.get("decoupled")),
+            AMSGRAD=bool(flags.get("amsgrad")),
+            HAS_MASK=bool(mask_words),
+            HAS_STATS=bool(stats),
+            REGULARIZE=bool(regularize),
+            L1_PROX=bool(l1_proximal),
+            HAS_GROUPS=bool(group_coefs),
+            PRUNE=contract.PRUNE_MODES.index(prune),
+            HAS_FOUND_INF=found_inf is not None,
+            LR_ON_DEVICE=lr_tensor is not None,
+            WORDS=WORDS_PER_BLOCK,
         )
     fs.finish_step_kernel[(plan.num_tensors,)](
-        plan.table, plan.num_tensors, plan.first_partial, plan.num_partials, plan.partials, found,
-        HAS_STATS=bool(stats), HAS_FOUND_INF=found_inf is not None, CHUNK=FINISH_CHUNK,
+        plan.table,
+        plan.num_tensors,
+        plan.first_partial,
+        plan.num_partials,
+        plan.partials,
+        found,
+        HAS_STATS=bool(stats),
+        HAS_FOUND_INF=found_inf is not None,
+        CHUNK=FINISH_CHUNK,
     )
 
 
 def sgd_step(
-    params, grads, momentum_buffers, steps, *, found_inf, lr, lr_tensor, weight_decay, momentum, dampening,
-    nesterov, maximize, **pruning_kw,
+    params,
+    grads,
+    momentum_buffers,
+    steps,
+    *,
+    found_inf,
+    lr,
+    lr_tensor,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    **pruning_kw,
 ) -> None:
     scalars = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening, beta1=0.0, beta2=0.0, eps=0.0)
     flags = dict(has_momentum=momentum != 0, nesterov=nesterov, maximize=maximize)
-    _launch(params=params, grads=grads, state_lists=[momentum_buffers, [], []], steps=steps, found_inf=found_inf,
-            lr=lr, lr_tensor=lr_tensor, is_adam=False, scalars=scalars, flags=flags, **pruning_kw)
+    _launch(
+        params=params,
+        grads=grads,
+        state_lists=[momentum_buffers, [], []],
+        steps=steps,
+        found_inf=found_inf,
+        lr=lr,
+        lr_tensor=lr_tensor,
+        is_adam=False,
+        scalars=scalars,
+        flags=flags,
+        **pruning_kw,
+    )
 
 
 def adam_step(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, found_inf, lr, lr_tensor, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, **pruning_kw,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    found_inf,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    **pruning_kw,
 ) -> None:
     scalars = dict(weight_decay=weight_decay, momentum=0.0, dampening=0.0, beta1=beta1, beta2=beta2, eps=eps)
     flags = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
-    _launch(params=params, grads=grads, state_lists=[exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps=steps,
-            found_inf=found_inf, lr=lr, lr_tensor=lr_tensor, is_adam=True, scalars=scalars, flags=flags,
-            **pruning_kw)
+    _launch(
+        params=params,
+        grads=grads,
+        state_lists=[exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+        steps=steps,
+        found_inf=found_inf,
+        lr=lr,
+        lr_tensor=lr_tensor,
+        is_adam=True,
+        scalars=scalars,
+        flags=flags,
+        **pruning_kw,
+    )

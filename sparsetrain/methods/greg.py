@@ -31,8 +31,16 @@ class GReg1(Method):
     uses_groups = True
 
     def __init__(
-        self, ratio: float, *, structure: str = "filters", update_interval: int = 5, delta: float = 1e-4,
-        ceiling: float = 1.0, stabilize: int = 1000, mag_ratio_limit: float = 1000.0, start: int = 0,
+        self,
+        ratio: float,
+        *,
+        structure: str = "filters",
+        update_interval: int = 5,
+        delta: float = 1e-4,
+        ceiling: float = 1.0,
+        stabilize: int = 1000,
+        mag_ratio_limit: float = 1000.0,
+        start: int = 0,
     ) -> None:
         self.target = check_ratio("ratio", ratio)
         if structure not in ("filters", "channels"):
@@ -133,8 +141,10 @@ class GReg1(Method):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("phase", "picked", "lam", "ema", "finished", "ratio_now",
-                                              "stabilize_left", "pruned_at")}
+        return {
+            k: getattr(self, k)
+            for k in ("phase", "picked", "lam", "ema", "finished", "ratio_now", "stabilize_left", "pruned_at")
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

@@ -23,8 +23,17 @@ from .schedules import check_schedule, sparsity_at
 
 class Magnitude(Method):
     def __init__(
-        self, target: float, *, largest: bool = False, scope: str = "layer", structure: str | None = None,
-        norm: float = 1.0, schedule: str = "oneshot", start: int = 0, end: int = 0, interval: int = 100,
+        self,
+        target: float,
+        *,
+        largest: bool = False,
+        scope: str = "layer",
+        structure: str | None = None,
+        norm: float = 1.0,
+        schedule: str = "oneshot",
+        start: int = 0,
+        end: int = 0,
+        interval: int = 100,
     ) -> None:
         self.target = check_ratio("target", target)
         if scope not in ("layer", "global"):
@@ -120,8 +129,11 @@ class Magnitude(Method):
                 thresholds = []
                 for t in pruner.targets:
                     k = prune_count(level * t.ratio, t.param.numel())
-                    thresholds.append(self._global_threshold([t.param], k, t.param.numel()) if k
-                                      else (math.inf if self.largest else 0.0))
+                    thresholds.append(
+                        self._global_threshold([t.param], k, t.param.numel())
+                        if k
+                        else (math.inf if self.largest else 0.0)
+                    )
             for t, threshold in zip(pruner.targets, thresholds):
                 pruner.coefs(t)[COEF_THRESHOLD] = threshold
             opt.schedule_pruning("high" if self.largest else "low")

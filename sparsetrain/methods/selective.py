@@ -21,14 +21,28 @@ from .schedules import check_schedule, sparsity_at
 
 class SelectiveDecay(Method):
     def __init__(
-        self, target: float, *, sd: float = 1e-3, beta: float = 1.0, start: int = 0, end: int = 1000,
-        interval: int = 50, schedule: str = "linear",
+        self,
+        target: float,
+        *,
+        sd: float = 1e-3,
+        beta: float = 1.0,
+        start: int = 0,
+        end: int = 1000,
+        interval: int = 50,
+        schedule: str = "linear",
     ) -> None:
         self.target = check_ratio("target", target)
         check_schedule(schedule, start, end)
         if sd < 0 or beta <= 0 or interval < 1:
             raise ValueError(f"need sd >= 0, beta > 0, interval >= 1, got {sd}, {beta}, {interval}")
-        self.sd, self.beta, self.start, self.end, self.interval, self.schedule = sd, beta, start, end, interval, schedule
+        self.sd, self.beta, self.start, self.end, self.interval, self.schedule = (
+            sd,
+            beta,
+            start,
+            end,
+            interval,
+            schedule,
+        )
 
     def attach(self, pruner) -> None:
         for t in pruner.targets:

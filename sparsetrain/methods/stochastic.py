@@ -23,8 +23,16 @@ from .schedules import check_schedule, sparsity_at
 
 class StochasticMagnitude(Method):
     def __init__(
-        self, target: float, *, start: int = 1, end: int = 1000, schedule: str = "cubic", interval: int = 1,
-        temperature: float = 1.0, l2: float = 0.0, l1: float = 0.0,
+        self,
+        target: float,
+        *,
+        start: int = 1,
+        end: int = 1000,
+        schedule: str = "cubic",
+        interval: int = 1,
+        temperature: float = 1.0,
+        l2: float = 0.0,
+        l1: float = 0.0,
     ) -> None:
         self.target = check_ratio("target", target)
         check_schedule(schedule, start, end)

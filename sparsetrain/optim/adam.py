@@ -20,9 +20,19 @@ class Adam(FusedOptimizer):
     _decoupled = False
 
     def __init__(
-        self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float | None = None, amsgrad: bool = False, *, maximize: bool = False,
-        backend: str | None = None, skip_nonfinite: bool = False, seed: int = 0, l1_proximal: bool = True,
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str | None = None,
+        skip_nonfinite: bool = False,
+        seed: int = 0,
+        l1_proximal: bool = True,
     ) -> None:
         if weight_decay is None:
             weight_decay = 1e-2 if self._decoupled else 0.0
@@ -31,10 +41,17 @@ class Adam(FusedOptimizer):
         for index, beta in enumerate(betas):
             if not 0.0 <= float(beta) < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
-        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, seed=seed,
-                         l1_proximal=l1_proximal)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(float(b) for b in betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+        )
+        super().__init__(
+            params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, seed=seed, l1_proximal=l1_proximal
+        )
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
@@ -43,10 +60,20 @@ class Adam(FusedOptimizer):
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         ops.adam_step_(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-            beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
-            decoupled=self._decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"], **common,
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self._decoupled,
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            **common,
         )
 
 

@@ -139,7 +139,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["mask_words"].copy_(mask_format.pack(alive & self.mask(param)))
             keep = self.mask(param)
             param.mul_(keep)
-            for name, value in state.items():
+            for value in state.values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
                     value.mul_(keep)
             state["stats"][contract.STAT_ALIVE] = keep.sum()
@@ -230,7 +230,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             index = self._param_index()
             seeds = torch.tensor(
                 [philox.event_seed(self.base_seed, index[p], self.prune_events) for p in params],
-                dtype=torch.int64, device=device,
+                dtype=torch.int64,
+                device=device,
             )
         else:
             seeds = torch.zeros(0, dtype=torch.int64, device=device)
@@ -301,7 +302,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"{name}.load_state_dict: {len(saved_groups)} param groups saved, this optimizer has {len(self.param_groups)}"
+                f"{name}.load_state_dict: {len(saved_groups)} param groups saved, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         params = [p for g in self.param_groups for p in g["params"]]
         shapes = [tuple(p.shape) for p in params]
@@ -320,7 +322,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             for field, value in saved.items():
                 if isinstance(value, Tensor):
                     if value.dim() > 0 and field in self._algo_state_names() and value.shape != p.shape:
-                        raise ValueError(f"{name}.load_state_dict: state {field!r} has shape {tuple(value.shape)}, param {tuple(p.shape)}")
+                        raise ValueError(
+                            f"{name}.load_state_dict: state {field!r} has shape {tuple(value.shape)}, "
+                            f"param {tuple(p.shape)}"
+                        )
                     new_state[p][field] = value.detach().to(device=p.device, copy=True)
                 else:
                     new_state[p][field] = copy.deepcopy(value)

@@ -1,0 +1,218 @@
+"""Pruner API, bad input, resumption, metrics, export and the autograd path."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain import methods
+from sparsetrain.autograd import MaskedPruner, masked_weight
+from sparsetrain.contract import COEF_L1, COEF_L2
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 4),
+    )
+
+
+def _steps(model, opt, n, seed=0, after=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(4, 1, 8, 8, generator=gen)
+        y = torch.randint(0, 4, (4,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after is not None:
+            after()
+        opt.zero_grad()
+
+
+def test_default_targets_are_conv_and_linear_weights():
+    model = _cnn()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5))
+    assert [t.name for t in pruner.targets] == ["0.weight", "3.weight", "6.weight"]
+    model = _cnn()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5), exclude=["6"], ratios={"3": 0.25})
+    assert [t.name for t in pruner.targets] == ["0.weight", "3.weight"]
+    assert float((~pruner.mask("3")).float().mean()) == pytest.approx(0.25, abs=1 / 432)
+    assert float((~pruner.mask("0.weight")).float().mean()) == pytest.approx(0.5, abs=1 / 72)
+
+
+@pytest.mark.parametrize(
+    "kwargs,method,error,match",
+    [
+        (
+            dict(include=["conv9"]),
+            methods.Magnitude(0.5),
+            ValueError,
+            "include: no module of the model matches 'conv9'",
+        ),
+        (dict(exclude=["nope"]), methods.Magnitude(0.5), ValueError, "exclude: no module"),
+        (dict(ratios={"3": 1.0}), methods.Magnitude(0.5), ValueError, r"ratios\['3'\] must be in \[0, 1\)"),
+        (dict(include=["1"]), methods.GReg1(0.5), ValueError, "module '1' .*needs a weight with at least 2 dims"),
+    ],
+)
+def test_bad_configuration_fails_before_training(kwargs, method, error, match):
+    model = _cnn()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        sparsetrain.Pruner(model, opt, method, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_ratio_and_exceeded_target_and_foreign_optimizer():
+    with pytest.raises(ValueError, match=r"target must be in \[0, 1\)"):
+        methods.StochasticMagnitude(1.2)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        methods.GReg1(-0.1)
+    model = _cnn()
+    with torch.no_grad():
+        model[0].weight[:6] = 0  # 75% zeros already
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="0.weight is already 75.0% sparse, above its target 50.0%"):
+        sparsetrain.Pruner(model, opt, methods.StochasticMagnitude(0.5))
+    with pytest.raises(TypeError, match="needs a sparsetrain optimizer .* sparsetrain.autograd.MaskedPruner"):
+        sparsetrain.Pruner(_cnn(), torch.optim.SGD(_cnn().parameters(), lr=0.1), methods.Magnitude(0.5))
+
+
+def test_resume_pruner_and_optimizer_bit_identical():
+    def build(model):
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, backend="torch", seed=11)
+        method = methods.StochasticMagnitude(0.7, start=2, end=30, interval=2, temperature=0.5, l2=1e-3)
+        return opt, sparsetrain.Pruner(model, opt, method, record_every=3)
+
+    straight = _cnn(1)
+    opt, pruner = build(straight)
+    _steps(straight, opt, 40)
+
+    first = _cnn(1)
+    opt1, pruner1 = build(first)
+    _steps(first, opt1, 17)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "pruner": pruner1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = _cnn(2)
+    resumed.load_state_dict(saved["model"])
+    opt2, pruner2 = build(resumed)
+    opt2.load_state_dict(saved["opt"])
+    pruner2.load_state_dict(saved["pruner"])
+    gen_state = 17  # continue the data stream where it stopped
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(gen_state):
+        torch.randn(4, 1, 8, 8, generator=gen)
+        torch.randint(0, 4, (4,), generator=gen)
+    for _ in range(23):
+        x = torch.randn(4, 1, 8, 8, generator=gen)
+        y = torch.randint(0, 4, (4,), generator=gen)
+        nn.functional.cross_entropy(resumed(x), y).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    for t1, t2 in zip(pruner.targets, pruner2.targets):
+        assert torch.equal(pruner.mask(t1.param), pruner2.mask(t2.param))
+    assert pruner.history.as_dict() == pruner2.history.as_dict()
+
+
+def test_metrics_and_history():
+    model = _cnn()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), record_every=2)
+    _steps(model, opt, 4)
+    metrics = pruner.metrics()
+    assert metrics["0.weight"]["dead_outputs"] == pytest.approx(0.5)
+    assert metrics["0.weight"]["weight_sparsity"] == pytest.approx(0.5)
+    assert metrics["3.weight"]["dead_inputs"] == 0.0  # filters of 3 pruned, not its inputs
+    history = pruner.history.as_dict()
+    assert history["step"] == [2, 4]
+    assert history["layers"]["3.weight"]["dead_outputs"] == [0.5, 0.5]
+
+
+def test_structured_export_is_smaller_and_equal():
+    from sparsetrain.export import size_report
+
+    model = _cnn(3)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["3"])
+    _steps(model, opt, 5)
+    model.eval()
+    x = torch.randn(6, 1, 8, 8)
+    small = pruner.export(x)
+    assert small[3].out_channels == 3 and small[6].in_features == 3 * 64
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    before, after = size_report(model, x), size_report(small, x)
+    assert after["params"] < before["params"] and after["macs"] < before["macs"]
+
+
+def test_export_refuses_to_change_the_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Sigmoid(), nn.Linear(8, 3))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["0"])
+    with pytest.raises(RuntimeError, match="would change the model's outputs"):
+        pruner.export(torch.randn(4, 6))
+    assert pruner.export(torch.randn(4, 6), structured=False)[0].weight.shape == (8, 6)
+
+
+def test_masked_weight_op_and_gradient():
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    alive = torch.rand(5, 7) < 0.6
+    words = sparsetrain.masks.pack(alive)
+    coefs = torch.zeros(8)
+    coefs[COEF_L2], coefs[COEF_L1] = 0.3, 0.05
+    out = masked_weight(w, words, coefs)
+    torch.testing.assert_close(out, w * alive)
+    upstream = torch.randn(5, 7, dtype=torch.float64)
+    out.backward(upstream)
+    expected = (upstream + 0.3 * w.detach() + 0.05 * torch.sign(w.detach())) * alive
+    torch.testing.assert_close(w.grad, expected)
+    torch.library.opcheck(masked_weight, (torch.randn(5, 7, requires_grad=True), words, coefs))
+
+
+def test_autograd_path_with_torch_adamw():
+    model = _cnn(4)
+    pruner = MaskedPruner(model, methods.Magnitude(0.6, schedule="linear", start=0, end=12, interval=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _steps(model, opt, 16, after=pruner.step)
+    for t in pruner.targets:
+        alive = pruner.mask(t.param)
+        assert float((~alive).float().mean()) == pytest.approx(0.6, abs=0.05)
+        module = t.module
+        torch.testing.assert_close(module.weight, module.parametrizations.weight.original * alive)
+    small = pruner.export()
+    assert not hasattr(small[0], "parametrizations")
+    x = torch.randn(2, 1, 8, 8)
+    model.eval()
+    small.eval()
+    torch.testing.assert_close(small(x), model(x))
+
+
+def test_demo_smoke(tmp_path):
+    from sparsetrain.demo import run_demo
+
+    assert run_demo(out=str(tmp_path), backend="torch", epochs=1) == 0
+    for name in (
+        "results.md",
+        "results.json",
+        "node_dynamics_l1_vs_l2.png",
+        "greg1_lam_and_ratio.png",
+        "sparsity_per_layer_mlp_l2.png",
+        "sparsity_per_layer_cnn_greg1.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0
