@@ -107,11 +107,10 @@ def fused_step_kernel(
     word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
     offs = word_idx[:, None] * 32 + lanes[None, :]
     global_offs = offs + _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)  # index in the unsharded tensor
-    go = True
-    if HAS_FOUND_INF:
-        go = tl.load(found_inf_ptr) == 0
-    inside = (offs < numel) & go
-    word_ok = (word_idx < (numel + 31) // 32) & go
+    if HAS_FOUND_INF:  # a skipped step touches nothing: every element counts as outside the tensor
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    inside = offs < numel
+    word_ok = word_idx < (numel + 31) // 32
 
     if HAS_MASK:
         mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
@@ -256,11 +255,11 @@ def finish_step_kernel(
 ):
     """Per tensor: step += 1 and stats = fixed-order sum of its blocks' partials (one program each)."""
     t = tl.program_id(0)
-    go = True
+    advance = 1
     if HAS_FOUND_INF:
-        go = tl.load(found_inf_ptr) == 0
+        advance = tl.where(tl.load(found_inf_ptr) == 0, 1, 0)
     step_ptr = _row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)
-    tl.store(step_ptr, tl.load(step_ptr) + 1.0, mask=go)
+    tl.store(step_ptr, tl.load(step_ptr) + advance)
     if HAS_STATS:
         stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
         tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
@@ -274,5 +273,5 @@ def finish_step_kernel(
                 partials + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0
             )
             acc += tl.sum(values, axis=0)
-        tl.store(stats_ptr + cols, acc, mask=go)
-        tl.store(stats_ptr + STAT_TM, tm_now, mask=go)
+        tl.store(stats_ptr + cols, acc, mask=cols < advance * NUM_PARTIALS)
+        tl.store(stats_ptr + STAT_TM, tl.where(advance > 0, tm_now, tl.load(stats_ptr + STAT_TM)))
