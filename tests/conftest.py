@@ -1,11 +1,15 @@
-"""Test set-up. TRITON_INTERPRET must be set before any Triton kernel is defined."""
+"""Test set-up. Without a GPU, Triton kernels run interpreted: TRITON_INTERPRET must be set before
+any kernel is defined. With a GPU the same tests run compiled kernels on CUDA tensors."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def triton_usable() -> tuple[bool, str]:

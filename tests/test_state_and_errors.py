@@ -136,3 +136,22 @@ def test_state_dict_from_other_model_or_class_is_rejected():
     with pytest.raises(ValueError, match="not a sparsetrain state_dict"):
         opt.load_state_dict(torch_sd)
     assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], sd["state"][0]["momentum_buffer"])
+
+
+def test_capturable_needs_a_device_side_backend_and_keeps_lr_on_device():
+    with pytest.raises(ValueError, match="capturable=True needs the triton backend"):
+        sparsetrain.optim.SGD(make_params([(3,)]), lr=0.1, backend="torch", capturable=True)
+    from conftest import triton_usable
+
+    if not triton_usable()[0]:
+        pytest.skip(triton_usable()[1])
+    params = make_params([(40, 3)])
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = sparsetrain.optim.AdamW(params, lr=0.01, backend="triton", capturable=True)
+    ref = torch.optim.AdamW(ref_params, lr=0.01)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for step in range(5):
+        set_grads([params, ref_params], step)
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(params[0], ref_params[0], rtol=1e-6, atol=1e-7)

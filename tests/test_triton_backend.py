@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import triton_usable
+from conftest import DEVICE, triton_usable
 
 from sparsetrain import contract, masks, ops, philox
 
@@ -51,7 +51,7 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
         torch.stack([torch.rand(groups, generator=gen) * 0.1, (torch.rand(groups, generator=gen) < 0.4).float()])
         for _ in sizes
     ]
-    return dict(
+    inputs = dict(
         params=params,
         grads=grads,
         state_lists=state_lists,
@@ -64,6 +64,17 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
         shard_offsets=shard_offsets if shard_offsets is not None else [],
         seeds=torch.tensor([philox.event_seed(seed, t, 2) for t in range(len(sizes))], dtype=torch.int64),
     )
+    return _to_device(inputs)
+
+
+def _to_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(DEVICE)
+    if isinstance(value, list):
+        return [_to_device(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v) for k, v in value.items()}
+    return value
 
 
 def _call(inputs, backend, *, algo, prune, regularize=True, l1_proximal=True, lr_tensor=None, **hyper):
@@ -149,7 +160,7 @@ def _mask_disagreements(before, ref, out, prune):
             stats = before["stats"][t]
             c = before["tensor_coefs"][t][contract.COEF_PRUNE_COUNT] / stats[contract.STAT_SUM_KERNEL].float()
             w_kept = torch.maximum(ref["params"][t].float().abs(), out["params"][t].float().abs())
-            offsets = (before["shard_offsets"][t] if before["shard_offsets"] else 0) + torch.arange(n)
+            offsets = (before["shard_offsets"][t] if before["shard_offsets"] else 0) + torch.arange(n, device=DEVICE)
             u = philox.rand(int(before["seeds"][t]), offsets)
             # elements pruned by one backend have w = 0 there: recompute q from the other backend's weight
             q = (c * torch.exp(-w_kept / stats[contract.STAT_TM].float())).clamp(max=1)
@@ -185,7 +196,7 @@ def test_all_prune_modes_fp32(algo, prune):
         dict(algo="sgd", maximize=True, l1_proximal=False),
         dict(algo="adam", decoupled=False, maximize=True),
         dict(algo="sgd", regularize=False),
-        dict(algo="adam", lr_tensor=torch.tensor(0.02)),
+        dict(algo="adam", lr_tensor=torch.tensor(0.02, device=DEVICE)),
     ],
 )
 def test_optimizer_variants(variant):
@@ -240,7 +251,7 @@ def test_found_inf_skips_everything():
     inputs = _inputs([BLOCK + 3, 40], [torch.float32] * 2, algo="adam", prune="stochastic", seed=6)
     x = copy.deepcopy(inputs)
     common_before = copy.deepcopy(x)
-    x_found = torch.tensor(True)
+    x_found = torch.tensor(True, device=DEVICE)
     ops.adam_step_(
         x["params"],
         x["grads"],

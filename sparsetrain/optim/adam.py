@@ -13,8 +13,8 @@ from .base import FusedOptimizer
 class Adam(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (betas, eps, coupled weight_decay, amsgrad, maximize).
 
-    Extra keywords as for :class:`sparsetrain.optim.SGD`: ``backend``, ``skip_nonfinite``, ``seed``,
-    ``l1_proximal``. Moments are float32 whatever the parameter dtype.
+    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` (see
+    :class:`~sparsetrain.optim.FusedOptimizer`). Moments are float32 whatever the parameter dtype.
     """
 
     _decoupled = False
@@ -29,10 +29,7 @@ class Adam(FusedOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        backend: str | None = None,
-        skip_nonfinite: bool = False,
-        seed: int = 0,
-        l1_proximal: bool = True,
+        **options,
     ) -> None:
         if weight_decay is None:
             weight_decay = 1e-2 if self._decoupled else 0.0
@@ -49,9 +46,7 @@ class Adam(FusedOptimizer):
             amsgrad=amsgrad,
             maximize=maximize,
         )
-        super().__init__(
-            params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, seed=seed, l1_proximal=l1_proximal
-        )
+        super().__init__(params, defaults, **options)
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")

@@ -32,6 +32,17 @@ STATE_FORMAT = 1
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of :class:`~sparsetrain.optim.SGD`, :class:`~sparsetrain.optim.Adam`, :class:`~sparsetrain.optim.AdamW`.
 
+    Options shared by all of them (keywords):
+
+    * ``backend``: ``"auto"`` (default, or env ``SPARSETRAIN_BACKEND``), ``"torch"``, ``"triton"``,
+      ``"cuda"``; an explicit backend that cannot run raises the reason at construction.
+    * ``skip_nonfinite``: skip the whole step (weights, states, masks, step counts) when any gradient
+      holds inf/NaN, detected on the device without a host sync per tensor.
+    * ``seed``: base seed of the pruning random stream (saved in the state_dict).
+    * ``l1_proximal``: L1 as a proximal soft-threshold after the update (default) or as a subgradient.
+    * ``capturable``: keep the learning rate on the device so ``step()`` can be captured in a CUDA
+      graph (triton backend; pruning events, which change per step, run outside the graph).
+
     Subclasses define ``_algo_states(group)`` (names of the per-parameter fp32 buffers the group
     needs) and ``_launch(group, params, grads, common)``, which calls their op once for a list of
     tensors.
@@ -46,9 +57,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         skip_nonfinite: bool = False,
         seed: int = 0,
         l1_proximal: bool = True,
+        capturable: bool = False,
     ) -> None:
         backends.check_name(backend if backend is not None else "auto")
         self.requested_backend = backend
+        self.capturable = capturable
         self.skip_nonfinite = skip_nonfinite
         self.l1_proximal = l1_proximal
         self.base_seed = int(seed) & philox.MASK63
@@ -60,7 +73,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is not None:  # resolve now: an unusable backend fails here, and step() stays traceable
-            self._backend_for(first.device)
+            name = self._backend_for(first.device)
+            if capturable and name == "torch":
+                raise ValueError(
+                    "capturable=True needs the triton backend on CUDA tensors: the torch reference reads step "
+                    "counts and found_inf on the host"
+                )
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -76,6 +94,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{where} is a sparse tensor; only dense parameters are supported")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.capturable and not isinstance(group["lr"], Tensor) and group["params"]:
+            # CUDA-graph capture: the learning rate lives on the device, schedulers update it in place
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
         self._check_group(group)
         for p in group["params"]:
             self._init_state(p, group)

@@ -13,10 +13,8 @@ from .base import FusedOptimizer
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD` (momentum, dampening, nesterov, maximize, weight_decay).
 
-    ``backend``: ``"auto"`` (default, or env ``SPARSETRAIN_BACKEND``), ``"torch"``, ``"triton"``
-    or ``"cuda"``. ``skip_nonfinite=True`` skips the whole step when any gradient holds inf/NaN
-    (detected on the device, without a host sync per tensor). ``seed`` is the base seed of the
-    pruning random stream. ``l1_proximal`` selects the proximal (default) or subgradient L1 form.
+    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable``
+    (see :class:`~sparsetrain.optim.FusedOptimizer`).
     """
 
     def __init__(
@@ -29,10 +27,7 @@ class SGD(FusedOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        backend: str | None = None,
-        skip_nonfinite: bool = False,
-        seed: int = 0,
-        l1_proximal: bool = True,
+        **options,
     ) -> None:
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -46,9 +41,7 @@ class SGD(FusedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
         )
-        super().__init__(
-            params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, seed=seed, l1_proximal=l1_proximal
-        )
+        super().__init__(params, defaults, **options)
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
