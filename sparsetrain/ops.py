@@ -154,3 +154,16 @@ def adam_step_(
 @adam_step_.register_fake
 def _(*args, **kwargs) -> None:
     return None
+
+
+def call(op, *args, **kwargs) -> None:
+    """Run ``op`` (``sgd_step_`` or ``adam_step_``) the way the optimizers do.
+
+    Under ``torch.compile`` the registered op is called, so it is traced as one node. In eager mode
+    the same implementation is called directly: on long tensor lists the dispatcher's per-tensor
+    Python bookkeeping (version counters of every mutated tensor) costs more than the kernel itself.
+    """
+    if torch.compiler.is_compiling():
+        op(*args, **kwargs)
+    else:
+        op._init_fn(*args, **kwargs)

@@ -2,9 +2,8 @@
 
 One ``fused_step_kernel`` launch per
 parameter dtype present in the call (fp32, bf16, fp16), then one ``finish_step_kernel`` launch for
-all tensors. The per-tensor address table and the block map are built once per distinct set of
-tensors and cached (keyed by addresses, sizes and dtypes), so a training loop whose gradients stay
-in place rebuilds nothing.
+all tensors. The per-tensor address table and the block map are built once per set of tensors and
+cached; when gradients move (a new allocation), only their row of the table is refreshed.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ class _Plan:
         self.partials = torch.empty(base * fs.NUM_PARTIALS, dtype=torch.float64, device=device)
 
 
-_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_plans: OrderedDict[int, _Plan] = OrderedDict()
 _log_betas: dict[tuple, Tensor] = {}
 _dummies: dict[torch.device, Tensor] = {}
 
@@ -106,7 +105,31 @@ def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[
 def _plan(
     device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner, shard_offsets
 ) -> _Plan:
-    fs = _kernels()
+    """The cached plan for these tensors, or a new one (everything validated when built).
+
+    A plan is found by the identity of the lists the optimizer keeps (it builds new lists whenever
+    its parameters or state change) and checked against the parameters' addresses; only the
+    gradient row of the address table is refreshed when gradients move.
+    """
+    static = (params, *state_lists, steps, mask_words, stats, coefs, group_coefs)
+    plan = _plans.get(id(params))
+    if (
+        plan is not None
+        and all(a is b or (not a and not b) for a, b in zip(plan.static, static))
+        and plan.param_ptrs == [p.data_ptr() for p in params]
+        and plan.layout == (list(group_inner), list(shard_offsets))
+    ):
+        _plans.move_to_end(id(params))
+        grad_ptrs = [g.data_ptr() for g in grads]
+        if grad_ptrs != plan.grad_ptrs:
+            _check("grads", grads, device, plan.numels)
+            plan.table[_kernels().ROW_GRAD].copy_(torch.tensor(grad_ptrs, dtype=torch.int64))
+            plan.grad_ptrs = grad_ptrs
+        return plan
+    numels = [p.numel() for p in params]
+    _check("params", params, device)
+    for name, tensors in (("grads", grads), *(("state", s) for s in state_lists)):
+        _check(name, tensors, device, numels)
     num = len(params)
     pad = lambda xs: list(xs) if xs else [None] * num  # noqa: E731
     columns = [
@@ -119,29 +142,16 @@ def _plan(
         pad(group_coefs),
         steps,
     ]
-    numels = [p.numel() for p in params]
+    assert len(columns) == _kernels().ROW_STEP + 1
     inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
     shard = list(shard_offsets) if shard_offsets else [0] * num
-    dtypes = [p.dtype for p in params]
-    key = (
-        device,
-        tuple(shard),
-        tuple(x.data_ptr() if x is not None else 0 for col in columns for x in col),
-        tuple(numels),
-        tuple(inners),
-        tuple(groups),
-        tuple(dtypes),
-    )
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _Plan(device, columns, numels, inners, groups, shard, dtypes)
-        _plans[key] = plan
-        if len(_plans) > _PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
-    assert len(columns) == fs.ROW_STEP + 1
+    plan = _Plan(device, columns, numels, inners, groups, shard, [p.dtype for p in params])
+    plan.static, plan.numels, plan.layout = static, numels, (list(group_inner), list(shard_offsets))
+    plan.param_ptrs, plan.grad_ptrs = [p.data_ptr() for p in params], [g.data_ptr() for g in grads]
+    _plans[id(params)] = plan
+    if len(_plans) > _PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
     return plan
 
 
@@ -174,10 +184,6 @@ def _launch(
     if not params:
         return
     device = params[0].device
-    numels = [p.numel() for p in params]
-    _check("params", params, device)
-    for name, tensors in (("grads", grads), *(("state", s) for s in state_lists)):
-        _check(name, tensors, device, numels)
     if prune != "none" and not (mask_words and tensor_coefs):
         raise RuntimeError(f"prune={prune!r} needs mask_words and tensor_coefs")
     if prune == "stochastic" and not stats:

@@ -51,16 +51,17 @@ class Adam(FusedOptimizer):
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _launch(self, group, params, grads, common) -> None:
-        states = [self.state[p] for p in params]
+    def _launch(self, call, grads, common) -> None:
+        group = call.group
         beta1, beta2 = group["betas"]
-        ops.adam_step_(
-            params,
+        ops.call(
+            ops.adam_step_,
+            call.params,
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
+            call.lists["exp_avg"],
+            call.lists["exp_avg_sq"],
+            call.lists.get("max_exp_avg_sq", []),
+            call.lists["step"],
             beta1=float(beta1),
             beta2=float(beta2),
             eps=group["eps"],

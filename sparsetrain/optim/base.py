@@ -18,6 +18,7 @@ import copy
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,18 @@ from .. import backends, contract, philox
 from .. import masks as mask_format
 
 STATE_FORMAT = 1
+
+
+@dataclass
+class _Call:
+    """One fused-op call: tensors of one param group, all masked or all unmasked, and their state lists."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    masked: bool
+    where: list[str]  # "parameter i of param group j", for error messages
+    indices: list[int]  # positions in the optimizer's parameter order (seed derivation)
+    lists: dict[str, Any]
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -70,6 +83,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.uses_groups = False  # set when per-group lam or group pruning is used
         self._pending_prune = "none"
         self._backend_by_device: dict[torch.device, str] = {}
+        self._layout_version = 0
+        self._calls_key: tuple | None = None
+        self._calls_cache: list[_Call] = []
+        self._no_seeds: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is not None:  # resolve now: an unusable backend fails here, and step() stays traceable
@@ -93,6 +110,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if p.is_sparse:
                 raise TypeError(f"{where} is a sparse tensor; only dense parameters are supported")
         super().add_param_group(param_group)
+        self._layout_version += 1
         group = self.param_groups[-1]
         if self.capturable and not isinstance(group["lr"], Tensor) and group["params"]:
             # CUDA-graph capture: the learning rate lives on the device, schedulers update it in place
@@ -147,6 +165,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state["coefs"] = torch.zeros(contract.NUM_COEFS, dtype=torch.float32, device=device)
         state["group_coefs"] = torch.zeros(2, groups, dtype=torch.float32, device=device)
         state["group_inner"] = int(inner)
+        self._layout_version += 1
 
     def set_mask(self, param: Tensor, alive: Tensor) -> None:
         """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state)."""
@@ -203,73 +222,96 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The backend the last step used (``None`` before the first step)."""
         return next(iter(self._backend_by_device.values()), None)
 
-    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool]]:
-        """Per group, split into masked and unmasked tensors that have gradients; validate everything."""
+    def _calls(self) -> list[_Call]:
+        """Per group, the masked and the unmasked tensors that have gradients, with their state lists.
+
+        Cached: rebuilt only when the parameter set, the gradient presence or the pruning layout
+        changes, so a steady training loop rebuilds nothing. Gradients are read fresh every step.
+        """
+        presence = tuple(p.grad is not None for g in self.param_groups for p in g["params"])
+        key = (self._layout_version, presence, self.uses_groups, tuple(self._algo_states(g) for g in self.param_groups))
+        if key != self._calls_key:
+            self._calls_cache = self._build_calls()
+            self._calls_key = key
+        return self._calls_cache
+
+    def _build_calls(self) -> list[_Call]:
         calls = []
         device = None
+        index = self._param_index()
         for group_index, group in enumerate(self.param_groups):
-            split: dict[bool, tuple[list[Tensor], list[Tensor]]] = {True: ([], []), False: ([], [])}
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
+            split: dict[bool, list[Tensor]] = {True: [], False: []}
+            where: dict[bool, list[str]] = {True: [], False: []}
+            for position, p in enumerate(group["params"]):
+                if p.grad is None:
                     continue
-                where = f"parameter {index} of param group {group_index} (shape {tuple(p.shape)})"
-                if grad.is_sparse:
-                    raise RuntimeError(f"{where} has a sparse gradient; sparsetrain optimizers need dense gradients")
-                if grad.shape != p.shape or grad.dtype != p.dtype:
-                    raise RuntimeError(
-                        f"{where}: gradient {tuple(grad.shape)} {grad.dtype} does not match the parameter's {p.dtype}"
-                    )
                 if device is None:
                     device = p.device
-                if p.device != device or grad.device != device:
+                if p.device != device:
                     raise RuntimeError(
-                        f"{where} is on {p.device} (gradient on {grad.device}) but earlier parameters are on {device}; "
-                        "one sparsetrain optimizer steps tensors of one device"
+                        f"parameter {position} of param group {group_index} (shape {tuple(p.shape)}) is on {p.device} "
+                        f"but earlier parameters are on {device}; one sparsetrain optimizer steps tensors of one device"
                     )
                 self._init_state(p, group)
                 masked = "mask_words" in self.state[p]
-                split[masked][0].append(p)
-                split[masked][1].append(grad)
-            for masked, (params, grads) in split.items():
+                split[masked].append(p)
+                where[masked].append(f"parameter {position} of param group {group_index}")
+            for masked, params in split.items():
                 if params:
-                    calls.append((group, params, grads, masked))
+                    calls.append(
+                        _Call(
+                            group,
+                            params,
+                            masked,
+                            where[masked],
+                            [index[p] for p in params],
+                            self._static_lists(group, params, masked),
+                        )
+                    )
         return calls
 
-    def _found_inf(self, calls) -> Tensor | None:
-        if not self.skip_nonfinite or not calls:
-            return None
-        grads = [g for _, _, gs, _ in calls for g in gs]
-        maxima = torch._foreach_norm(grads, math.inf)
-        return (~torch.isfinite(torch.stack(maxima))).any()
-
-    def _pruning_args(self, params: list[Tensor], masked: bool, backend: str) -> dict[str, Any]:
+    def _static_lists(self, group: dict[str, Any], params: list[Tensor], masked: bool) -> dict[str, Any]:
         states = [self.state[p] for p in params]
-        device = params[0].device
-        prune = self._pending_prune if masked else "none"
-        if prune == "stochastic":
-            index = self._param_index()
-            seeds = torch.tensor(
-                [philox.event_seed(self.base_seed, index[p], self.prune_events) for p in params],
-                dtype=torch.int64,
-                device=device,
-            )
-        else:
-            seeds = torch.zeros(0, dtype=torch.int64, device=device)
         use_groups = masked and self.uses_groups
-        return {
+        lists = {name: [s[name] for s in states] for name in self._algo_states(group)}
+        lists["step"] = [s["step"] for s in states]
+        lists["pruning"] = {
             "mask_words": [s["mask_words"] for s in states] if masked else [],
             "stats": [s["stats"] for s in states] if masked else [],
             "tensor_coefs": [s["coefs"] for s in states] if masked else [],
             "group_coefs": [s["group_coefs"] for s in states] if use_groups else [],
             "group_inner": [s["group_inner"] for s in states] if use_groups else [],
             "shard_offsets": [],
-            "seeds": seeds,
-            "prune": prune,
-            "regularize": masked and self.regularize,
-            "l1_proximal": self.l1_proximal,
-            "backend": backend,
         }
+        return lists
+
+    @staticmethod
+    def _grads(call: _Call) -> list[Tensor]:
+        """This step's gradients of ``call``'s tensors, validated before anything is modified.
+
+        torch's ``Tensor.grad`` setter and autograd already guarantee each gradient's shape, dtype
+        and device match its parameter, so only the layout is checked here.
+        """
+        grads = [p.grad for p in call.params]
+        if any(g.is_sparse for g in grads):
+            where, p = next((w, p) for w, p, g in zip(call.where, call.params, grads) if g.is_sparse)
+            raise RuntimeError(
+                f"{where} (shape {tuple(p.shape)}) has a sparse gradient; sparsetrain optimizers need dense gradients"
+            )
+        return grads
+
+    def _found_inf(self, grads: list[Tensor]) -> Tensor | None:
+        if not self.skip_nonfinite or not grads:
+            return None
+        maxima = torch._foreach_norm(grads, math.inf)
+        return (~torch.isfinite(torch.stack(maxima))).any()
+
+    def _seeds(self, call: _Call, prune: str) -> Tensor:
+        device = call.params[0].device
+        if prune != "stochastic":
+            return self._no_seeds.setdefault(device, torch.zeros(0, dtype=torch.int64, device=device))
+        values = [philox.event_seed(self.base_seed, t, self.prune_events) for t in call.indices]
+        return torch.tensor(values, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -278,17 +320,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls = self._gather()
+        calls = self._calls()
         if calls:
-            backend = self._backend_for(calls[0][1][0].device)
-            found_inf = self._found_inf(calls)
-            for group, params, grads, masked in calls:
-                lr = group["lr"]
-                lr_args = {"lr": float(lr), "lr_tensor": None}
+            grads = [self._grads(call) for call in calls]
+            backend = self._backend_for(calls[0].params[0].device)
+            found_inf = self._found_inf([g for gs in grads for g in gs])
+            for call, call_grads in zip(calls, grads):
+                lr = call.group["lr"]
                 if isinstance(lr, Tensor):
-                    lr_args = {"lr": 0.0, "lr_tensor": lr.reshape(()).to(params[0].device)}
-                common = {"found_inf": found_inf, **lr_args, **self._pruning_args(params, masked, backend)}
-                self._launch(group, params, grads, common)
+                    lr_args = {"lr": 0.0, "lr_tensor": lr.reshape(()).to(call.params[0].device)}
+                else:
+                    lr_args = {"lr": float(lr), "lr_tensor": None}
+                prune = self._pending_prune if call.masked else "none"
+                common = {
+                    "found_inf": found_inf,
+                    **lr_args,
+                    **call.lists["pruning"],
+                    "seeds": self._seeds(call, prune),
+                    "prune": prune,
+                    "regularize": call.masked and self.regularize,
+                    "l1_proximal": self.l1_proximal,
+                    "backend": backend,
+                }
+                self._launch(call, call_grads, common)
         if self._pending_prune == "stochastic":
             self.prune_events += 1
         self._pending_prune = "none"
@@ -357,6 +411,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             new_groups.append(fresh)
         self.state = new_state
         self.param_groups = new_groups
+        self._layout_version += 1
         self.base_seed = meta["base_seed"]
         self.prune_events = meta["prune_events"]
         self.regularize = meta["regularize"]

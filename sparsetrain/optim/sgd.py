@@ -46,13 +46,14 @@ class SGD(FusedOptimizer):
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _launch(self, group, params, grads, common) -> None:
-        states = [self.state[p] for p in params]
-        ops.sgd_step_(
-            params,
+    def _launch(self, call, grads, common) -> None:
+        group = call.group
+        ops.call(
+            ops.sgd_step_,
+            call.params,
             grads,
-            [s["momentum_buffer"] for s in states] if group["momentum"] != 0 else [],
-            [s["step"] for s in states],
+            call.lists.get("momentum_buffer", []),
+            call.lists["step"],
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
             dampening=group["dampening"],
