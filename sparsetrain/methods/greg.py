@@ -125,6 +125,9 @@ class GReg1(Method):
             if all(self.finished.values()):
                 self.phase = "stabilize"
         elif self.phase == "stabilize":
+            if (step - self.start) % self.update_interval == 0:  # keep the ratio's history going while lam is held
+                for t in pruner.targets:
+                    self.ratio_now[t.name] = self._magnitude_ratio(t)
             if self.stabilize_left <= 0:
                 self.prune(pruner, step)
                 self.phase = "pruned"
