@@ -3,9 +3,6 @@
 # pruning training runs on real MNIST digits, with the best backend usable here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[methods,triton]"
+. scripts/venv.sh methods,triton
 sparsetrain info
 sparsetrain demo --out runs/demo "$@"

@@ -3,8 +3,5 @@
 # CPU machines get the CPU build of torch; Triton kernels run under TRITON_INTERPRET=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+. scripts/venv.sh test
 python -m pytest -p no:cacheprovider "$@"

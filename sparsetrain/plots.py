@@ -30,14 +30,8 @@ def plot_node_dynamics(histories: dict[str, dict], path: Path) -> Path:
             )
     axes[0].set(title="dead output nodes (all incoming weights zero)", xlabel="step", ylabel="% of nodes")
     axes[1].set(title="weight sparsity", xlabel="step", ylabel="% of weights")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle("Node pruning under stochastic magnitude sampling: L1 vs L2 decay")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def plot_sparsity(history: dict, path: Path, title: str) -> Path:
@@ -53,12 +47,7 @@ def plot_sparsity(history: dict, path: Path, title: str) -> Path:
             label=f"{name} dead outputs",
         )
     ax.set(title=f"sparsity per layer: {title}", xlabel="step", ylabel="%")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def plot_greg(history: dict, path: Path, pruned_at: int | None = None) -> Path:
@@ -73,6 +62,11 @@ def plot_greg(history: dict, path: Path, pruned_at: int | None = None) -> Path:
             ax.axvline(pruned_at, color="gray", linestyle=":", label=f"picked groups pruned (step {pruned_at})")
     axes[0].set(title="lam on picked groups", xlabel="step", ylabel="lam")
     axes[1].set(title="mean|kept| / mean|picked|", xlabel="step", ylabel="ratio", yscale="log")
+    return _save(fig, axes, path)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, then write the PNG and free the figure."""
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
