@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
-from sparsetrain.kernels import fused_step  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain.backends import triton_backend  # noqa: E402
+from sparsetrain.kernels import fused_step  # noqa: E402
 
 
 class _NoLaunch:

@@ -28,18 +28,43 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
-ROW_PARAM, ROW_GRAD, ROW_STATE1, ROW_STATE2, ROW_STATE3, ROW_MASK, ROW_COEF, ROW_STATS = range(8)
-ROW_GROUP, ROW_STEP, ROW_NUMEL, ROW_INNER, ROW_GROUPS, ROW_SHARD_OFFSET = range(8, 14)
-NUM_ROWS = 14
-
+ROW_PARAM = tl.constexpr(0)
+ROW_GRAD = tl.constexpr(1)
+ROW_STATE1 = tl.constexpr(2)
+ROW_STATE2 = tl.constexpr(3)
+ROW_STATE3 = tl.constexpr(4)
+ROW_MASK = tl.constexpr(5)
+ROW_COEF = tl.constexpr(6)
+ROW_STATS = tl.constexpr(7)
+ROW_GROUP = tl.constexpr(8)
+ROW_STEP = tl.constexpr(9)
+ROW_NUMEL = tl.constexpr(10)
+ROW_INNER = tl.constexpr(11)
+ROW_GROUPS = tl.constexpr(12)
+ROW_SHARD_OFFSET = tl.constexpr(13)
+NUM_ROWS = tl.constexpr(14)
 # Prune-mode switch values: positions in sparsetrain.contract.PRUNE_MODES.
-PRUNE_NONE, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP = range(5)
-
-# Layout constants mirrored from sparsetrain.contract (asserted equal in the host launcher).
-COEF_L2, COEF_L1, COEF_SD, COEF_SD_BETA, COEF_THRESHOLD, COEF_PRUNE_COUNT, COEF_TEMPERATURE = range(7)
-STAT_ALIVE, STAT_SUM_ABS_W, STAT_SUM_KERNEL, STAT_SUM_ABS_G, STAT_TM = range(5)
-NUM_PARTIALS = 4
+PRUNE_NONE = tl.constexpr(0)
+PRUNE_STOCHASTIC = tl.constexpr(1)
+PRUNE_LOW = tl.constexpr(2)
+PRUNE_HIGH = tl.constexpr(3)
+PRUNE_GROUP = tl.constexpr(4)
+# Layout constants mirrored from sparsetrain.contract (checked equal by the host launcher).
+COEF_L2 = tl.constexpr(0)
+COEF_L1 = tl.constexpr(1)
+COEF_SD = tl.constexpr(2)
+COEF_SD_BETA = tl.constexpr(3)
+COEF_THRESHOLD = tl.constexpr(4)
+COEF_PRUNE_COUNT = tl.constexpr(5)
+COEF_TEMPERATURE = tl.constexpr(6)
+STAT_ALIVE = tl.constexpr(0)
+STAT_SUM_ABS_W = tl.constexpr(1)
+STAT_SUM_KERNEL = tl.constexpr(2)
+STAT_SUM_ABS_G = tl.constexpr(3)
+STAT_TM = tl.constexpr(4)
+NUM_PARTIALS = tl.constexpr(4)
 
 
 @triton.jit

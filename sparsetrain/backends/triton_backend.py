@@ -36,7 +36,8 @@ def available() -> tuple[bool, str]:
 def _kernels():
     from ..kernels import fused_step
 
-    assert (fused_step.COEF_PRUNE_COUNT, fused_step.STAT_TM) == (contract.COEF_PRUNE_COUNT, contract.STAT_TM)
+    mirrored = (fused_step.COEF_PRUNE_COUNT, fused_step.COEF_TEMPERATURE, fused_step.STAT_TM, fused_step.NUM_PARTIALS)
+    assert tuple(map(int, mirrored)) == (contract.COEF_PRUNE_COUNT, contract.COEF_TEMPERATURE, contract.STAT_TM, 4)
     return fused_step
 
 
@@ -46,13 +47,13 @@ class _Plan:
     def __init__(self, device: torch.device, columns: list[list[Tensor | None]], numels, inners, groups, shard, dtypes):
         fs = _kernels()
         num_tensors = len(numels)
-        table = torch.zeros(fs.NUM_ROWS, num_tensors, dtype=torch.int64)
+        table = torch.zeros(int(fs.NUM_ROWS), num_tensors, dtype=torch.int64)
         for row, column in enumerate(columns):
             table[row] = torch.tensor([x.data_ptr() if x is not None else 0 for x in column], dtype=torch.int64)
-        table[fs.ROW_NUMEL] = torch.tensor(numels, dtype=torch.int64)
-        table[fs.ROW_INNER] = torch.tensor(inners, dtype=torch.int64)
-        table[fs.ROW_GROUPS] = torch.tensor(groups, dtype=torch.int64)
-        table[fs.ROW_SHARD_OFFSET] = torch.tensor(shard, dtype=torch.int64)
+        table[int(fs.ROW_NUMEL)] = torch.tensor(numels, dtype=torch.int64)
+        table[int(fs.ROW_INNER)] = torch.tensor(inners, dtype=torch.int64)
+        table[int(fs.ROW_GROUPS)] = torch.tensor(groups, dtype=torch.int64)
+        table[int(fs.ROW_SHARD_OFFSET)] = torch.tensor(shard, dtype=torch.int64)
         self.table = table.to(device)
         self.num_tensors = num_tensors
         blocks = [max(1, math.ceil(n / BLOCK)) for n in numels]
@@ -78,7 +79,7 @@ class _Plan:
             base += len(block_tensor)
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
         self.num_partials = torch.tensor(blocks, dtype=torch.int32, device=device)
-        self.partials = torch.empty(base * fs.NUM_PARTIALS, dtype=torch.float64, device=device)
+        self.partials = torch.empty(base * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device)
 
 
 _plans: OrderedDict[int, _Plan] = OrderedDict()
@@ -123,7 +124,7 @@ def _plan(
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != plan.grad_ptrs:
             _check("grads", grads, device, plan.numels)
-            plan.table[_kernels().ROW_GRAD].copy_(torch.tensor(grad_ptrs, dtype=torch.int64))
+            plan.table[int(_kernels().ROW_GRAD)].copy_(torch.tensor(grad_ptrs, dtype=torch.int64))
             plan.grad_ptrs = grad_ptrs
         return plan
     numels = [p.numel() for p in params]
@@ -142,7 +143,7 @@ def _plan(
         pad(group_coefs),
         steps,
     ]
-    assert len(columns) == _kernels().ROW_STEP + 1
+    assert len(columns) == int(_kernels().ROW_STEP) + 1
     inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
     shard = list(shard_offsets) if shard_offsets else [0] * num
