@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import contract
+from ..transfer import to_device
 
 WORDS_PER_BLOCK = 32  # 1024 elements per program
 BLOCK = WORDS_PER_BLOCK * 32
@@ -124,7 +125,7 @@ def _plan(
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != plan.grad_ptrs:
             _check("grads", grads, device, plan.numels)
-            plan.table[int(_kernels().ROW_GRAD)].copy_(torch.tensor(grad_ptrs, dtype=torch.int64))
+            plan.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
             plan.grad_ptrs = grad_ptrs
         return plan
     numels = [p.numel() for p in params]

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import backends, contract, philox
 from .. import masks as mask_format
+from ..transfer import to_device
 
 STATE_FORMAT = 1
 
@@ -311,7 +312,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if prune != "stochastic":
             return self._no_seeds.setdefault(device, torch.zeros(0, dtype=torch.int64, device=device))
         values = [philox.event_seed(self.base_seed, t, self.prune_events) for t in call.indices]
-        return torch.tensor(values, dtype=torch.int64, device=device)
+        return to_device(values, torch.int64, device)
 
     @torch.no_grad()
     def step(self, closure=None):
