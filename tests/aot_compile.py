@@ -1,8 +1,8 @@
-"""Compile the Triton kernels for an H100 (sm_90a) without a GPU and report registers and spills.
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU and report registers and spills.
 
 Run as a script (``TRITON_INTERPRET`` unset): the interpreter checks the math on CPU, this checks
-that the same source lowers through Triton's GPU compiler and ptxas. Prints one JSON line per
-variant: ``{"variant": ..., "registers": N, "spill_bytes": N}``.
+that the same source lowers through Triton's GPU compiler and ptxas to a cubin. Prints one JSON
+line per variant: ``{"variant": ..., "registers": N, "spill_bytes": N}`` (local memory + stack).
 """
 
 from __future__ import annotations
@@ -45,15 +45,17 @@ EVERYTHING_ON = dict(
 )  # fmt: skip
 
 
-def ptxas_report(ptx: str) -> tuple[int, int]:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", handle.name, "-o", os.devnull],
-                            capture_output=True, text=True, check=True)  # fmt: skip
-    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", result.stderr))
-    return registers, spills
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local-memory bytes) of a compiled kernel, read by the cuobjdump Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+    result = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True)
+    registers = int(re.search(r"REG:(\d+)", result.stdout).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", result.stdout).group(1)) + int(
+        re.search(r"STACK:(\d+)", result.stdout).group(1)
+    )
+    return registers, local
 
 
 def main() -> int:
@@ -61,12 +63,12 @@ def main() -> int:
         constexprs = {**EVERYTHING_ON, **switches}
         signature = {**MAIN_SIGNATURE, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(ASTSource(fused_step.fused_step_kernel, signature, constexprs), target=TARGET)
-        registers, spills = ptxas_report(kernel.asm["ptx"])
+        registers, spills = resource_usage(kernel.asm["cubin"])
         print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
     constexprs = {"HAS_STATS": True, "HAS_FOUND_INF": True, "CHUNK": 64}
     signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
     kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
-    registers, spills = ptxas_report(kernel.asm["ptx"])
+    registers, spills = resource_usage(kernel.asm["cubin"])
     print(json.dumps({"variant": "finish", "registers": registers, "spill_bytes": spills}), flush=True)
     return 0
 
