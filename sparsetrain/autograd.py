@@ -16,22 +16,86 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import backends
 from . import masks as mask_format
 from .contract import COEF_L1, COEF_L2
 from .methods.base import Method
 from .optim.sgd import SGD
 from .pruner import DEFAULT_TYPES, Pruner, select_targets
 
+WORDS_PER_BLOCK = 32  # 1024 elements per Triton program
+
+
+def _masked_weight_torch(weight: Tensor, mask_words: Tensor) -> Tensor:
+    return weight * mask_format.unpack(mask_words, weight.numel(), weight.shape)
+
+
+def _masked_weight_grad_torch(grad: Tensor, weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
+    alive = mask_format.unpack(mask_words, weight.numel(), weight.shape)
+    coefs = coefs.to(weight.dtype)
+    return (grad + coefs[COEF_L2] * weight + coefs[COEF_L1] * torch.sign(weight)) * alive
+
 
 @torch.library.custom_op("sparsetrain::masked_weight", mutates_args=())
 def masked_weight(weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
     """``weight * mask`` (mask bit-packed); the backward adds the L2/L1 regularization gradient."""
-    return weight * mask_format.unpack(mask_words, weight.numel(), weight.shape)
+    return _masked_weight_torch(weight, mask_words)
 
 
 @masked_weight.register_fake
 def _(weight, mask_words, coefs):
     return torch.empty_like(weight)
+
+
+@torch.library.custom_op("sparsetrain::masked_weight_grad", mutates_args=())
+def masked_weight_grad(grad: Tensor, weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
+    """``(grad + l2 * weight + l1 * sign(weight)) * mask``, with l2 and l1 from ``coefs``."""
+    return _masked_weight_grad_torch(grad, weight, mask_words, coefs)
+
+
+@masked_weight_grad.register_fake
+def _(grad, weight, mask_words, coefs):
+    return torch.empty_like(weight)
+
+
+def _triton_grid(weight: Tensor) -> tuple[int]:
+    return (max(1, -(-weight.numel() // (WORDS_PER_BLOCK * 32))),)
+
+
+def masked_weight_triton(weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
+    """The one-pass Triton forward (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    from .kernels.masked_weight import masked_weight_forward_kernel
+
+    weight = weight.contiguous()
+    out = torch.empty_like(weight)
+    masked_weight_forward_kernel[_triton_grid(weight)](weight, mask_words, out, weight.numel(), WORDS=WORDS_PER_BLOCK)
+    return out
+
+
+def masked_weight_grad_triton(grad: Tensor, weight: Tensor, mask_words: Tensor, coefs: Tensor) -> Tensor:
+    """The one-pass Triton backward (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    from .kernels.masked_weight import masked_weight_backward_kernel
+
+    grad, weight = grad.contiguous(), weight.contiguous()
+    out = torch.empty_like(weight)
+    masked_weight_backward_kernel[_triton_grid(weight)](
+        grad, weight, mask_words, coefs, out, weight.numel(), WORDS=WORDS_PER_BLOCK
+    )
+    return out
+
+
+@masked_weight.register_kernel("cuda")
+def _(weight, mask_words, coefs):
+    if backends.availability("triton")[0]:
+        return masked_weight_triton(weight, mask_words, coefs)
+    return _masked_weight_torch(weight, mask_words)
+
+
+@masked_weight_grad.register_kernel("cuda")
+def _(grad, weight, mask_words, coefs):
+    if backends.availability("triton")[0]:
+        return masked_weight_grad_triton(grad, weight, mask_words, coefs)
+    return _masked_weight_grad_torch(grad, weight, mask_words, coefs)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -41,10 +105,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weight, mask_words, coefs = ctx.saved_tensors
-    alive = mask_format.unpack(mask_words, weight.numel(), weight.shape)
-    coefs = coefs.to(weight.dtype)
-    regularized = grad + coefs[COEF_L2] * weight + coefs[COEF_L1] * torch.sign(weight)
-    return regularized * alive, None, None
+    return masked_weight_grad(grad, weight, mask_words, coefs), None, None
 
 
 masked_weight.register_autograd(_backward, setup_context=_setup_context)
@@ -101,13 +162,30 @@ class MaskedPruner(Pruner):
             record_every=record_every,
         )
         self._zero_grads: dict[Tensor, Tensor] = {}
+        self.remove()  # the schedule runs from step(), not from the internal optimizer's hooks
         for t in self.targets:
             parametrize.register_parametrization(
                 t.module, "weight", _MaskParametrization(self.optimizer.state[t.param])
             )
 
     def step(self) -> None:
-        """Run the method's schedule for one training step and update the masks (weights untouched otherwise)."""
+        """Run the method's schedule for one training step; at pruning events update the masks.
+
+        Steps without an event cost nothing here. An event takes two zero-learning-rate fused steps:
+        one refreshes the statistics on the current weights, one decides and masks.
+        """
+        self.method.before_step(self, self.step_count)
+        mode = self._mask_optimizer._pending_prune
+        if mode != "none":
+            self._mask_optimizer._pending_prune = "none"
+            self._mask_step()
+            self._mask_optimizer.schedule_pruning(mode)
+            self._mask_step()
+        self.method.after_step(self, self.step_count)
+        self.step_count += 1
+        self.history.maybe_record(self.step_count, self.method.scalars())
+
+    def _mask_step(self) -> None:
         missing = [p for g in self._mask_optimizer.param_groups for p in g["params"] if p.grad is None]
         for p in missing:
             p.grad = self._zero_grads.setdefault(p, torch.zeros_like(p))

@@ -216,3 +216,39 @@ def test_demo_smoke(tmp_path):
         "sparsity_per_layer_cnn_greg1.png",
     ):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_autograd_path_stochastic_reaches_target():
+    model = _cnn(5)
+    method = methods.StochasticMagnitude(0.7, start=2, end=20, interval=3, temperature=0.5, l2=1e-3)
+    pruner = MaskedPruner(model, method, seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _steps(model, opt, 24, after=pruner.step)
+    for t in pruner.targets:  # small layers (72 to 1536 weights): the last events' binomial spread is a few weights
+        assert float((~pruner.mask(t.param)).float().mean()) == pytest.approx(0.7, abs=0.03), t.name
+    assert pruner._mask_optimizer.prune_events == 7  # events at steps 2, 5, ..., 20
+    coefs = pruner.optimizer.state[pruner.targets[0].param]["coefs"]
+    assert float(coefs[COEF_L2]) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 33, 1023, 2049])
+def test_masked_weight_triton_kernels_match_torch(numel, dtype):
+    from conftest import DEVICE, triton_usable
+
+    from sparsetrain.autograd import masked_weight_grad, masked_weight_grad_triton, masked_weight_triton
+
+    if not triton_usable()[0]:
+        pytest.skip(triton_usable()[1])
+    gen = torch.Generator().manual_seed(numel)
+    weight = torch.randn(numel, generator=gen).to(dtype).to(DEVICE)
+    grad = torch.randn(numel, generator=gen).to(dtype).to(DEVICE)
+    alive = torch.rand(numel, generator=gen) < 0.7
+    words = sparsetrain.masks.pack(alive).to(DEVICE)
+    coefs = torch.zeros(8)
+    coefs[COEF_L2], coefs[COEF_L1] = 0.01, 0.002
+    coefs = coefs.to(DEVICE)
+    torch.testing.assert_close(masked_weight_triton(weight, words, coefs), weight * alive.to(DEVICE), rtol=0, atol=0)
+    expected = masked_weight_grad(grad.float(), weight.float(), words, coefs).to(dtype)
+    tol = 0 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(masked_weight_grad_triton(grad, weight, words, coefs), expected, rtol=tol, atol=1e-6)
