@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparsetrain.kernels import fused_step
+from sparsetrain.kernels import fused_step, masked_weight
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAIN_SIGNATURE = {
@@ -70,6 +70,16 @@ def main() -> int:
     kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
     registers, spills = resource_usage(kernel.asm["cubin"])
     print(json.dumps({"variant": "finish", "registers": registers, "spill_bytes": spills}), flush=True)
+    for name, kernel_fn, signature in (
+        ("masked weight forward bf16", masked_weight.masked_weight_forward_kernel,
+         {"weight_ptr": "*bf16", "mask_ptr": "*i32", "out_ptr": "*bf16", "numel": "i64"}),
+        ("masked weight backward fp32", masked_weight.masked_weight_backward_kernel,
+         {"grad_ptr": "*fp32", "weight_ptr": "*fp32", "mask_ptr": "*i32", "coef_ptr": "*fp32", "out_ptr": "*fp32",
+          "numel": "i64"}),
+    ):  # fmt: skip
+        kernel = triton.compile(ASTSource(kernel_fn, {**signature, "WORDS": "constexpr"}, {"WORDS": 32}), target=TARGET)
+        registers, spills = resource_usage(kernel.asm["cubin"])
+        print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
     return 0
 
 
