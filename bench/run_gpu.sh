@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call: install, run the GPU test suite and the benchmark report; results under $OUT (or bench/results).
-set -euo pipefail
+# One device call: versions and backends, the whole test suite on CUDA (compiled Triton kernels),
+# then the benchmark report. Everything lands in $OUT (default bench/results). See bench/README.md.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
-python -m pip install -q --no-deps -e . 2>&1 | tail -1 || true
-python -m pip install -q --no-deps torch-pruning expecttest 2>/dev/null || true
-python -m sparsetrain.cli info | tee "$OUT/info.txt"
-TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
-python bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+python3 -m sparsetrain.cli info 2>&1 | tee "$OUT/info.txt"
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+python3 bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
