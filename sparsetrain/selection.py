@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 24
+CHUNK = 1 << 22  # elements per histogram pass over a tensor: bounds the temporaries (32 MiB)
 _BITS = 8
 _BINS = 1 << _BITS
 

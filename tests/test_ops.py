@@ -5,12 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import triton_usable  # noqa: E402
 
 import sparsetrain
 from sparsetrain import contract, masks, ops
 
 
-def _pruning_args(params, prune, groups):
+def _pruning_args(params, prune, groups, backend="torch"):
     return dict(
         mask_words=[masks.pack(torch.rand(p.shape) < 0.8) for p in params],
         stats=[torch.tensor([p.numel(), 10.0, 50.0, 3.0, 0.5], dtype=torch.float64) for p in params],
@@ -25,12 +26,15 @@ def _pruning_args(params, prune, groups):
         prune=prune,
         regularize=True,
         l1_proximal=True,
-        backend="torch",
+        backend=backend,
     )
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("prune", contract.PRUNE_MODES)
-def test_opcheck_sgd(prune):
+def test_opcheck_sgd(prune, backend):
+    if backend == "triton" and not triton_usable()[0]:
+        pytest.skip(triton_usable()[1])
     params = [torch.randn(6, 5), torch.randn(9)]
     args = (
         params,
@@ -44,7 +48,7 @@ def test_opcheck_sgd(prune):
         dampening=0.0,
         nesterov=True,
         maximize=False,
-        **_pruning_args(params, prune, groups=prune == "group"),
+        **_pruning_args(params, prune, groups=prune == "group", backend=backend),
     )
     torch.library.opcheck(ops.sgd_step_, args, kwargs)
 
