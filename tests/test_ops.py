@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import triton_usable  # noqa: E402
+from conftest import triton_usable
 
 import sparsetrain
 from sparsetrain import contract, masks, ops
