@@ -124,8 +124,7 @@ class Pruner:
             raise TypeError(
                 f"Pruner needs a sparsetrain optimizer (sparsetrain.optim.SGD / Adam / AdamW), got "
                 f"{type(optimizer).__module__}.{type(optimizer).__name__}; to keep your own optimizer, "
-                "use the autograd "
-                "path: sparsetrain.autograd.MaskedPruner(model, method)"
+                "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.targets = select_targets(

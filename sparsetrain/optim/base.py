@@ -177,8 +177,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"set_mask: mask shape {tuple(alive.shape)} != parameter shape {tuple(param.shape)}")
         alive = alive.to(device=param.device, dtype=torch.bool)
         with torch.no_grad():
-            state["mask_words"].copy_(mask_format.pack(alive & self.mask(param)))
-            keep = self.mask(param)
+            keep = alive & self.mask(param)
+            state["mask_words"].copy_(mask_format.pack(keep))
             param.mul_(keep)
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
