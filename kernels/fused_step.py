@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .streaming import load_block, store_block
+
 # Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
 ROW_PARAM = tl.constexpr(0)
@@ -122,32 +124,109 @@ def fused_step_kernel(
     PRUNE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     WORDS: tl.constexpr,
 ):
     block = tl.program_id(0)
     t = tl.load(block_tensor + block)
     local = tl.load(block_local + block).to(tl.int64)
     numel = _row_int(table, ROW_NUMEL, t, num_tensors)
+    word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
+    word_ok = word_idx < (numel + 31) // 32
+    if HAS_MASK:
+        words = tl.load(_row_ptr(table, ROW_MASK, t, num_tensors, tl.int32) + word_idx, mask=word_ok, other=0)
+        work = tl.sum((words != 0).to(tl.int32), axis=0)  # a dead block reads and writes nothing else
+    else:
+        words = tl.full([WORDS], -1, dtype=tl.int32)
+        work = 1
+    if HAS_FOUND_INF:  # a skipped step touches nothing (the finish launch ignores the partials)
+        work = tl.where(tl.load(found_inf_ptr) == 0, work, 0)
+    if work > 0:
+        if (local + 1) * (WORDS * 32) <= numel:
+            _step_block(
+                table, num_tensors, seeds, t, local, numel, words, partials, partial_base + block, lr_ptr, lr,
+                weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+                decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED,
+                AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE, ALIGNED, WORDS,
+                True,
+            )  # fmt: skip
+        else:
+            _step_block(
+                table, num_tensors, seeds, t, local, numel, words, partials, partial_base + block, lr_ptr, lr,
+                weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+                decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED,
+                AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE, ALIGNED, WORDS,
+                False,
+            )  # fmt: skip
+    elif HAS_STATS:
+        out = partials + (partial_base + block) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
+        tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
+
+
+@triton.jit
+def _step_block(
+    table,
+    num_tensors,
+    seeds,
+    t,
+    local,
+    numel,
+    words,
+    partials,
+    partial_row,
+    lr_ptr,
+    lr,
+    weight_decay,
+    momentum,
+    one_minus_dampening,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    decay_factor,
+    log_betas_ptr,
+    PARAM_DTYPE: tl.constexpr,
+    IS_ADAM: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+    REGULARIZE: tl.constexpr,
+    L1_PROX: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    PRUNE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    WORDS: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One block of WORDS * 32 elements with at least one live element.
+
+    FULL blocks lie wholly inside the tensor and use unmasked (vectorizable) loads and stores; a dead
+    element inside a live block is read and written back unchanged, so memory sees the same values
+    as if it had been skipped.
+    """
     lanes = tl.arange(0, 32)
     word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
     offs = word_idx[:, None] * 32 + lanes[None, :]
     global_offs = offs + _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)  # index in the unsharded tensor
-    if HAS_FOUND_INF:  # a skipped step touches nothing: every element counts as outside the tensor
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
-    inside = offs < numel
-    word_ok = word_idx < (numel + 31) // 32
-
+    if FULL:
+        inside = tl.full([WORDS, 32], True, dtype=tl.int1)
+    else:
+        inside = offs < numel
     if HAS_MASK:
-        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
-        words = tl.load(mask_ptr + word_idx, mask=word_ok, other=0)
         live = inside & (((words[:, None] >> lanes[None, :]) & 1) != 0)
     else:
         live = inside
 
     param_ptr = _row_ptr(table, ROW_PARAM, t, num_tensors, PARAM_DTYPE)
     grad_ptr = _row_ptr(table, ROW_GRAD, t, num_tensors, PARAM_DTYPE)
-    w = tl.load(param_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    g_raw = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    w_raw = load_block(param_ptr, offs, inside, ALIGNED, FULL)
+    g_raw = tl.where(live, load_block(grad_ptr, offs, inside, ALIGNED, FULL).to(tl.float32), 0.0)
+    w = tl.where(live, w_raw.to(tl.float32), 0.0)
     g = -g_raw if MAXIMIZE else g_raw
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -186,18 +265,19 @@ def fused_step_kernel(
             g = g + r
         m_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
         v_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, tl.float32)
-        m = tl.load(m_ptr + offs, mask=live, other=0.0)
-        v = tl.load(v_ptr + offs, mask=live, other=0.0)
+        m_old = load_block(m_ptr, offs, inside, ALIGNED, FULL)
+        v_old = load_block(v_ptr, offs, inside, ALIGNED, FULL)
         weight = one_minus_beta1
-        m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))  # torch.lerp
-        v = v * beta2 + one_minus_beta2 * (g * g)
+        m = tl.where(weight < 0.5, m_old + weight * (g - m_old), g - (g - m_old) * (1.0 - weight))  # torch.lerp
+        v = v_old * beta2 + one_minus_beta2 * (g * g)
         step64 = step.to(tl.float64)  # bias corrections in fp64 from log(beta) held in fp64
         bias_correction1 = 1.0 - tl.exp(step64 * tl.load(log_betas_ptr))
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1))).to(tl.float32)
         step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
         if AMSGRAD:
             vmax_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, tl.float32)
-            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=live, other=0.0), v)
+            vmax_old = load_block(vmax_ptr, offs, inside, ALIGNED, FULL)
+            vmax = tl.maximum(vmax_old, v)
             denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
         else:
             denom = tl.sqrt(v) / bias_correction2_sqrt + eps
@@ -208,8 +288,8 @@ def fused_step_kernel(
             g = g + r
         if HAS_MOMENTUM:
             buf_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
-            buf = tl.load(buf_ptr + offs, mask=live, other=0.0)
-            buf = tl.where(step == 1.0, g, buf * momentum + one_minus_dampening * g)
+            buf_old = load_block(buf_ptr, offs, inside, ALIGNED, FULL)
+            buf = tl.where(step == 1.0, g, buf_old * momentum + one_minus_dampening * g)
             if NESTEROV:
                 g = g + momentum * buf
             else:
@@ -239,19 +319,20 @@ def fused_step_kernel(
         flagged = tl.load(group_ptr + _row_int(table, ROW_GROUPS, t, num_tensors) + group, mask=live, other=0.0)
         keep = live & (flagged == 0)
 
-    # writes: dead-before elements are untouched; pruned-now elements become zero
+    # writes: pruned-now elements become zero; dead-before elements get back what was read
     w = tl.where(keep, w, 0.0)
-    tl.store(param_ptr + offs, w.to(PARAM_DTYPE), mask=live)
+    store_block(param_ptr, offs, tl.where(live, w.to(PARAM_DTYPE), w_raw), inside, ALIGNED, FULL)
     if IS_ADAM:
-        tl.store(m_ptr + offs, tl.where(keep, m, 0.0), mask=live)
-        tl.store(v_ptr + offs, tl.where(keep, v, 0.0), mask=live)
+        store_block(m_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), inside, ALIGNED, FULL)
+        store_block(v_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), inside, ALIGNED, FULL)
         if AMSGRAD:
-            tl.store(vmax_ptr + offs, tl.where(keep, vmax, 0.0), mask=live)
+            store_block(vmax_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), inside, ALIGNED, FULL)
     elif HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, tl.where(keep, buf, 0.0), mask=live)
+        store_block(buf_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), inside, ALIGNED, FULL)
     if HAS_MASK:
+        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
         new_words = tl.sum(keep.to(tl.int32) << lanes[None, :], axis=1)
-        tl.store(mask_ptr + word_idx, new_words, mask=word_ok & (words != 0))
+        tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
     if HAS_STATS:
         kept = keep.to(tl.float64)
@@ -259,11 +340,11 @@ def fused_step_kernel(
         tm_now = _kernel_scale(stats_ptr, coef_ptr)
         tm32 = tl.where(tm_now > 0, tm_now, 1.0).to(tl.float32)
         kernel = tl.where(keep, tl.where(tm_now > 0, tl.exp(-abs_w / tm32), 0.0), 0.0).to(tl.float64)
-        out = partials + (partial_base + block) * NUM_PARTIALS
+        out = partials + partial_row * NUM_PARTIALS
         tl.store(out + 0, tl.sum(tl.sum(kept, axis=1), axis=0))
         tl.store(out + 1, tl.sum(tl.sum(abs_w.to(tl.float64), axis=1), axis=0))
         tl.store(out + 2, tl.sum(tl.sum(kernel, axis=1), axis=0))
-        tl.store(out + 3, tl.sum(tl.sum(tl.abs(g_raw).to(tl.float64) * kept, axis=1), axis=0))
+        tl.store(out + 3, tl.sum(tl.sum(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), axis=1), axis=0))
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 Run as a script (``TRITON_INTERPRET`` unset): the interpreter checks the math on CPU, this checks
 that the same source lowers through Triton's GPU compiler and ptxas to a cubin. Prints one JSON
-line per variant: ``{"variant": ..., "registers": N, "spill_bytes": N}`` (local memory + stack).
+line per variant: ``{"variant": ..., "registers": N, "spill_bytes": N, "vector_loads": N,
+"vector_stores": N}`` (spills: local memory + stack; vector: 16-byte global loads / stores in the PTX).
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ FINISH_SIGNATURE = {
 }  # fmt: skip
 VARIANTS = [
     ("sgd fp32 stochastic", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=1)),
+    ("sgd fp32 stochastic unaligned", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=1, ALIGNED=False)),
     ("sgd bf16 group", dict(PARAM_DTYPE=tl.bfloat16, IS_ADAM=False, PRUNE=4)),
     ("adamw fp32 stochastic", dict(PARAM_DTYPE=tl.float32, IS_ADAM=True, PRUNE=1)),
     ("adamw fp16 low", dict(PARAM_DTYPE=tl.float16, IS_ADAM=True, PRUNE=2)),
 ]
 EVERYTHING_ON = dict(
     HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, DECOUPLED=True, AMSGRAD=True, HAS_MASK=True, HAS_STATS=True,
-    REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, HAS_FOUND_INF=True, LR_ON_DEVICE=True, WORDS=32,
+    REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, HAS_FOUND_INF=True, LR_ON_DEVICE=True, ALIGNED=True, WORDS=32,
 )  # fmt: skip
 
 
@@ -58,13 +60,20 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return registers, local
 
 
+def vector_accesses(ptx: str) -> tuple[int, int]:
+    """(16-byte global loads, 16-byte global stores) in the PTX."""
+    return len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", ptx)), len(re.findall(r"\bst\.global\.v4\.b32\b", ptx))
+
+
 def main() -> int:
     for name, switches in VARIANTS:
         constexprs = {**EVERYTHING_ON, **switches}
         signature = {**MAIN_SIGNATURE, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(ASTSource(fused_step.fused_step_kernel, signature, constexprs), target=TARGET)
         registers, spills = resource_usage(kernel.asm["cubin"])
-        print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
+        loads, stores = vector_accesses(kernel.asm["ptx"])
+        report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
+        print(json.dumps({**report, "vector_stores": stores}), flush=True)
     constexprs = {"HAS_STATS": True, "HAS_FOUND_INF": True, "CHUNK": 64}
     signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
     kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
@@ -77,9 +86,14 @@ def main() -> int:
          {"grad_ptr": "*fp32", "weight_ptr": "*fp32", "mask_ptr": "*i32", "coef_ptr": "*fp32", "out_ptr": "*fp32",
           "numel": "i64"}),
     ):  # fmt: skip
-        kernel = triton.compile(ASTSource(kernel_fn, {**signature, "WORDS": "constexpr"}, {"WORDS": 32}), target=TARGET)
+        # pointers 16-byte aligned, as Triton's argument specialization reports for fresh allocations
+        attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+        source = ASTSource(kernel_fn, {**signature, "WORDS": "constexpr"}, {"WORDS": 32}, attrs=attrs)
+        kernel = triton.compile(source, target=TARGET)
         registers, spills = resource_usage(kernel.asm["cubin"])
-        print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
+        loads, stores = vector_accesses(kernel.asm["ptx"])
+        report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
+        print(json.dumps({**report, "vector_stores": stores}), flush=True)
     return 0
 
 

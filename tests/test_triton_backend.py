@@ -247,6 +247,56 @@ def test_fully_pruned_block_is_left_untouched():
     assert torch.isfinite(x["params"][0][BLOCK:]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the poison is computed on, then dropped
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_dead_elements_of_live_blocks_are_written_back_unchanged(algo):
+    # full blocks use unmasked vector loads and stores: a dead element is read and written back as is
+    n = 3 * BLOCK + 70  # two full live blocks and a tail block
+    inputs = _inputs([n], [torch.float32], algo=algo, prune="stochastic", seed=12)
+    dead = ~masks.unpack(inputs["mask_words"][0], n)
+    dead[:BLOCK] = False  # the fully pruned block is covered by the test above
+    assert dead[BLOCK : 3 * BLOCK].any() and dead[3 * BLOCK :].any()
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic")
+    poison = torch.tensor([float("nan"), 7.0, -float("inf")], device=DEVICE).repeat(n // 3 + 1)[:n]
+    out["params"][0][dead] = poison[dead]
+    for states in out["state_lists"]:
+        states[0][dead] = poison[dead]
+    _call(out, "triton", algo=algo, prune="stochastic")
+    bits = lambda x: x[dead].view(torch.int32)  # noqa: E731  (bit for bit: NaN included)
+    assert torch.equal(bits(out["params"][0]), bits(poison))
+    for states in out["state_lists"]:
+        assert torch.equal(bits(states[0]), bits(poison))
+    live = ~dead
+    torch.testing.assert_close(out["params"][0][live], ref["params"][0][live], rtol=1e-6, atol=1e-7)
+    assert torch.equal(out["mask_words"][0], ref["mask_words"][0])
+    torch.testing.assert_close(out["stats"][0], ref["stats"][0], rtol=1e-6, atol=1e-9)
+
+
+def test_unaligned_tensors_take_the_scalar_path():
+    from sparsetrain.backends import triton_backend
+
+    sizes = [BLOCK + 3, 40]
+    inputs = _inputs(sizes, [torch.float32] * 2, algo="sgd", prune="low", seed=13)
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo="sgd", prune="low")
+    # the same values, but each tensor starts 4 bytes into a buffer: not 16-byte aligned
+    for key in ("params", "grads"):
+        out[key] = [_shifted(x) for x in out[key]]
+    out["state_lists"][0] = [_shifted(x) for x in out["state_lists"][0]]
+    _call(out, "triton", algo="sgd", prune="low")
+    assert next(reversed(triton_backend._plans.values())).aligned is False
+    _compare(ref, out)
+
+
+def _shifted(x):
+    buffer = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    view = buffer[1:]
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
 def test_found_inf_skips_everything():
     inputs = _inputs([BLOCK + 3, 40], [torch.float32] * 2, algo="adam", prune="stochastic", seed=6)
     x = copy.deepcopy(inputs)

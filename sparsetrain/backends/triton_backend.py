@@ -94,6 +94,11 @@ def _dummy(device: torch.device) -> Tensor:
     return _dummies[device]
 
 
+def _aligned(addresses: list[int]) -> bool:
+    """Every streamed tensor starts on a 16-byte boundary: the kernel may then use vector loads."""
+    return all(a % 16 == 0 for a in addresses)
+
+
 def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[int] | None = None) -> None:
     for index, x in enumerate(tensors):
         if x.device != device:
@@ -127,6 +132,7 @@ def _plan(
             _check("grads", grads, device, plan.numels)
             plan.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
             plan.grad_ptrs = grad_ptrs
+            plan.aligned = plan.static_aligned and _aligned(grad_ptrs)
         return plan
     numels = [p.numel() for p in params]
     _check("params", params, device)
@@ -151,6 +157,8 @@ def _plan(
     plan = _Plan(device, columns, numels, inners, groups, shard, [p.dtype for p in params])
     plan.static, plan.numels, plan.layout = static, numels, (list(group_inner), list(shard_offsets))
     plan.param_ptrs, plan.grad_ptrs = [p.data_ptr() for p in params], [g.data_ptr() for g in grads]
+    plan.static_aligned = _aligned(plan.param_ptrs) and all(_aligned([x.data_ptr() for x in s]) for s in state_lists)
+    plan.aligned = plan.static_aligned and _aligned(plan.grad_ptrs)
     _plans[id(params)] = plan
     if len(_plans) > _PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
@@ -260,6 +268,7 @@ def _launch(
             PRUNE=contract.PRUNE_MODES.index(prune),
             HAS_FOUND_INF=found_inf is not None,
             LR_ON_DEVICE=lr_tensor is not None,
+            ALIGNED=plan.aligned,
             WORDS=WORDS_PER_BLOCK,
         )
     fs.finish_step_kernel[(plan.num_tensors,)](
