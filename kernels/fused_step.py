@@ -2,7 +2,7 @@
 
 Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and math in fp32:
 
-    a = mask bit; dead elements are neither read nor written (they are zero already)
+    a = mask bit; a dead element does not take part (its values, zero already, stay as they are)
     r = lam[j]*w + l2*w + sd*w*max(0, 1 - |g|/(beta*gbar)) [+ l1*sign(w) unless proximal]
     SGD : g' = g + wd*w + r; buf = g' (first step) or momentum*buf + (1-dampening)*g';
           w -= lr * (g' + momentum*buf if nesterov else buf)
@@ -14,7 +14,10 @@ Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and 
     write w*a', states*a', mask words; per-block partial statistics in fp64
 
 Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
-20.25 B. A block whose mask words are all zero reads and writes nothing but its mask words.
+20.25 B. A block whose mask words are all zero reads nothing but its mask words and writes nothing
+but its partials. Inside a live block every element is streamed: a block wholly inside its tensor
+uses unmasked 16-byte vector loads and stores (a dead element is written back as it was read,
+since DRAM moves 32-byte sectors anyway); the tail block masks by bounds.
 A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
 and advances the step counters. Runtime values (lr, coefficients, seeds, steps) are arguments or
 live in device memory; only structural switches are ``tl.constexpr``.
