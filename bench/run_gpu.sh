@@ -11,4 +11,4 @@ unset TRITON_INTERPRET
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 python3 -m sparsetrain.cli info 2>&1 | tee "$OUT/info.txt"
 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-python3 bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+python3 bench/step_report.py --sweep --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"

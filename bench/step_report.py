@@ -2,6 +2,7 @@
 
     python bench/step_report.py --out bench/results            # all scenarios
     python bench/step_report.py --quick                         # smaller sizes, smoke run
+    python bench/step_report.py --sweep                         # + launch shapes (words x warps)
 
 Times are medians of ``triton.testing.do_bench`` (warm-up excluded). The device's copy ceiling is
 measured in the same run (``dst.copy_(src)`` on 1 GiB, bytes read + written / time), and every
@@ -149,9 +150,43 @@ def scenarios(quick: bool):
     yield "AdamW, one tensor, with sampling", "adamw", [big], 28.25
 
 
+SWEEP_WORDS, SWEEP_WARPS = (16, 32, 64, 128), (4, 8)
+
+
+def sweep(device, quick: bool, ceiling: float) -> list[dict]:
+    """The sparsetrain step under each launch shape (mask words per program x warps per program)."""
+    from sparsetrain.backends import triton_backend
+
+    big = (2**24,) if quick else (2**28,)
+    cases = [
+        ("one tensor, SGD", "sgd", [big], 20.25),
+        ("ResNet-50 list, SGD", "sgd", resnet50_shapes(), 20.25),
+        ("one tensor, AdamW", "adamw", [big], 28.25),
+    ]
+    defaults = triton_backend.configure()
+    rows = []
+    try:
+        for words in SWEEP_WORDS:
+            for warps in SWEEP_WARPS:
+                triton_backend.configure(words=words, num_warps=warps)
+                for name, algo, shapes, bytes_per_elem in cases:
+                    ms = bench(ours(make(shapes, device), algo))
+                    floor_ms = sum(math.prod(x) for x in shapes) * bytes_per_elem / ceiling * 1e3
+                    row = {"case": name, "words": words, "num_warps": warps, "ms": ms, "of_ceiling": floor_ms / ms}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    torch.cuda.empty_cache()
+    finally:
+        triton_backend.configure(*defaults)
+    return rows
+
+
 def run(args) -> dict:
+    from sparsetrain.backends import triton_backend
+
     device = torch.device("cuda")
     ceiling = copy_ceiling(device)
+    sweep_rows = sweep(device, args.quick, ceiling) if args.sweep else []
     rows = []
     for name, algo, shapes, bytes_per_elem in scenarios(args.quick):
         numel = sum(math.prod(s) for s in shapes)
@@ -191,16 +226,20 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "copy_ceiling_TBps": ceiling / 1e12,
+        "launch_shape": dict(zip(("words", "num_warps"), triton_backend.configure())),
         "rows": rows,
+        "sweep": sweep_rows,
     }
 
 
 def markdown(report: dict) -> str:
+    shape = report["launch_shape"]
     lines = [
         f"# Fused step benchmark: {report['device']}",
         "",
         f"torch {report['torch']}, triton {report['triton']}, {report['date']}; copy ceiling "
-        f"{report['copy_ceiling_TBps']:.2f} TB/s; command: `{report['command']}`",
+        f"{report['copy_ceiling_TBps']:.2f} TB/s; launch shape {shape['words']} mask words x "
+        f"{shape['num_warps']} warps; command: `{report['command']}`",
         "",
         "| scenario | torch fused, no pruning | eager pruning | torch.compile pruning | sparsetrain | floor | "
         "of ceiling |",
@@ -222,6 +261,19 @@ def markdown(report: dict) -> str:
                 f"{r['scenario']}: {r['sparsetrain_90pct_dead_ms']:.3f} ms vs {r['sparsetrain_dense_ms']:.3f} ms"
                 f" = {r['ratio']:.2f}x",
             ]
+    if report.get("sweep"):
+        cases = list(dict.fromkeys(r["case"] for r in report["sweep"]))
+        lines += ["", "Launch shapes (mask words per program x warps), sparsetrain step in ms (of ceiling):", ""]
+        lines += ["| words | warps | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
+        shapes = list(dict.fromkeys((r["words"], r["num_warps"]) for r in report["sweep"]))
+        for words, warps in shapes:
+            cells = [
+                f"{r['ms']:.3f} ({r['of_ceiling']:.0%})"
+                for case in cases
+                for r in report["sweep"]
+                if r["case"] == case and (r["words"], r["num_warps"]) == (words, warps)
+            ]
+            lines.append(f"| {words} | {warps} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,10 +282,16 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time every launch shape (words x warps)")
+    parser.add_argument("--words", type=int, help="mask words per program for the main table")
+    parser.add_argument("--warps", type=int, help="warps per program for the main table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("step_report needs a CUDA device; none is visible", file=sys.stderr)
         return 2
+    from sparsetrain.backends import triton_backend
+
+    triton_backend.configure(words=args.words, num_warps=args.warps)
     report = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

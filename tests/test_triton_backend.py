@@ -352,3 +352,27 @@ def test_optimizer_with_moving_and_missing_grads(name):
         opt.step()
         ref_opt.step()
     assert max_rel_err(ours, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("words, num_warps", [(8, 2), (64, 8)])
+def test_launch_shape_is_configurable(words, num_warps):
+    from sparsetrain.backends import triton_backend
+
+    defaults = triton_backend.configure()
+    try:
+        assert triton_backend.configure(words=words, num_warps=num_warps) == (words, num_warps)
+        sizes = [words * 32 - 1, words * 32 * 3 + 5, 33]  # blocks of the new size: full ones and tails
+        _run_both(sizes, [torch.float32] * 3, "adam", "stochastic", seed=14)
+        assert next(reversed(triton_backend._plans.values())).words == words
+    finally:
+        triton_backend.configure(*defaults)
+
+
+@pytest.mark.parametrize("bad", [dict(words=48), dict(words=0), dict(num_warps=32), dict(words=2.0)])
+def test_bad_launch_shape_is_refused(bad):
+    from sparsetrain.backends import triton_backend
+
+    before = triton_backend.configure()
+    with pytest.raises(ValueError, match="power of two"):
+        triton_backend.configure(**bad)
+    assert triton_backend.configure() == before

@@ -18,10 +18,43 @@ from torch import Tensor
 from .. import contract
 from ..transfer import to_device
 
-WORDS_PER_BLOCK = 32  # 1024 elements per program
-BLOCK = WORDS_PER_BLOCK * 32
 FINISH_CHUNK = 64
 _PLAN_CACHE_SIZE = 16
+
+
+class LaunchConfig:
+    """Mask words per program (32 elements each) and warps per program of the main launch.
+
+    Defaults: 32 words (1024 elements) and 4 warps. ``SPARSETRAIN_TRITON_WORDS`` and
+    ``SPARSETRAIN_TRITON_WARPS`` set them at import; :func:`configure` changes them at run time
+    (the benchmark's sweep does). The block map of a cached plan depends on the words, so a change
+    drops the cached plans.
+    """
+
+    words: int = 32
+    num_warps: int = 4
+
+
+def configure(words: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
+    """Set the launch shape (powers of two: words 1..256, warps 1..16); returns the new (words, warps)."""
+    for name, value, top in (("words", words, 256), ("num_warps", num_warps, 16)):
+        if value is not None and (not isinstance(value, int) or value < 1 or value > top or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two between 1 and {top}, got {value!r}")
+    if words is not None and words != LaunchConfig.words:
+        LaunchConfig.words = words
+        _plans.clear()
+    if num_warps is not None:
+        LaunchConfig.num_warps = num_warps
+    return LaunchConfig.words, LaunchConfig.num_warps
+
+
+def _configure_from_env() -> None:
+    for key, name in (("SPARSETRAIN_TRITON_WORDS", "words"), ("SPARSETRAIN_TRITON_WARPS", "num_warps")):
+        if os.environ.get(key):
+            try:
+                configure(**{name: int(os.environ[key])})
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
 
 
 def available() -> tuple[bool, str]:
@@ -57,7 +90,8 @@ class _Plan:
         table[int(fs.ROW_SHARD_OFFSET)] = torch.tensor(shard, dtype=torch.int64)
         self.table = table.to(device)
         self.num_tensors = num_tensors
-        blocks = [max(1, math.ceil(n / BLOCK)) for n in numels]
+        self.words = LaunchConfig.words
+        blocks = [max(1, math.ceil(n / (self.words * 32))) for n in numels]
         first = [0] * num_tensors
         self.launches = []  # (param dtype, block_tensor, block_local, partial_base, num_blocks)
         base = 0
@@ -86,6 +120,7 @@ class _Plan:
 _plans: OrderedDict[int, _Plan] = OrderedDict()
 _log_betas: dict[tuple, Tensor] = {}
 _dummies: dict[torch.device, Tensor] = {}
+_configure_from_env()
 
 
 def _dummy(device: torch.device) -> Tensor:
@@ -269,7 +304,8 @@ def _launch(
             HAS_FOUND_INF=found_inf is not None,
             LR_ON_DEVICE=lr_tensor is not None,
             ALIGNED=plan.aligned,
-            WORDS=WORDS_PER_BLOCK,
+            WORDS=plan.words,
+            num_warps=LaunchConfig.num_warps,
         )
     fs.finish_step_kernel[(plan.num_tensors,)](
         plan.table,

@@ -1,0 +1,57 @@
+"""The GPU benchmark's step builders run (tiny sizes, CPU): a device call must not be lost to a typo.
+
+Times are not taken here; only that every peer and the sparsetrain step execute and that the
+report renders. Under TRITON_INTERPRET=1 the sparsetrain step runs the interpreted Triton kernels.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import triton_usable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import step_report  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_usable()[0], reason=triton_usable()[1])
+SHAPES = [(8, 3, 3, 3), (8,), (40, 33)]
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_every_peer_and_the_fused_step_run(algo):
+    device = torch.device("cpu")
+    builders = [step_report.torch_fused, step_report.eager_pruning, step_report.ours]
+    for build in builders:
+        params = step_report.make(SHAPES, device)
+        before = [p.detach().clone() for p in params]
+        step = build(params, algo)
+        step()
+        assert any(not torch.equal(a, b) for a, b in zip(params, before)), build.__name__
+
+
+def test_compiled_peer_runs():
+    params = step_report.make(SHAPES, torch.device("cpu"))
+    before = [p.detach().clone() for p in params]
+    step_report.compiled_pruning(params, "sgd")()
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_structured_case_keeps_dead_filters_at_zero():
+    params = step_report.make([(20, 7)], torch.device("cpu"))
+    step = step_report.ours(params, "sgd", dead_filter_fraction=0.9)
+    step()
+    assert torch.count_nonzero(params[0][:18]) == 0 and torch.count_nonzero(params[0][18:]) > 0
+
+
+def test_report_renders():
+    rows = [
+        {"scenario": "s", "elements": 10, "torch_fused_no_pruning_ms": 2.0, "sparsetrain_ms": 1.0, "floor_ms": 0.9,
+         "fraction_of_copy_ceiling": 0.9},
+        {"scenario": "f", "elements": 10, "sparsetrain_dense_ms": 1.0, "sparsetrain_90pct_dead_ms": 0.2, "ratio": 0.2},
+    ]  # fmt: skip
+    sweep = [{"case": "c", "words": 32, "num_warps": 4, "ms": 1.0, "of_ceiling": 0.9}]
+    report = {"device": "d", "torch": "t", "triton": "x", "date": "2026", "command": "c", "copy_ceiling_TBps": 3.0,
+              "launch_shape": {"words": 32, "num_warps": 4}, "rows": rows, "sweep": sweep}  # fmt: skip
+    text = step_report.markdown(report)
+    assert "| s | 2.000 ms |" in text and "0.20x" in text and "| 32 | 4 | 1.000 (90%) |" in text
