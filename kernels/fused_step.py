@@ -19,8 +19,11 @@ but its partials. Inside a live block every element is streamed: a block wholly 
 uses unmasked 16-byte vector loads and stores (a dead element is written back as it was read,
 since DRAM moves 32-byte sectors anyway); the tail block masks by bounds.
 A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
-and advances the step counters. Runtime values (lr, coefficients, seeds, steps) are arguments or
-live in device memory; only structural switches are ``tl.constexpr``.
+and advances the step counters. When a tensor has many blocks (a 268M tensor has 262144), a
+launch before it reduces fixed segments of the partials in parallel (``reduce_partials_kernel``),
+so that no single program walks megabytes of partials serially; the order stays fixed.
+Runtime values (lr, coefficients, seeds, steps) are arguments or live in device memory; only
+structural switches are ``tl.constexpr``.
 
 Dtypes: parameters and gradients fp32 / bf16 / fp16 (one launch per parameter dtype), optimizer
 states fp32, statistics fp64, masks int32. Offsets are int64 throughout.
@@ -351,6 +354,27 @@ def _step_block(
 
 
 @triton.jit
+def reduce_partials_kernel(src, dst, segment_first, segment_rows, CHUNK: tl.constexpr):
+    """dst[s] = fixed-order sum of the partial rows src[first_s : first_s + rows_s] (one program each)."""
+    s = tl.program_id(0)
+    first = tl.load(segment_first + s).to(tl.int64)
+    acc = _sum_rows(src, first, first + tl.load(segment_rows + s), CHUNK)
+    tl.store(dst + s.to(tl.int64) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS), acc)
+
+
+@triton.jit
+def _sum_rows(src, first, end, CHUNK: tl.constexpr):
+    """Column sums of the partial rows [first, end), CHUNK rows at a time, in a fixed order."""
+    cols = tl.arange(0, NUM_PARTIALS)
+    acc = tl.zeros([NUM_PARTIALS], dtype=tl.float64)
+    for start in range(first, end, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        values = tl.load(src + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0)
+        acc += tl.sum(values, axis=0)
+    return acc
+
+
+@triton.jit
 def finish_step_kernel(
     table,
     num_tensors,
@@ -373,14 +397,7 @@ def finish_step_kernel(
         stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
         tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
         first = tl.load(tensor_first_partial + t).to(tl.int64)
-        end = first + tl.load(tensor_num_partials + t)
+        acc = _sum_rows(partials, first, first + tl.load(tensor_num_partials + t), CHUNK)
         cols = tl.arange(0, NUM_PARTIALS)
-        acc = tl.zeros([NUM_PARTIALS], dtype=tl.float64)
-        for start in range(first, end, CHUNK):
-            rows = start + tl.arange(0, CHUNK)
-            values = tl.load(
-                partials + rows[:, None] * NUM_PARTIALS + cols[None, :], mask=rows[:, None] < end, other=0.0
-            )
-            acc += tl.sum(values, axis=0)
         tl.store(stats_ptr + cols, acc, mask=cols < advance * NUM_PARTIALS)
         tl.store(stats_ptr + STAT_TM, tl.where(advance > 0, tm_now, tl.load(stats_ptr + STAT_TM)))

@@ -74,11 +74,15 @@ def main() -> int:
         loads, stores = vector_accesses(kernel.asm["ptx"])
         report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
         print(json.dumps({**report, "vector_stores": stores}), flush=True)
-    constexprs = {"HAS_STATS": True, "HAS_FOUND_INF": True, "CHUNK": 64}
+    constexprs = {"HAS_STATS": True, "HAS_FOUND_INF": True, "CHUNK": 256}
     signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
     kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
     registers, spills = resource_usage(kernel.asm["cubin"])
     print(json.dumps({"variant": "finish", "registers": registers, "spill_bytes": spills}), flush=True)
+    signature = {"src": "*fp64", "dst": "*fp64", "segment_first": "*i32", "segment_rows": "*i32", "CHUNK": "constexpr"}
+    kernel = triton.compile(ASTSource(fused_step.reduce_partials_kernel, signature, {"CHUNK": 256}), target=TARGET)
+    registers, spills = resource_usage(kernel.asm["cubin"])
+    print(json.dumps({"variant": "reduce partials", "registers": registers, "spill_bytes": spills}), flush=True)
     for name, kernel_fn, signature in (
         ("masked weight forward bf16", masked_weight.masked_weight_forward_kernel,
          {"weight_ptr": "*bf16", "mask_ptr": "*i32", "out_ptr": "*bf16", "numel": "i64"}),

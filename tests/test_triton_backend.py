@@ -376,3 +376,23 @@ def test_bad_launch_shape_is_refused(bad):
     with pytest.raises(ValueError, match="power of two"):
         triton_backend.configure(**bad)
     assert triton_backend.configure() == before
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_statistics_of_many_block_tensors_are_reduced_in_segments(monkeypatch, algo):
+    from sparsetrain.backends import triton_backend
+
+    # shrink the thresholds so that small tensors take the two-level reduction (odd segment tails too)
+    monkeypatch.setattr(triton_backend, "SEGMENT_THRESHOLD", 2)
+    monkeypatch.setattr(triton_backend, "SEGMENT_ROWS", 2)
+    triton_backend._plans.clear()
+    try:
+        inputs, ref, out = _run_both([5 * BLOCK + 9, 40, 3 * BLOCK], [torch.float32] * 3, algo, "stochastic", seed=15)
+        plan = next(reversed(triton_backend._plans.values()))
+        assert plan.segments is not None and plan.segments[0].tolist() == [0, 2, 4, 6, 7, 9]
+        # run to run the same bits
+        again = copy.deepcopy(inputs)
+        _call(again, "triton", algo=algo, prune="stochastic")
+        assert all(torch.equal(a, b) for a, b in zip(again["stats"], out["stats"]))
+    finally:
+        triton_backend._plans.clear()

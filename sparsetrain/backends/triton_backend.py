@@ -1,9 +1,10 @@
 """The Triton backend: host launcher of :mod:`sparsetrain.kernels.fused_step`.
 
-One ``fused_step_kernel`` launch per
-parameter dtype present in the call (fp32, bf16, fp16), then one ``finish_step_kernel`` launch for
-all tensors. The per-tensor address table and the block map are built once per set of tensors and
-cached; when gradients move (a new allocation), only their row of the table is refreshed.
+One ``fused_step_kernel`` launch per parameter dtype present in the call (fp32, bf16, fp16), then
+one ``finish_step_kernel`` launch for all tensors (preceded by one ``reduce_partials_kernel``
+launch when a tensor has more than ``SEGMENT_THRESHOLD`` blocks and statistics are kept). The
+per-tensor address table and the block map are built once per set of tensors and cached; when
+gradients move (a new allocation), only their row of the table is refreshed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from torch import Tensor
 from .. import contract
 from ..transfer import to_device
 
-FINISH_CHUNK = 64
+FINISH_CHUNK = 256  # partial rows per loop iteration of a reduction program
+# A tensor with more blocks than this has its partials reduced first in segments of SEGMENT_ROWS
+# rows, one program per segment, so that no program walks more than a few thousand rows.
+SEGMENT_THRESHOLD = 4096
+SEGMENT_ROWS = 2048
 _PLAN_CACHE_SIZE = 16
 
 
@@ -112,9 +117,25 @@ class _Plan:
                 )
             )
             base += len(block_tensor)
+        self.partials = torch.empty(base * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device)
+        self.segments = None  # (segment first rows, segment row counts, segment sums) when used
+        if max(blocks) > SEGMENT_THRESHOLD:
+            seg_first, seg_rows, tensor_first, tensor_count = [], [], [], []
+            for t in range(num_tensors):
+                tensor_first.append(len(seg_first))
+                starts = range(first[t], first[t] + blocks[t], SEGMENT_ROWS)
+                seg_first += list(starts)
+                seg_rows += [min(SEGMENT_ROWS, first[t] + blocks[t] - start) for start in starts]
+                tensor_count.append(len(starts))
+            self.segments = (
+                torch.tensor(seg_first, dtype=torch.int32, device=device),
+                torch.tensor(seg_rows, dtype=torch.int32, device=device),
+                torch.empty(len(seg_first) * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device),
+            )
+            first, blocks = tensor_first, tensor_count
+        # what the finish launch sums per tensor: rows of the partials, or of the segment sums
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
         self.num_partials = torch.tensor(blocks, dtype=torch.int32, device=device)
-        self.partials = torch.empty(base * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device)
 
 
 _plans: OrderedDict[int, _Plan] = OrderedDict()
@@ -307,12 +328,18 @@ def _launch(
             WORDS=plan.words,
             num_warps=LaunchConfig.num_warps,
         )
+    partials = plan.partials
+    if stats and plan.segments is not None:
+        segment_first, segment_rows, partials = plan.segments
+        fs.reduce_partials_kernel[(segment_first.numel(),)](
+            plan.partials, partials, segment_first, segment_rows, CHUNK=FINISH_CHUNK
+        )
     fs.finish_step_kernel[(plan.num_tensors,)](
         plan.table,
         plan.num_tensors,
         plan.first_partial,
         plan.num_partials,
-        plan.partials,
+        partials,
         found,
         HAS_STATS=bool(stats),
         HAS_FOUND_INF=found_inf is not None,
