@@ -252,14 +252,18 @@ def _step_block(
     if REGULARIZE:
         r = r + tl.load(coef_ptr + COEF_L2) * w
         if not L1_PROX:
-            r = r + tl.load(coef_ptr + COEF_L1) * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+            l1 = tl.load(coef_ptr + COEF_L1)
+            if l1 != 0:  # a per-tensor value: the branch is uniform, unused terms cost nothing
+                r = r + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         if HAS_STATS:
             gbar = (tl.load(stats_ptr + STAT_SUM_ABS_G) / tl.maximum(tl.load(stats_ptr + STAT_ALIVE), 1.0)).to(
                 tl.float32
             )
             scale = tl.load(coef_ptr + COEF_SD_BETA) * gbar
-            relevance = tl.where(scale > 0, 1.0 - tl.abs(g_raw) / tl.where(scale > 0, scale, 1.0), 0.0)
-            r = r + tl.load(coef_ptr + COEF_SD) * w * tl.maximum(relevance, 0.0)
+            sd = tl.where(scale > 0, tl.load(coef_ptr + COEF_SD), 0.0)  # no relevance without a scale
+            if sd != 0:
+                inv_scale = 1.0 / scale
+                r = r + sd * w * tl.maximum(1.0 - tl.abs(g_raw) * inv_scale, 0.0)
 
     # optimizer update
     if IS_ADAM:
@@ -312,11 +316,14 @@ def _step_block(
         count = tl.load(coef_ptr + COEF_PRUNE_COUNT)
         kernel_sum = tl.load(stats_ptr + STAT_SUM_KERNEL).to(tl.float32)
         tm = tl.load(stats_ptr + STAT_TM).to(tl.float32)
-        active = (count > 0) & (kernel_sum > 0) & (tm > 0)
-        c = count / tl.where(active, kernel_sum, 1.0)
-        q = tl.minimum(c * tl.exp(-tl.abs(w) / tl.where(active, tm, 1.0)), 1.0)
-        u = tl.rand(tl.load(seeds + t), global_offs)
-        keep = live & (tl.where(active, u < q, False) == 0)
+        # sampling needs all three > 0 (integer flags: the interpreter has no scalar-bool &)
+        active = tl.where(count > 0, 1, 0) * tl.where(kernel_sum > 0, 1, 0) * tl.where(tm > 0, 1, 0)
+        if active != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
+            c = count / kernel_sum
+            inv_tm = 1.0 / tm
+            q = tl.minimum(c * tl.exp(-tl.abs(w) * inv_tm), 1.0)
+            u = tl.rand(tl.load(seeds + t), global_offs)
+            keep = live & (u >= q)
     elif PRUNE == PRUNE_LOW:
         keep = live & (tl.abs(w) >= tl.load(coef_ptr + COEF_THRESHOLD))
     elif PRUNE == PRUNE_HIGH:
@@ -341,15 +348,16 @@ def _step_block(
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
     if HAS_STATS:
-        kept = keep.to(tl.float64)
         abs_w = tl.abs(w)
         tm_now = _kernel_scale(stats_ptr, coef_ptr)
-        tm32 = tl.where(tm_now > 0, tm_now, 1.0).to(tl.float32)
-        kernel = tl.where(keep, tl.where(tm_now > 0, tl.exp(-abs_w / tm32), 0.0), 0.0).to(tl.float64)
+        kernel = tl.zeros([WORDS, 32], dtype=tl.float32)
+        if tm_now > 0:
+            inv_tm_now = (1.0 / tm_now).to(tl.float32)
+            kernel = tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0)
         out = partials + partial_row * NUM_PARTIALS
-        tl.store(out + 0, tl.sum(tl.sum(kept, axis=1), axis=0))
+        tl.store(out + 0, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0).to(tl.float64))  # exact count
         tl.store(out + 1, tl.sum(tl.sum(abs_w.to(tl.float64), axis=1), axis=0))
-        tl.store(out + 2, tl.sum(tl.sum(kernel, axis=1), axis=0))
+        tl.store(out + 2, tl.sum(tl.sum(kernel.to(tl.float64), axis=1), axis=0))
         tl.store(out + 3, tl.sum(tl.sum(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), axis=1), axis=0))
 
 

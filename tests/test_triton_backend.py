@@ -396,3 +396,20 @@ def test_statistics_of_many_block_tensors_are_reduced_in_segments(monkeypatch, a
         assert all(torch.equal(a, b) for a, b in zip(again["stats"], out["stats"]))
     finally:
         triton_backend._plans.clear()
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_per_tensor_switches_off_in_the_same_launch(algo):
+    # terms whose coefficient is zero are skipped per tensor (uniform branches): tensor 0 has no L1,
+    # no selective decay and samples nothing, tensor 2 has no relevance scale; tensor 1 has all
+    inputs = _inputs([BLOCK + 5, 2 * BLOCK + 1, 300], [torch.float32] * 3, algo=algo, prune="stochastic", seed=16)
+    coefs = inputs["tensor_coefs"]
+    coefs[0][contract.COEF_L1] = coefs[0][contract.COEF_SD] = coefs[0][contract.COEF_PRUNE_COUNT] = 0.0
+    coefs[2][contract.COEF_SD_BETA] = 0.0
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic", l1_proximal=False)
+    _call(out, "triton", algo=algo, prune="stochastic", l1_proximal=False)
+    assert _mask_disagreements(inputs, ref, out, "stochastic") == 0
+    _compare(ref, out)
+    assert torch.equal(out["mask_words"][0], inputs["mask_words"][0])  # nothing sampled there
+    assert not torch.equal(out["mask_words"][1], inputs["mask_words"][1])
