@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# One device call: versions and backends, the whole test suite on CUDA (compiled Triton kernels),
-# then the benchmark report. Everything lands in $OUT (default bench/results). See bench/README.md.
+# GPU work in at most two device calls (each must finish within the device's 10-minute limit):
+#   bash bench/run_gpu.sh tests   # versions and backends, the whole test suite on CUDA (compiled kernels)
+#   bash bench/run_gpu.sh bench   # the benchmark report, then the launch-shape sweep
+#   bash bench/run_gpu.sh         # both
+# Everything lands in $OUT (default bench/results); the report is rewritten after every row, so a
+# cut-off run keeps what finished. See bench/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
+STAGE="${1:-all}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # editable install: sparsetrain.kernels is the kernels/ folder, mapped by the package metadata
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
-python3 -m sparsetrain.cli info 2>&1 | tee "$OUT/info.txt"
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-python3 bench/step_report.py --sweep --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
+    python3 -m sparsetrain.cli info 2>&1 | tee "$OUT/info.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv >> "$OUT/info.txt" 2>&1
+    python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+fi
+if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
+    python3 bench/step_report.py --sweep --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+fi

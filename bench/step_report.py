@@ -153,7 +153,7 @@ def scenarios(quick: bool):
 SWEEP_WORDS, SWEEP_WARPS = (16, 32, 64), (4, 8)  # 128 words spill registers at 4 warps (sm_90)
 
 
-def sweep(device, quick: bool, ceiling: float) -> list[dict]:
+def sweep(device, quick: bool, ceiling: float, rows: list[dict], save) -> None:
     """The sparsetrain step under each launch shape (mask words per program x warps per program)."""
     from sparsetrain.backends import triton_backend
 
@@ -164,7 +164,6 @@ def sweep(device, quick: bool, ceiling: float) -> list[dict]:
         ("one tensor, AdamW", "adamw", [big], 28.25),
     ]
     defaults = triton_backend.configure()
-    rows = []
     try:
         for words in SWEEP_WORDS:
             for warps in SWEEP_WARPS:
@@ -172,22 +171,36 @@ def sweep(device, quick: bool, ceiling: float) -> list[dict]:
                 for name, algo, shapes, bytes_per_elem in cases:
                     ms = bench(ours(make(shapes, device), algo))
                     floor_ms = sum(math.prod(x) for x in shapes) * bytes_per_elem / ceiling * 1e3
-                    row = {"case": name, "words": words, "num_warps": warps, "ms": ms, "of_ceiling": floor_ms / ms}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.append(
+                        {"case": name, "words": words, "num_warps": warps, "ms": ms, "of_ceiling": floor_ms / ms}
+                    )
+                    save(rows[-1])
                     torch.cuda.empty_cache()
     finally:
         triton_backend.configure(*defaults)
-    return rows
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """Fill the report row by row; ``save(row)`` is called after each, so a cut-off run keeps its rows."""
     from sparsetrain.backends import triton_backend
 
     device = torch.device("cuda")
+    report = {
+        "device": torch.cuda.get_device_properties(device).name,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "launch_shape": dict(zip(("words", "num_warps"), triton_backend.configure())),
+        "complete": False,
+        "rows": [],
+        "sweep": [],
+    }
     ceiling = copy_ceiling(device)
-    sweep_rows = sweep(device, args.quick, ceiling) if args.sweep else []
-    rows = []
+    report["copy_ceiling_TBps"] = ceiling / 1e12
+    rows = report["rows"]
+    save(report, {"copy_ceiling_TBps": report["copy_ceiling_TBps"]})
     for name, algo, shapes, bytes_per_elem in scenarios(args.quick):
         numel = sum(math.prod(s) for s in shapes)
         row = {"scenario": name, "elements": numel}
@@ -201,7 +214,7 @@ def run(args) -> dict:
         row["fraction_of_copy_ceiling"] = floor_ms / row["sparsetrain_ms"]
         row["speedup_vs_torch_fused"] = row["torch_fused_no_pruning_ms"] / row["sparsetrain_ms"]
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        save(report, row)
         torch.cuda.empty_cache()
     # structured: 90% of filters pruned vs the dense-mask fused step
     shape = (2**12, 2**12) if args.quick else (2**14, 2**14)
@@ -216,20 +229,11 @@ def run(args) -> dict:
             "ratio": sparse / dense,
         }
     )
-    print(json.dumps(rows[-1]), flush=True)
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "device": props.name,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "copy_ceiling_TBps": ceiling / 1e12,
-        "launch_shape": dict(zip(("words", "num_warps"), triton_backend.configure())),
-        "rows": rows,
-        "sweep": sweep_rows,
-    }
+    save(report, rows[-1])
+    if args.sweep:
+        sweep(device, args.quick, ceiling, report["sweep"], lambda row: save(report, row))
+    report["complete"] = True
+    return report
 
 
 def markdown(report: dict) -> str:
@@ -238,8 +242,9 @@ def markdown(report: dict) -> str:
         f"# Fused step benchmark: {report['device']}",
         "",
         f"torch {report['torch']}, triton {report['triton']}, {report['date']}; copy ceiling "
-        f"{report['copy_ceiling_TBps']:.2f} TB/s; launch shape {shape['words']} mask words x "
+        f"{report.get('copy_ceiling_TBps', float('nan')):.2f} TB/s; launch shape {shape['words']} mask words x "
         f"{shape['num_warps']} warps; command: `{report['command']}`",
+        *([] if report.get("complete", True) else ["", "**Incomplete run: the rows below are all that finished.**"]),
         "",
         "| scenario | torch fused, no pruning | eager pruning | torch.compile pruning | sparsetrain | floor | "
         "of ceiling |",
@@ -292,12 +297,17 @@ def main() -> int:
     from sparsetrain.backends import triton_backend
 
     triton_backend.configure(words=args.words, num_warps=args.warps)
-    report = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_{report['device'].replace(' ', '_')}_{report['date'][:10]}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(markdown(report))
+
+    def save(report: dict, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        stem = f"step_{report['device'].replace(' ', '_')}_{report['date'][:10]}"
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+        (out / f"{stem}.md").write_text(markdown(report))
+
+    report = run(args, save)
+    save(report, {"complete": True})
     print(markdown(report))
     return 0
 

@@ -55,3 +55,9 @@ def test_report_renders():
               "launch_shape": {"words": 32, "num_warps": 4}, "rows": rows, "sweep": sweep}  # fmt: skip
     text = step_report.markdown(report)
     assert "| s | 2.000 ms |" in text and "0.20x" in text and "| 32 | 4 | 1.000 (90%) |" in text
+
+
+def test_incomplete_report_renders():
+    report = {"device": "d", "torch": "t", "triton": "x", "date": "2026", "command": "c", "complete": False,
+              "launch_shape": {"words": 32, "num_warps": 4}, "rows": [], "sweep": []}  # fmt: skip
+    assert "Incomplete run" in step_report.markdown(report)
