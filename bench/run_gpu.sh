@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU work in at most two device calls (each must finish within the device's 10-minute limit):
+# GPU work in three device calls (each must finish within the device's 10-minute limit):
 #   bash bench/run_gpu.sh tests   # versions and backends, the whole test suite on CUDA (compiled kernels)
-#   bash bench/run_gpu.sh bench   # the benchmark report, then the launch-shape sweep
-#   bash bench/run_gpu.sh         # both
+#   bash bench/run_gpu.sh bench   # the benchmark report against the baselines
+#   bash bench/run_gpu.sh sweep   # the fused step under each launch shape (words, warps, blocks)
+#   bash bench/run_gpu.sh         # all three
 # Everything lands in $OUT (default bench/results); the report is rewritten after every row, so a
 # cut-off run keeps what finished. See bench/README.md.
 set -uo pipefail
@@ -20,5 +21,8 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
     python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
-    python3 bench/step_report.py --sweep --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+    python3 bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+fi
+if [[ "$STAGE" == all || "$STAGE" == sweep ]]; then
+    python3 bench/step_report.py --sweep-only --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt"
 fi

@@ -2,7 +2,8 @@
 
     python bench/step_report.py --out bench/results            # all scenarios
     python bench/step_report.py --quick                         # smaller sizes, smoke run
-    python bench/step_report.py --sweep                         # + launch shapes (words x warps)
+    python bench/step_report.py --sweep                         # + launch shapes (words, warps, blocks)
+    python bench/step_report.py --sweep-only                    # launch shapes only
 
 Times are medians of ``triton.testing.do_bench`` (warm-up excluded). The device's copy ceiling is
 measured in the same run (``dst.copy_(src)`` on 1 GiB, bytes read + written / time), and every
@@ -151,31 +152,38 @@ def scenarios(quick: bool):
 
 
 SWEEP_WORDS, SWEEP_WARPS = (16, 32, 64), (4, 8)  # 128 words spill registers at 4 warps (sm_90)
+SWEEP_BLOCKS = (1, 2, 4, 8, 16)
 
 
 def sweep(device, quick: bool, ceiling: float, rows: list[dict], save) -> None:
-    """The sparsetrain step under each launch shape (mask words per program x warps per program)."""
+    """The sparsetrain step under each launch shape: mask words per block x warps (at the default
+    blocks per program), then blocks per program (at the default words and warps)."""
     from sparsetrain.backends import triton_backend
 
     big = (2**24,) if quick else (2**28,)
+    square = (2**12, 2**12) if quick else (2**14, 2**14)
     cases = [
-        ("one tensor, SGD", "sgd", [big], 20.25),
-        ("ResNet-50 list, SGD", "sgd", resnet50_shapes(), 20.25),
-        ("one tensor, AdamW", "adamw", [big], 28.25),
+        ("one tensor, SGD", "sgd", [big], 20.25, 0.0),
+        ("ResNet-50 list, SGD", "sgd", resnet50_shapes(), 20.25, 0.0),
+        ("one tensor, AdamW", "adamw", [big], 28.25, 0.0),
+        ("90% of filters dead, SGD", "sgd", [square], 0.1 * 20.25 + 0.9 / 8, 0.9),  # dead: only mask bits
     ]
     defaults = triton_backend.configure()
+    words0, warps0, blocks0 = defaults
+    shapes = [(w, n, blocks0) for w in SWEEP_WORDS for n in SWEEP_WARPS]
+    shapes += [(words0, warps0, b) for b in SWEEP_BLOCKS if b != blocks0]
     try:
-        for words in SWEEP_WORDS:
-            for warps in SWEEP_WARPS:
-                triton_backend.configure(words=words, num_warps=warps)
-                for name, algo, shapes, bytes_per_elem in cases:
-                    ms = bench(ours(make(shapes, device), algo))
-                    floor_ms = sum(math.prod(x) for x in shapes) * bytes_per_elem / ceiling * 1e3
-                    rows.append(
-                        {"case": name, "words": words, "num_warps": warps, "ms": ms, "of_ceiling": floor_ms / ms}
-                    )
-                    save(rows[-1])
-                    torch.cuda.empty_cache()
+        for words, warps, blocks in shapes:
+            triton_backend.configure(words, warps, blocks)
+            for name, algo, tensor_shapes, bytes_per_elem, dead in cases:
+                ms = bench(ours(make(tensor_shapes, device), algo, dead_filter_fraction=dead))
+                floor_ms = sum(math.prod(x) for x in tensor_shapes) * bytes_per_elem / ceiling * 1e3
+                rows.append(
+                    {"case": name, "words": words, "num_warps": warps, "blocks": blocks, "ms": ms,
+                     "of_ceiling": floor_ms / ms}
+                )  # fmt: skip
+                save(rows[-1])
+                torch.cuda.empty_cache()
     finally:
         triton_backend.configure(*defaults)
 
@@ -192,7 +200,7 @@ def run(args, save) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "launch_shape": dict(zip(("words", "num_warps"), triton_backend.configure())),
+        "launch_shape": dict(zip(("words", "num_warps", "blocks"), triton_backend.configure())),
         "complete": False,
         "rows": [],
         "sweep": [],
@@ -201,6 +209,10 @@ def run(args, save) -> dict:
     report["copy_ceiling_TBps"] = ceiling / 1e12
     rows = report["rows"]
     save(report, {"copy_ceiling_TBps": report["copy_ceiling_TBps"]})
+    if args.sweep_only:
+        sweep(device, args.quick, ceiling, report["sweep"], lambda row: save(report, row))
+        report["complete"] = True
+        return report
     for name, algo, shapes, bytes_per_elem in scenarios(args.quick):
         numel = sum(math.prod(s) for s in shapes)
         row = {"scenario": name, "elements": numel}
@@ -242,8 +254,8 @@ def markdown(report: dict) -> str:
         f"# Fused step benchmark: {report['device']}",
         "",
         f"torch {report['torch']}, triton {report['triton']}, {report['date']}; copy ceiling "
-        f"{report.get('copy_ceiling_TBps', float('nan')):.2f} TB/s; launch shape {shape['words']} mask words x "
-        f"{shape['num_warps']} warps; command: `{report['command']}`",
+        f"{report.get('copy_ceiling_TBps', float('nan')):.2f} TB/s; launch shape: blocks of {shape['words']} mask "
+        f"words, {shape['blocks']} blocks per program, {shape['num_warps']} warps; command: `{report['command']}`",
         *([] if report.get("complete", True) else ["", "**Incomplete run: the rows below are all that finished.**"]),
         "",
         "| scenario | torch fused, no pruning | eager pruning | torch.compile pruning | sparsetrain | floor | "
@@ -268,17 +280,20 @@ def markdown(report: dict) -> str:
             ]
     if report.get("sweep"):
         cases = list(dict.fromkeys(r["case"] for r in report["sweep"]))
-        lines += ["", "Launch shapes (mask words per program x warps), sparsetrain step in ms (of ceiling):", ""]
-        lines += ["| words | warps | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
-        shapes = list(dict.fromkeys((r["words"], r["num_warps"]) for r in report["sweep"]))
-        for words, warps in shapes:
-            cells = [
-                f"{r['ms']:.3f} ({r['of_ceiling']:.0%})"
-                for case in cases
-                for r in report["sweep"]
-                if r["case"] == case and (r["words"], r["num_warps"]) == (words, warps)
-            ]
-            lines.append(f"| {words} | {warps} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Launch shapes, sparsetrain step in ms (fraction of the copy ceiling at the bytes the case must move):",
+            "",
+        ]
+        lines += ["| words | warps | blocks | " + " | ".join(cases) + " |", "|---|---|---|" + "---|" * len(cases)]
+        key = lambda r: (r["words"], r["num_warps"], r.get("blocks", 1))  # noqa: E731
+        for shape_key in dict.fromkeys(key(r) for r in report["sweep"]):
+            cells = {
+                r["case"]: f"{r['ms']:.3f} ({r['of_ceiling']:.0%})" for r in report["sweep"] if key(r) == shape_key
+            }
+            lines.append(
+                "| " + " | ".join(map(str, shape_key)) + " | " + " | ".join(cells.get(c, "-") for c in cases) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -287,22 +302,25 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="also time every launch shape (words x warps)")
+    parser.add_argument("--sweep", action="store_true", help="also time the launch shapes (words, warps, blocks)")
+    parser.add_argument("--sweep-only", action="store_true", help="time the launch shapes only")
     parser.add_argument("--words", type=int, help="mask words per program for the main table")
     parser.add_argument("--warps", type=int, help="warps per program for the main table")
+    parser.add_argument("--blocks", type=int, help="blocks per program for the main table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("step_report needs a CUDA device; none is visible", file=sys.stderr)
         return 2
     from sparsetrain.backends import triton_backend
 
-    triton_backend.configure(words=args.words, num_warps=args.warps)
+    triton_backend.configure(words=args.words, num_warps=args.warps, blocks=args.blocks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def save(report: dict, row: dict) -> None:
         print(json.dumps(row), flush=True)
-        stem = f"step_{report['device'].replace(' ', '_')}_{report['date'][:10]}"
+        kind = "sweep" if args.sweep_only else "step"
+        stem = f"{kind}_{report['device'].replace(' ', '_')}_{report['date'][:10]}"
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
         (out / f"{stem}.md").write_text(markdown(report))
 

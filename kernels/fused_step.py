@@ -101,8 +101,8 @@ def fused_step_kernel(
     seeds,
     block_tensor,
     block_local,
+    tensor_first_row,
     partials,
-    partial_base,
     found_inf_ptr,
     lr_ptr,
     lr,
@@ -132,41 +132,62 @@ def fused_step_kernel(
     LR_ON_DEVICE: tl.constexpr,
     ALIGNED: tl.constexpr,
     WORDS: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    t = tl.load(block_tensor + block)
-    local = tl.load(block_local + block).to(tl.int64)
+    """One program per group of BLOCKS consecutive blocks (WORDS mask words = WORDS * 32 elements each)
+    of one tensor: block_tensor / block_local name the tensor and the group's index in it."""
+    program = tl.program_id(0)
+    t = tl.load(block_tensor + program)
+    group = tl.load(block_local + program).to(tl.int64)  # this program's BLOCKS blocks in tensor t
     numel = _row_int(table, ROW_NUMEL, t, num_tensors)
-    word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
-    word_ok = word_idx < (numel + 31) // 32
+    num_words = (numel + 31) // 32
+    num_blocks = (num_words + WORDS - 1) // WORDS
+    first_row = tl.load(tensor_first_row + t).to(tl.int64)  # partial row of the tensor's first block
     if HAS_MASK:
-        words = tl.load(_row_ptr(table, ROW_MASK, t, num_tensors, tl.int32) + word_idx, mask=word_ok, other=0)
-        work = tl.sum((words != 0).to(tl.int32), axis=0)  # a dead block reads and writes nothing else
+        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
+        group_words = group * (BLOCKS * WORDS) + tl.arange(0, BLOCKS * WORDS).to(tl.int64)
+        group_mask = tl.load(mask_ptr + group_words, mask=group_words < num_words, other=0)
+        work = tl.sum((group_mask != 0).to(tl.int32), axis=0)  # a dead group reads its mask words, nothing else
     else:
-        words = tl.full([WORDS], -1, dtype=tl.int32)
         work = 1
     if HAS_FOUND_INF:  # a skipped step touches nothing (the finish launch ignores the partials)
         work = tl.where(tl.load(found_inf_ptr) == 0, work, 0)
     if work > 0:
-        if (local + 1) * (WORDS * 32) <= numel:
-            _step_block(
-                table, num_tensors, seeds, t, local, numel, words, partials, partial_base + block, lr_ptr, lr,
-                weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED,
-                AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE, ALIGNED, WORDS,
-                True,
-            )  # fmt: skip
-        else:
-            _step_block(
-                table, num_tensors, seeds, t, local, numel, words, partials, partial_base + block, lr_ptr, lr,
-                weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED,
-                AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE, ALIGNED, WORDS,
-                False,
-            )  # fmt: skip
-    elif HAS_STATS:
-        out = partials + (partial_base + block) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
-        tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
+        for b in range(BLOCKS):
+            local = group * BLOCKS + b
+            if local < num_blocks:
+                word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
+                if HAS_MASK:
+                    words = tl.load(mask_ptr + word_idx, mask=word_idx < num_words, other=0)
+                    live_words = tl.sum((words != 0).to(tl.int32), axis=0)
+                else:
+                    words = tl.full([WORDS], -1, dtype=tl.int32)
+                    live_words = 1
+                if live_words == 0:  # a dead block: its partials are zero
+                    if HAS_STATS:
+                        out = partials + (first_row + local) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
+                        tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
+                elif (local + 1) * (WORDS * 32) <= numel:
+                    _step_block(
+                        table, num_tensors, seeds, t, local, numel, words, partials, first_row + local, lr_ptr, lr,
+                        weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+                        decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                        DECOUPLED, AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE,
+                        ALIGNED, WORDS, True,
+                    )  # fmt: skip
+                else:
+                    _step_block(
+                        table, num_tensors, seeds, t, local, numel, words, partials, first_row + local, lr_ptr, lr,
+                        weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
+                        decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                        DECOUPLED, AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE,
+                        ALIGNED, WORDS, False,
+                    )  # fmt: skip
+    elif HAS_STATS:  # a dead group (or a skipped step): the partials of its blocks are zero
+        locals_ = group * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
+        cols = tl.arange(0, NUM_PARTIALS)
+        out = partials + (first_row + locals_)[:, None] * NUM_PARTIALS + cols[None, :]
+        tl.store(out, tl.zeros([BLOCKS, NUM_PARTIALS], dtype=tl.float64), mask=(locals_ < num_blocks)[:, None])
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from sparsetrain.kernels import fused_step, masked_weight
 TARGET = GPUTarget("cuda", 90, 32)
 MAIN_SIGNATURE = {
     "table": "*i64", "num_tensors": "i32", "seeds": "*i64", "block_tensor": "*i32", "block_local": "*i32",
-    "partials": "*fp64", "partial_base": "i32", "found_inf_ptr": "*i32", "lr_ptr": "*fp32", "lr": "fp32",
+    "tensor_first_row": "*i32", "partials": "*fp64", "found_inf_ptr": "*i32", "lr_ptr": "*fp32", "lr": "fp32",
     "weight_decay": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "beta2": "fp32",
     "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "decay_factor": "fp32",
     "log_betas_ptr": "*fp64",
@@ -44,6 +44,7 @@ VARIANTS = [
 EVERYTHING_ON = dict(
     HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, DECOUPLED=True, AMSGRAD=True, HAS_MASK=True, HAS_STATS=True,
     REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, HAS_FOUND_INF=True, LR_ON_DEVICE=True, ALIGNED=True, WORDS=32,
+    BLOCKS=8,
 )  # fmt: skip
 
 

@@ -50,14 +50,14 @@ def test_report_renders():
          "fraction_of_copy_ceiling": 0.9},
         {"scenario": "f", "elements": 10, "sparsetrain_dense_ms": 1.0, "sparsetrain_90pct_dead_ms": 0.2, "ratio": 0.2},
     ]  # fmt: skip
-    sweep = [{"case": "c", "words": 32, "num_warps": 4, "ms": 1.0, "of_ceiling": 0.9}]
+    sweep = [{"case": "c", "words": 32, "num_warps": 4, "blocks": 8, "ms": 1.0, "of_ceiling": 0.9}]
     report = {"device": "d", "torch": "t", "triton": "x", "date": "2026", "command": "c", "copy_ceiling_TBps": 3.0,
-              "launch_shape": {"words": 32, "num_warps": 4}, "rows": rows, "sweep": sweep}  # fmt: skip
+              "launch_shape": {"words": 32, "num_warps": 4, "blocks": 8}, "rows": rows, "sweep": sweep}  # fmt: skip
     text = step_report.markdown(report)
-    assert "| s | 2.000 ms |" in text and "0.20x" in text and "| 32 | 4 | 1.000 (90%) |" in text
+    assert "| s | 2.000 ms |" in text and "0.20x" in text and "| 32 | 4 | 8 | 1.000 (90%) |" in text
 
 
 def test_incomplete_report_renders():
     report = {"device": "d", "torch": "t", "triton": "x", "date": "2026", "command": "c", "complete": False,
-              "launch_shape": {"words": 32, "num_warps": 4}, "rows": [], "sweep": []}  # fmt: skip
+              "launch_shape": {"words": 32, "num_warps": 4, "blocks": 8}, "rows": [], "sweep": []}  # fmt: skip
     assert "Incomplete run" in step_report.markdown(report)

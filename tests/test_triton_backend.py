@@ -354,21 +354,26 @@ def test_optimizer_with_moving_and_missing_grads(name):
     assert max_rel_err(ours, ref) <= 1e-6
 
 
-@pytest.mark.parametrize("words, num_warps", [(8, 2), (64, 8)])
-def test_launch_shape_is_configurable(words, num_warps):
+@pytest.mark.parametrize("words, num_warps, blocks", [(8, 2, 1), (8, 4, 2), (64, 8, 8)])
+def test_launch_shape_is_configurable(words, num_warps, blocks):
     from sparsetrain.backends import triton_backend
 
     defaults = triton_backend.configure()
     try:
-        assert triton_backend.configure(words=words, num_warps=num_warps) == (words, num_warps)
-        sizes = [words * 32 - 1, words * 32 * 3 + 5, 33]  # blocks of the new size: full ones and tails
-        _run_both(sizes, [torch.float32] * 3, "adam", "stochastic", seed=14)
-        assert next(reversed(triton_backend._plans.values())).words == words
+        assert triton_backend.configure(words, num_warps, blocks) == (words, num_warps, blocks)
+        # blocks of the new size: full ones, tails, groups with fewer blocks than a program handles
+        block = words * 32
+        sizes = [block - 1, block * 5 + 5, 33, block * (2 * blocks + 1)]
+        _run_both(sizes, [torch.float32] * len(sizes), "adam", "stochastic", seed=14)
+        plan = next(reversed(triton_backend._plans.values()))
+        assert (plan.words, plan.blocks) == (words, blocks)
     finally:
         triton_backend.configure(*defaults)
 
 
-@pytest.mark.parametrize("bad", [dict(words=48), dict(words=0), dict(num_warps=32), dict(words=2.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(words=48), dict(words=0), dict(num_warps=32), dict(words=2.0), dict(blocks=3), dict(blocks=128)]
+)
 def test_bad_launch_shape_is_refused(bad):
     from sparsetrain.backends import triton_backend
 
@@ -413,3 +418,30 @@ def test_per_tensor_switches_off_in_the_same_launch(algo):
     _compare(ref, out)
     assert torch.equal(out["mask_words"][0], inputs["mask_words"][0])  # nothing sampled there
     assert not torch.equal(out["mask_words"][1], inputs["mask_words"][1])
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_dead_groups_and_dead_blocks_in_live_groups(algo):
+    from sparsetrain.backends import triton_backend
+
+    group = triton_backend.LaunchConfig.blocks * BLOCK  # elements per program
+    n = 2 * group + BLOCK + 17  # group 0 all dead, group 1 with a dead block, a tail group
+    inputs = _inputs([n, 50], [torch.float32] * 2, algo=algo, prune="stochastic", seed=17)
+    alive = masks.unpack(inputs["mask_words"][0], n)
+    alive[:group] = False
+    alive[group + BLOCK : group + 2 * BLOCK] = False
+    inputs["mask_words"][0] = masks.pack(alive)
+    inputs["params"][0] *= alive
+    for states in inputs["state_lists"]:
+        states[0] *= alive
+    w = inputs["params"][0].double().abs()
+    inputs["stats"][0][contract.STAT_ALIVE] = float(alive.sum())
+    inputs["stats"][0][contract.STAT_SUM_ABS_W] = float(w.sum())
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic")
+    out["params"][0][:group] = float("nan")  # a dead group's values are never read (nor written)
+    _call(out, "triton", algo=algo, prune="stochastic")
+    assert torch.isnan(out["params"][0][:group]).all()
+    out["params"][0][:group] = 0.0
+    assert _mask_disagreements(inputs, ref, out, "stochastic") == 0
+    _compare(ref, out)

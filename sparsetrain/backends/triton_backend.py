@@ -28,33 +28,46 @@ _PLAN_CACHE_SIZE = 16
 
 
 class LaunchConfig:
-    """Mask words per program (32 elements each) and warps per program of the main launch.
+    """The main launch's shape: a block is ``words`` mask words (32 elements each), a program
+    handles ``blocks`` consecutive blocks of one tensor, one block at a time, with ``num_warps`` warps.
 
-    Defaults: 32 words (1024 elements) and 4 warps. ``SPARSETRAIN_TRITON_WORDS`` and
-    ``SPARSETRAIN_TRITON_WARPS`` set them at import; :func:`configure` changes them at run time
-    (the benchmark's sweep does). The block map of a cached plan depends on the words, so a change
-    drops the cached plans.
+    Defaults: 32 words (1024 elements), 8 blocks per program, 4 warps. A group of blocks whose mask
+    words are all zero costs its program one load of those words. ``SPARSETRAIN_TRITON_WORDS``,
+    ``SPARSETRAIN_TRITON_BLOCKS`` and ``SPARSETRAIN_TRITON_WARPS`` set them at import; :func:`configure`
+    changes them at run time (the benchmark's sweep does). The block map of a cached plan depends on
+    words and blocks, so changing them drops the cached plans.
     """
 
     words: int = 32
     num_warps: int = 4
+    blocks: int = 8
 
 
-def configure(words: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
-    """Set the launch shape (powers of two: words 1..256, warps 1..16); returns the new (words, warps)."""
-    for name, value, top in (("words", words, 256), ("num_warps", num_warps, 16)):
+def configure(
+    words: int | None = None, num_warps: int | None = None, blocks: int | None = None
+) -> tuple[int, int, int]:
+    """Set the launch shape (powers of two: words 1..256, warps 1..16, blocks 1..64).
+
+    Returns the shape in force afterwards as (words, num_warps, blocks).
+    """
+    for name, value, top in (("words", words, 256), ("num_warps", num_warps, 16), ("blocks", blocks, 64)):
         if value is not None and (not isinstance(value, int) or value < 1 or value > top or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two between 1 and {top}, got {value!r}")
-    if words is not None and words != LaunchConfig.words:
-        LaunchConfig.words = words
+    if (words or LaunchConfig.words, blocks or LaunchConfig.blocks) != (LaunchConfig.words, LaunchConfig.blocks):
+        LaunchConfig.words = words or LaunchConfig.words
+        LaunchConfig.blocks = blocks or LaunchConfig.blocks
         _plans.clear()
     if num_warps is not None:
         LaunchConfig.num_warps = num_warps
-    return LaunchConfig.words, LaunchConfig.num_warps
+    return LaunchConfig.words, LaunchConfig.num_warps, LaunchConfig.blocks
 
 
 def _configure_from_env() -> None:
-    for key, name in (("SPARSETRAIN_TRITON_WORDS", "words"), ("SPARSETRAIN_TRITON_WARPS", "num_warps")):
+    for key, name in (
+        ("SPARSETRAIN_TRITON_WORDS", "words"),
+        ("SPARSETRAIN_TRITON_WARPS", "num_warps"),
+        ("SPARSETRAIN_TRITON_BLOCKS", "blocks"),
+    ):
         if os.environ.get(key):
             try:
                 configure(**{name: int(os.environ[key])})
@@ -95,28 +108,28 @@ class _Plan:
         table[int(fs.ROW_SHARD_OFFSET)] = torch.tensor(shard, dtype=torch.int64)
         self.table = table.to(device)
         self.num_tensors = num_tensors
-        self.words = LaunchConfig.words
+        self.words, self.blocks = LaunchConfig.words, LaunchConfig.blocks
         blocks = [max(1, math.ceil(n / (self.words * 32))) for n in numels]
-        first = [0] * num_tensors
-        self.launches = []  # (param dtype, block_tensor, block_local, partial_base, num_blocks)
+        first = [0] * num_tensors  # partial row of each tensor's first block
+        self.launches = []  # (param dtype, program -> tensor, program -> group index, number of programs)
         base = 0
         for dtype in sorted(set(dtypes), key=str):
-            members = [t for t in range(num_tensors) if dtypes[t] == dtype]
             block_tensor, block_local = [], []
-            for t in members:
-                first[t] = base + len(block_tensor)
-                block_tensor += [t] * blocks[t]
-                block_local += list(range(blocks[t]))
+            for t in (t for t in range(num_tensors) if dtypes[t] == dtype):
+                first[t] = base
+                base += blocks[t]
+                groups = math.ceil(blocks[t] / self.blocks)
+                block_tensor += [t] * groups
+                block_local += list(range(groups))
             self.launches.append(
                 (
                     dtype,
                     torch.tensor(block_tensor, dtype=torch.int32, device=device),
                     torch.tensor(block_local, dtype=torch.int32, device=device),
-                    base,
                     len(block_tensor),
                 )
             )
-            base += len(block_tensor)
+        self.first_row = torch.tensor(first, dtype=torch.int32, device=device)
         self.partials = torch.empty(base * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device)
         self.segments = None  # (segment first rows, segment row counts, segment sums) when used
         if max(blocks) > SEGMENT_THRESHOLD:
@@ -286,17 +299,17 @@ def _launch(
             device=device,
         )
     dtype_map = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-    for dtype, block_tensor, block_local, base, num_blocks in plan.launches:
+    for dtype, block_tensor, block_local, num_programs in plan.launches:
         if dtype not in dtype_map:
             raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {dtype}")
-        fs.fused_step_kernel[(num_blocks,)](
+        fs.fused_step_kernel[(num_programs,)](
             plan.table,
             plan.num_tensors,
             seeds_arg,
             block_tensor,
             block_local,
+            plan.first_row,
             plan.partials,
-            base,
             found,
             lr_ptr,
             lr,
@@ -326,6 +339,7 @@ def _launch(
             LR_ON_DEVICE=lr_tensor is not None,
             ALIGNED=plan.aligned,
             WORDS=plan.words,
+            BLOCKS=plan.blocks,
             num_warps=LaunchConfig.num_warps,
         )
     partials = plan.partials
