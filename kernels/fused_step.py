@@ -14,8 +14,9 @@ Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and 
     write w*a', states*a', mask words; per-block partial statistics in fp64
 
 Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
-20.25 B. A block whose mask words are all zero reads nothing but its mask words and writes nothing
-but its partials. Inside a live block every element is streamed: a block wholly inside its tensor
+20.25 B. A program handles a group of consecutive blocks of one tensor, one block at a time; a
+group (or a block) whose mask words are all zero reads nothing but its mask words and writes
+nothing but its zero partials, so a dead group of 8 x 1024 elements costs its program one load. Inside a live block every element is streamed: a block wholly inside its tensor
 uses unmasked 16-byte vector loads and stores (a dead element is written back as it was read,
 since DRAM moves 32-byte sectors anyway); the tail block masks by bounds.
 A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
