@@ -377,10 +377,10 @@ def _step_block(
             inv_tm_now = (1.0 / tm_now).to(tl.float32)
             kernel = tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0)
         out = partials + partial_row * NUM_PARTIALS
-        tl.store(out + 0, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0).to(tl.float64))  # exact count
-        tl.store(out + 1, tl.sum(tl.sum(abs_w.to(tl.float64), axis=1), axis=0))
-        tl.store(out + 2, tl.sum(tl.sum(kernel.to(tl.float64), axis=1), axis=0))
-        tl.store(out + 3, tl.sum(tl.sum(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), axis=1), axis=0))
+        tl.store(out + 0, tl.sum(keep.to(tl.int32)).to(tl.float64))  # exact count
+        tl.store(out + 1, tl.sum(abs_w.to(tl.float64)))
+        tl.store(out + 2, tl.sum(kernel.to(tl.float64)))
+        tl.store(out + 3, tl.sum(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64)))
 
 
 @triton.jit
