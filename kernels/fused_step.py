@@ -16,9 +16,10 @@ Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and 
 Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
 20.25 B. A program handles a group of consecutive blocks of one tensor, one block at a time; a
 group (or a block) whose mask words are all zero reads nothing but its mask words and writes
-nothing but its zero partials, so a dead group of 8 x 1024 elements costs its program one load. Inside a live block every element is streamed: a block wholly inside its tensor
-uses unmasked 16-byte vector loads and stores (a dead element is written back as it was read,
-since DRAM moves 32-byte sectors anyway); the tail block masks by bounds.
+nothing but its zero partials, so a dead group of 8 x 1024 elements costs its program one load.
+Inside a live block every element is streamed: a block wholly inside its tensor uses unmasked
+16-byte vector loads and stores (a dead element is written back as it was read, since DRAM
+moves 32-byte sectors anyway); the tail block masks by bounds.
 A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
 and advances the step counters. When a tensor has many blocks (a 268M tensor has 262144), a
 launch before it reduces fixed segments of the partials in parallel (``reduce_partials_kernel``),
@@ -144,8 +145,8 @@ def fused_step_kernel(
     num_words = (numel + 31) // 32
     num_blocks = (num_words + WORDS - 1) // WORDS
     first_row = tl.load(tensor_first_row + t).to(tl.int64)  # partial row of the tensor's first block
+    mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
     if HAS_MASK:
-        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
         group_words = group * (BLOCKS * WORDS) + tl.arange(0, BLOCKS * WORDS).to(tl.int64)
         group_mask = tl.load(mask_ptr + group_words, mask=group_words < num_words, other=0)
         work = tl.sum((group_mask != 0).to(tl.int32), axis=0)  # a dead group reads its mask words, nothing else
@@ -154,6 +155,59 @@ def fused_step_kernel(
     if HAS_FOUND_INF:  # a skipped step touches nothing (the finish launch ignores the partials)
         work = tl.where(tl.load(found_inf_ptr) == 0, work, 0)
     if work > 0:
+        # Per-tensor values, once per program: the block loop stores through pointers the compiler
+        # cannot prove apart from these, so it would otherwise reload and recompute them per block.
+        param_ptr = _row_ptr(table, ROW_PARAM, t, num_tensors, PARAM_DTYPE)
+        grad_ptr = _row_ptr(table, ROW_GRAD, t, num_tensors, PARAM_DTYPE)
+        state1_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
+        state2_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, tl.float32)
+        state3_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, tl.float32)
+        group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
+        stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
+        coef_ptr = _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32)
+        shard_offset = _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)
+        inner = _row_int(table, ROW_INNER, t, num_tensors)
+        groups = _row_int(table, ROW_GROUPS, t, num_tensors)
+        if LR_ON_DEVICE:
+            lr = tl.load(lr_ptr).to(tl.float32)
+            decay_factor = 1.0 - lr * weight_decay
+        step = tl.load(_row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)) + 1.0
+        step_size = lr
+        bias_correction2_sqrt = lr
+        if IS_ADAM:  # bias corrections in fp64 from log(beta) held in fp64
+            step64 = step.to(tl.float64)
+            bias_correction1 = 1.0 - tl.exp(step64 * tl.load(log_betas_ptr))
+            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1))).to(tl.float32)
+            step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
+        l2 = tl.load(coef_ptr + COEF_L2) if REGULARIZE else 0.0
+        l1 = tl.load(coef_ptr + COEF_L1) if REGULARIZE else 0.0
+        sd = 0.0
+        inv_scale = 0.0
+        if REGULARIZE and HAS_STATS:  # selective decay: relevance 1 - |g| / (beta * mean |g| of the last step)
+            gbar = tl.load(stats_ptr + STAT_SUM_ABS_G) / tl.maximum(tl.load(stats_ptr + STAT_ALIVE), 1.0)
+            scale = tl.load(coef_ptr + COEF_SD_BETA) * gbar.to(tl.float32)
+            sd = tl.where(scale > 0, tl.load(coef_ptr + COEF_SD), 0.0)  # no relevance without a scale
+            inv_scale = 1.0 / tl.where(scale > 0, scale, 1.0)
+        sample = 0
+        sample_c = 0.0
+        inv_tm = 0.0
+        seed = 0
+        if PRUNE == PRUNE_STOCHASTIC:
+            count = tl.load(coef_ptr + COEF_PRUNE_COUNT)
+            kernel_sum = tl.load(stats_ptr + STAT_SUM_KERNEL).to(tl.float32)
+            tm = tl.load(stats_ptr + STAT_TM).to(tl.float32)
+            # sampling needs all three > 0 (integer flags: the interpreter has no scalar-bool &)
+            sample = tl.where(count > 0, 1, 0) * tl.where(kernel_sum > 0, 1, 0) * tl.where(tm > 0, 1, 0)
+            sample_c = count / tl.where(sample != 0, kernel_sum, 1.0)
+            inv_tm = 1.0 / tl.where(sample != 0, tm, 1.0)
+            seed = tl.load(seeds + t)
+        threshold = tl.load(coef_ptr + COEF_THRESHOLD) if (PRUNE == PRUNE_LOW or PRUNE == PRUNE_HIGH) else 0.0
+        kernel_on = 0
+        inv_tm_now = 0.0
+        if HAS_STATS:
+            tm_now = _kernel_scale(stats_ptr, coef_ptr)
+            kernel_on = tl.where(tm_now > 0, 1, 0)
+            inv_tm_now = (1.0 / tl.where(tm_now > 0, tm_now, 1.0)).to(tl.float32)
         for b in range(BLOCKS):
             local = group * BLOCKS + b
             if local < num_blocks:
@@ -170,19 +224,23 @@ def fused_step_kernel(
                         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
                 elif (local + 1) * (WORDS * 32) <= numel:
                     _step_block(
-                        table, num_tensors, seeds, t, local, numel, words, partials, first_row + local, lr_ptr, lr,
+                        local, numel, words, partials + (first_row + local) * NUM_PARTIALS, param_ptr, grad_ptr,
+                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, inner, groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                        DECOUPLED, AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE,
-                        ALIGNED, WORDS, True,
+                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
+                        sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+                        PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, WORDS, True,
                     )  # fmt: skip
                 else:
                     _step_block(
-                        table, num_tensors, seeds, t, local, numel, words, partials, first_row + local, lr_ptr, lr,
+                        local, numel, words, partials + (first_row + local) * NUM_PARTIALS, param_ptr, grad_ptr,
+                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, inner, groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, log_betas_ptr, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                        DECOUPLED, AMSGRAD, HAS_MASK, HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, LR_ON_DEVICE,
-                        ALIGNED, WORDS, False,
+                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
+                        sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+                        PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, WORDS, False,
                     )  # fmt: skip
     elif HAS_STATS:  # a dead group (or a skipped step): the partials of its blocks are zero
         locals_ = group * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
@@ -193,54 +251,25 @@ def fused_step_kernel(
 
 @triton.jit
 def _step_block(
-    table,
-    num_tensors,
-    seeds,
-    t,
-    local,
-    numel,
-    words,
-    partials,
-    partial_row,
-    lr_ptr,
-    lr,
-    weight_decay,
-    momentum,
-    one_minus_dampening,
-    beta2,
-    one_minus_beta1,
-    one_minus_beta2,
-    eps,
-    decay_factor,
-    log_betas_ptr,
-    PARAM_DTYPE: tl.constexpr,
-    IS_ADAM: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    DECOUPLED: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_STATS: tl.constexpr,
-    REGULARIZE: tl.constexpr,
-    L1_PROX: tl.constexpr,
-    HAS_GROUPS: tl.constexpr,
-    PRUNE: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    WORDS: tl.constexpr,
-    FULL: tl.constexpr,
-):
-    """One block of WORDS * 32 elements with at least one live element.
+    local, numel, words, out, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
+    shard_offset, inner, groups, lr, weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1,
+    one_minus_beta2, eps, decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
+    sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+    PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    PRUNE: tl.constexpr, ALIGNED: tl.constexpr, WORDS: tl.constexpr, FULL: tl.constexpr,
+):  # fmt: skip
+    """One block of WORDS * 32 elements with at least one live element; its partials go to ``out``.
 
     FULL blocks lie wholly inside the tensor and use unmasked (vectorizable) loads and stores; a dead
     element inside a live block is read and written back unchanged, so memory sees the same values
-    as if it had been skipped.
+    as if it had been skipped. Per-tensor values arrive computed (see the kernel).
     """
     lanes = tl.arange(0, 32)
     word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
     offs = word_idx[:, None] * 32 + lanes[None, :]
-    global_offs = offs + _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)  # index in the unsharded tensor
+    global_offs = offs + shard_offset  # index in the unsharded tensor
     if FULL:
         inside = tl.full([WORDS, 32], True, dtype=tl.int1)
     else:
@@ -250,41 +279,23 @@ def _step_block(
     else:
         live = inside
 
-    param_ptr = _row_ptr(table, ROW_PARAM, t, num_tensors, PARAM_DTYPE)
-    grad_ptr = _row_ptr(table, ROW_GRAD, t, num_tensors, PARAM_DTYPE)
     w_raw = load_block(param_ptr, offs, inside, ALIGNED, FULL)
     g_raw = tl.where(live, load_block(grad_ptr, offs, inside, ALIGNED, FULL).to(tl.float32), 0.0)
     w = tl.where(live, w_raw.to(tl.float32), 0.0)
     g = -g_raw if MAXIMIZE else g_raw
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float32)
-        decay_factor = 1.0 - lr * weight_decay
-    step = tl.load(_row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)) + 1.0
-    stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
-    coef_ptr = _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32)
 
-    # regularization gradient
+    # regularization gradient; terms whose per-tensor coefficient is zero are skipped by uniform branches
     r = tl.zeros([WORDS, 32], dtype=tl.float32)
     if HAS_GROUPS:
-        group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
-        group = (global_offs // _row_int(table, ROW_INNER, t, num_tensors)) % _row_int(
-            table, ROW_GROUPS, t, num_tensors
-        )
+        group = (global_offs // inner) % groups
         r = r + tl.load(group_ptr + group, mask=live, other=0.0) * w
     if REGULARIZE:
-        r = r + tl.load(coef_ptr + COEF_L2) * w
+        r = r + l2 * w
         if not L1_PROX:
-            l1 = tl.load(coef_ptr + COEF_L1)
-            if l1 != 0:  # a per-tensor value: the branch is uniform, unused terms cost nothing
+            if l1 != 0:
                 r = r + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         if HAS_STATS:
-            gbar = (tl.load(stats_ptr + STAT_SUM_ABS_G) / tl.maximum(tl.load(stats_ptr + STAT_ALIVE), 1.0)).to(
-                tl.float32
-            )
-            scale = tl.load(coef_ptr + COEF_SD_BETA) * gbar
-            sd = tl.where(scale > 0, tl.load(coef_ptr + COEF_SD), 0.0)  # no relevance without a scale
             if sd != 0:
-                inv_scale = 1.0 / scale
                 r = r + sd * w * tl.maximum(1.0 - tl.abs(g_raw) * inv_scale, 0.0)
 
     # optimizer update
@@ -295,20 +306,13 @@ def _step_block(
             g = g + weight_decay * w
         if HAS_GROUPS or REGULARIZE:
             g = g + r
-        m_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
-        v_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, tl.float32)
-        m_old = load_block(m_ptr, offs, inside, ALIGNED, FULL)
-        v_old = load_block(v_ptr, offs, inside, ALIGNED, FULL)
+        m_old = load_block(state1_ptr, offs, inside, ALIGNED, FULL)
+        v_old = load_block(state2_ptr, offs, inside, ALIGNED, FULL)
         weight = one_minus_beta1
         m = tl.where(weight < 0.5, m_old + weight * (g - m_old), g - (g - m_old) * (1.0 - weight))  # torch.lerp
         v = v_old * beta2 + one_minus_beta2 * (g * g)
-        step64 = step.to(tl.float64)  # bias corrections in fp64 from log(beta) held in fp64
-        bias_correction1 = 1.0 - tl.exp(step64 * tl.load(log_betas_ptr))
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1))).to(tl.float32)
-        step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
         if AMSGRAD:
-            vmax_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, tl.float32)
-            vmax_old = load_block(vmax_ptr, offs, inside, ALIGNED, FULL)
+            vmax_old = load_block(state3_ptr, offs, inside, ALIGNED, FULL)
             vmax = tl.maximum(vmax_old, v)
             denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
         else:
@@ -319,8 +323,7 @@ def _step_block(
         if HAS_GROUPS or REGULARIZE:
             g = g + r
         if HAS_MOMENTUM:
-            buf_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
-            buf_old = load_block(buf_ptr, offs, inside, ALIGNED, FULL)
+            buf_old = load_block(state1_ptr, offs, inside, ALIGNED, FULL)
             buf = tl.where(step == 1.0, g, buf_old * momentum + one_minus_dampening * g)
             if NESTEROV:
                 g = g + momentum * buf
@@ -329,54 +332,42 @@ def _step_block(
         w = w - lr * g
     if REGULARIZE:
         if L1_PROX:
-            shrink = lr * tl.load(coef_ptr + COEF_L1)
-            w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - shrink, 0.0)
+            w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - lr * l1, 0.0)
 
     # pruning decision on the updated weights
     keep = live
     if PRUNE == PRUNE_STOCHASTIC:
-        count = tl.load(coef_ptr + COEF_PRUNE_COUNT)
-        kernel_sum = tl.load(stats_ptr + STAT_SUM_KERNEL).to(tl.float32)
-        tm = tl.load(stats_ptr + STAT_TM).to(tl.float32)
-        # sampling needs all three > 0 (integer flags: the interpreter has no scalar-bool &)
-        active = tl.where(count > 0, 1, 0) * tl.where(kernel_sum > 0, 1, 0) * tl.where(tm > 0, 1, 0)
-        if active != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
-            c = count / kernel_sum
-            inv_tm = 1.0 / tm
-            q = tl.minimum(c * tl.exp(-tl.abs(w) * inv_tm), 1.0)
-            u = tl.rand(tl.load(seeds + t), global_offs)
+        if sample != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
+            q = tl.minimum(sample_c * tl.exp(-tl.abs(w) * inv_tm), 1.0)
+            u = tl.rand(seed, global_offs)
             keep = live & (u >= q)
     elif PRUNE == PRUNE_LOW:
-        keep = live & (tl.abs(w) >= tl.load(coef_ptr + COEF_THRESHOLD))
+        keep = live & (tl.abs(w) >= threshold)
     elif PRUNE == PRUNE_HIGH:
-        keep = live & (tl.abs(w) <= tl.load(coef_ptr + COEF_THRESHOLD))
+        keep = live & (tl.abs(w) <= threshold)
     elif PRUNE == PRUNE_GROUP:
-        flagged = tl.load(group_ptr + _row_int(table, ROW_GROUPS, t, num_tensors) + group, mask=live, other=0.0)
+        flagged = tl.load(group_ptr + groups + group, mask=live, other=0.0)
         keep = live & (flagged == 0)
 
     # writes: pruned-now elements become zero; dead-before elements get back what was read
     w = tl.where(keep, w, 0.0)
     store_block(param_ptr, offs, tl.where(live, w.to(PARAM_DTYPE), w_raw), inside, ALIGNED, FULL)
     if IS_ADAM:
-        store_block(m_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), inside, ALIGNED, FULL)
-        store_block(v_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), inside, ALIGNED, FULL)
+        store_block(state1_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), inside, ALIGNED, FULL)
+        store_block(state2_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), inside, ALIGNED, FULL)
         if AMSGRAD:
-            store_block(vmax_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), inside, ALIGNED, FULL)
+            store_block(state3_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), inside, ALIGNED, FULL)
     elif HAS_MOMENTUM:
-        store_block(buf_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), inside, ALIGNED, FULL)
+        store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), inside, ALIGNED, FULL)
     if HAS_MASK:
-        mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
         new_words = tl.sum(keep.to(tl.int32) << lanes[None, :], axis=1)
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
     if HAS_STATS:
         abs_w = tl.abs(w)
-        tm_now = _kernel_scale(stats_ptr, coef_ptr)
         kernel = tl.zeros([WORDS, 32], dtype=tl.float32)
-        if tm_now > 0:
-            inv_tm_now = (1.0 / tm_now).to(tl.float32)
+        if kernel_on != 0:
             kernel = tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0)
-        out = partials + partial_row * NUM_PARTIALS
         tl.store(out + 0, tl.sum(keep.to(tl.int32)).to(tl.float64))  # exact count
         tl.store(out + 1, tl.sum(abs_w.to(tl.float64)))
         tl.store(out + 2, tl.sum(kernel.to(tl.float64)))
