@@ -248,6 +248,10 @@ def run(args, save) -> dict:
     return report
 
 
+def _warps(num_warps: int) -> str:
+    return str(num_warps) if num_warps else "4 (SGD) / 8 (AdamW)"
+
+
 def markdown(report: dict) -> str:
     shape = report["launch_shape"]
     lines = [
@@ -255,7 +259,8 @@ def markdown(report: dict) -> str:
         "",
         f"torch {report['torch']}, triton {report['triton']}, {report['date']}; copy ceiling "
         f"{report.get('copy_ceiling_TBps', float('nan')):.2f} TB/s; launch shape: blocks of {shape['words']} mask "
-        f"words, {shape['blocks']} blocks per program, {shape['num_warps']} warps; command: `{report['command']}`",
+        f"words, {shape['blocks']} blocks per program, {_warps(shape['num_warps'])} warps; "
+        f"command: `{report['command']}`",
         *([] if report.get("complete", True) else ["", "**Incomplete run: the rows below are all that finished.**"]),
         "",
         "| scenario | torch fused, no pruning | eager pruning | torch.compile pruning | sparsetrain | floor | "
@@ -291,8 +296,9 @@ def markdown(report: dict) -> str:
             cells = {
                 r["case"]: f"{r['ms']:.3f} ({r['of_ceiling']:.0%})" for r in report["sweep"] if key(r) == shape_key
             }
+            words, warps, blocks = shape_key
             lines.append(
-                "| " + " | ".join(map(str, shape_key)) + " | " + " | ".join(cells.get(c, "-") for c in cases) + " |"
+                f"| {words} | {_warps(warps)} | {blocks} | " + " | ".join(cells.get(c, "-") for c in cases) + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -378,6 +378,8 @@ def test_bad_launch_shape_is_refused(bad):
     from sparsetrain.backends import triton_backend
 
     before = triton_backend.configure()
+    assert triton_backend.configure(num_warps=0)[1] == 0  # 0: warps chosen by optimizer
+    triton_backend.configure(*before)
     with pytest.raises(ValueError, match="power of two"):
         triton_backend.configure(**bad)
     assert triton_backend.configure() == before

@@ -31,7 +31,9 @@ class LaunchConfig:
     """The main launch's shape: a block is ``words`` mask words (32 elements each), a program
     handles ``blocks`` consecutive blocks of one tensor, one block at a time, with ``num_warps`` warps.
 
-    Defaults: 32 words (1024 elements), 8 blocks per program, 4 warps. A group of blocks whose mask
+    Defaults: 32 words (1024 elements), 8 blocks per program, and ``num_warps=0``: 4 warps for SGD,
+    8 for Adam / AdamW (whose update needs more registers: at 4 warps only 2 programs fit an H100
+    SM, at 8 warps 2 programs of twice the warps). A group of blocks whose mask
     words are all zero costs its program one load of those words. ``SPARSETRAIN_TRITON_WORDS``,
     ``SPARSETRAIN_TRITON_BLOCKS`` and ``SPARSETRAIN_TRITON_WARPS`` set them at import; :func:`configure`
     changes them at run time (the benchmark's sweep does). The block map of a cached plan depends on
@@ -39,18 +41,23 @@ class LaunchConfig:
     """
 
     words: int = 32
-    num_warps: int = 4
+    num_warps: int = 0  # 0: by optimizer, see AUTO_WARPS
     blocks: int = 8
+
+
+AUTO_WARPS = {False: 4, True: 8}  # is_adam -> warps, when LaunchConfig.num_warps is 0
 
 
 def configure(
     words: int | None = None, num_warps: int | None = None, blocks: int | None = None
 ) -> tuple[int, int, int]:
-    """Set the launch shape (powers of two: words 1..256, warps 1..16, blocks 1..64).
+    """Set the launch shape (powers of two: words 1..256, warps 1..16 or 0 for by-optimizer, blocks 1..64).
 
     Returns the shape in force afterwards as (words, num_warps, blocks).
     """
     for name, value, top in (("words", words, 256), ("num_warps", num_warps, 16), ("blocks", blocks, 64)):
+        if name == "num_warps" and value == 0:
+            continue
         if value is not None and (not isinstance(value, int) or value < 1 or value > top or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two between 1 and {top}, got {value!r}")
     if (words or LaunchConfig.words, blocks or LaunchConfig.blocks) != (LaunchConfig.words, LaunchConfig.blocks):
@@ -340,7 +347,7 @@ def _launch(
             ALIGNED=plan.aligned,
             WORDS=plan.words,
             BLOCKS=plan.blocks,
-            num_warps=LaunchConfig.num_warps,
+            num_warps=LaunchConfig.num_warps or AUTO_WARPS[bool(is_adam)],
         )
     partials = plan.partials
     if stats and plan.segments is not None:
