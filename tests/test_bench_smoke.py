@@ -1,4 +1,4 @@
-"""The GPU benchmark's step builders run (tiny sizes, CPU): a device call must not be lost to a typo.
+"""The GPU benchmark's step builders run (tiny sizes; CPU in CI): a device call must not be lost to a typo.
 
 Times are not taken here; only that every peer and the sparsetrain step execute and that the
 report renders. Under TRITON_INTERPRET=1 the sparsetrain step runs the interpreted Triton kernels.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import triton_usable
+from conftest import DEVICE, triton_usable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import step_report  # noqa: E402
@@ -20,7 +20,7 @@ SHAPES = [(8, 3, 3, 3), (8,), (40, 33)]
 
 @pytest.mark.parametrize("algo", ["sgd", "adamw"])
 def test_every_peer_and_the_fused_step_run(algo):
-    device = torch.device("cpu")
+    device = DEVICE
     builders = [step_report.torch_fused, step_report.eager_pruning, step_report.ours]
     for build in builders:
         params = step_report.make(SHAPES, device)
@@ -31,14 +31,14 @@ def test_every_peer_and_the_fused_step_run(algo):
 
 
 def test_compiled_peer_runs():
-    params = step_report.make(SHAPES, torch.device("cpu"))
+    params = step_report.make(SHAPES, DEVICE)
     before = [p.detach().clone() for p in params]
     step_report.compiled_pruning(params, "sgd")()
     assert all(not torch.equal(a, b) for a, b in zip(params, before))
 
 
 def test_structured_case_keeps_dead_filters_at_zero():
-    params = step_report.make([(20, 7)], torch.device("cpu"))
+    params = step_report.make([(20, 7)], DEVICE)
     step = step_report.ours(params, "sgd", dead_filter_fraction=0.9)
     step()
     assert torch.count_nonzero(params[0][:18]) == 0 and torch.count_nonzero(params[0][18:]) > 0

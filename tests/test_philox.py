@@ -35,14 +35,16 @@ def _triton_rand(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.
         tl.store(ints_ptr + idx, tl.randint(seed, offs), mask=inside)
         tl.store(uniforms_ptr + idx, tl.rand(seed, offs), mask=inside)
 
-    ints = torch.empty(offsets.numel(), dtype=torch.int32)
-    uniforms = torch.empty(offsets.numel(), dtype=torch.float32)
-    kernel[(triton.cdiv(offsets.numel(), 256),)](offsets, ints, uniforms, seed, offsets.numel(), BLOCK=256)
-    return ints, uniforms
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted
+    ints = torch.empty(offsets.numel(), dtype=torch.int32, device=device)
+    uniforms = torch.empty(offsets.numel(), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(offsets.numel(), 256),)
+    kernel[grid](offsets.to(device), ints, uniforms, seed, offsets.numel(), BLOCK=256)
+    return ints.cpu(), uniforms.cpu()
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 977, philox.event_seed(7, 3, 11)])
-def test_matches_triton_interpreter(seed):
+def test_matches_triton(seed):
     pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(seed % 2**31)
     offsets = torch.cat(

@@ -141,11 +141,11 @@ def test_state_dict_from_other_model_or_class_is_rejected():
 def test_capturable_needs_a_device_side_backend_and_keeps_lr_on_device():
     with pytest.raises(ValueError, match="capturable=True needs the triton backend"):
         sparsetrain.optim.SGD(make_params([(3,)]), lr=0.1, backend="torch", capturable=True)
-    from conftest import triton_usable
+    from conftest import DEVICE, triton_usable
 
     if not triton_usable()[0]:
         pytest.skip(triton_usable()[1])
-    params = make_params([(40, 3)])
+    params = make_params([(40, 3)], device=DEVICE)
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     opt = sparsetrain.optim.AdamW(params, lr=0.01, backend="triton", capturable=True)
     ref = torch.optim.AdamW(ref_params, lr=0.01)
