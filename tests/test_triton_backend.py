@@ -447,3 +447,36 @@ def test_dead_groups_and_dead_blocks_in_live_groups(algo):
     out["params"][0][:group] = 0.0
     assert _mask_disagreements(inputs, ref, out, "stochastic") == 0
     _compare(ref, out)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_nothing_is_written_past_the_end_of_any_tensor(algo, masked):
+    # every tensor is the front of a larger buffer whose tail holds a sentinel: a store past the end
+    # (a tail block taken for a full one, a mask word or partial row too many) changes the tail.
+    # Unmasked, every element in a full block is live, so such a store would write updated values.
+    sizes = [2 * BLOCK, 3 * BLOCK + 70, BLOCK - 1, 33, 8 * BLOCK + 1]
+    prune = "stochastic" if masked else "none"
+    inputs = _inputs(sizes, [torch.float32] * len(sizes), algo=algo, prune=prune, seed=18)
+    if not masked:
+        inputs["mask_words"] = []
+    pad = 4 * BLOCK
+    buffers = {}
+
+    def padded(key, x):
+        buf = torch.full((x.numel() + pad,), 12345, dtype=x.dtype, device=x.device)
+        buf[: x.numel()] = x.reshape(-1)
+        buffers.setdefault(key, []).append(buf)
+        return buf[: x.numel()].view_as(x)
+
+    for key in ("params", "grads", "mask_words"):
+        inputs[key] = [padded(key, x) for x in inputs[key]]
+    inputs["state_lists"] = [[padded(f"state{i}", x) for x in s] for i, s in enumerate(inputs["state_lists"])]
+    before, ref = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune=prune)
+    _call(inputs, "triton", algo=algo, prune=prune)
+    for key, bufs in buffers.items():
+        for buf, n in zip(bufs, sizes if key != "mask_words" else [(s + 31) // 32 for s in sizes]):
+            assert torch.all(buf[n:] == 12345), f"{key}: written past the end"
+    assert _mask_disagreements(before, ref, inputs, prune) == 0
+    _compare(ref, inputs)
