@@ -3,7 +3,9 @@
 #   bash bench/run_gpu.sh tests   # versions and backends, the whole test suite on CUDA (compiled kernels)
 #   bash bench/run_gpu.sh bench   # the benchmark report against the baselines
 #   bash bench/run_gpu.sh sweep   # the fused step under each launch shape (words, warps, blocks)
-#   bash bench/run_gpu.sh         # all three
+#   bash bench/run_gpu.sh profile # Nsight Compute on the main kernel (268M SGD, AdamW, 90% dead), and
+#                                 # compute-sanitizer memcheck on the Triton backend tests
+#   bash bench/run_gpu.sh         # tests, bench and sweep
 # Everything lands in $OUT (default bench/results); the report is rewritten after every row, so a
 # cut-off run keeps what finished. See bench/README.md.
 set -uo pipefail
@@ -25,4 +27,17 @@ if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
 fi
 if [[ "$STAGE" == all || "$STAGE" == sweep ]]; then
     python3 bench/step_report.py --sweep-only --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt"
+fi
+if [[ "$STAGE" == profile ]]; then
+    # one launch after warm-up (the first steps compile and build the plan); clocks left alone
+    for case in sgd adamw dead90; do
+        ncu --clock-control none --kernel-name regex:fused_step --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            python3 bench/profile_step.py --case "$case" --steps 5 > "$OUT/ncu_$case.txt" 2>&1
+        tail -40 "$OUT/ncu_$case.txt"
+    done
+    compute-sanitizer --tool memcheck --target-processes all \
+        python3 -m pytest -q -p no:cacheprovider -x tests/test_triton_backend.py 2>&1 | tail -40 \
+        | tee "$OUT/memcheck.txt"
 fi
