@@ -3,7 +3,8 @@
 Run as a script (``TRITON_INTERPRET`` unset): the interpreter checks the math on CPU, this checks
 that the same source lowers through Triton's GPU compiler and ptxas to a cubin. Prints one JSON
 line per variant: ``{"variant": ..., "registers": N, "spill_bytes": N, "vector_loads": N,
-"vector_stores": N}`` (spills: local memory + stack; vector: 16-byte global loads / stores in the PTX).
+"vector_stores": N}`` (spills: local memory + stack; vector: 8- or 16-byte global loads / stores in
+the PTX).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sparsetrain.backends.triton_backend import AUTO_WARPS
 from sparsetrain.kernels import fused_step, masked_weight
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -46,6 +48,22 @@ EVERYTHING_ON = dict(
     REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, HAS_FOUND_INF=True, LR_ON_DEVICE=True, ALIGNED=True, WORDS=32,
     BLOCKS=8,
 )  # fmt: skip
+SWITCHES = [k for k, v in EVERYTHING_ON.items() if isinstance(v, bool) and k != "ALIGNED"]
+
+
+def switch_variants():
+    """Every structural switch flipped on its own, for SGD and Adam, plus the plainest step and
+    the prune modes not above: each must lower (the interpreter does not compile anything)."""
+    for algo in (False, True):
+        for switch in SWITCHES:
+            yield (
+                f"switch: {'adam' if algo else 'sgd'} {switch}={not EVERYTHING_ON[switch]}",
+                dict(PARAM_DTYPE=tl.float32, IS_ADAM=algo, PRUNE=1, **{switch: not EVERYTHING_ON[switch]}),
+            )
+        plain = {k: False for k in SWITCHES}
+        yield f"switch: {'adam' if algo else 'sgd'} plain", dict(PARAM_DTYPE=tl.float32, IS_ADAM=algo, PRUNE=0, **plain)
+    for prune in (0, 3):
+        yield f"switch: sgd prune={prune}", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=prune)
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -62,24 +80,30 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def vector_accesses(ptx: str) -> tuple[int, int]:
-    """(16-byte global loads, 16-byte global stores) in the PTX."""
-    return len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", ptx)), len(re.findall(r"\bst\.global\.v4\.b32\b", ptx))
+    """(vector global loads, vector global stores) in the PTX: .v2 or .v4 of 32-bit words, i.e. 8 or
+    16 bytes per thread and access (16-bit parameters at 4 elements per thread give 8 bytes)."""
+    loads = re.findall(r"\bld\.global(?:\.\w+)*\.v[24]\.b32\b", ptx)
+    return len(loads), len(re.findall(r"\bst\.global(?:\.\w+)*\.v[24]\.b32\b", ptx))
 
 
 def main() -> int:
-    for name, switches in VARIANTS:
+    for name, switches in [*VARIANTS, *switch_variants()]:
         constexprs = {**EVERYTHING_ON, **switches}
         signature = {**MAIN_SIGNATURE, **{k: "constexpr" for k in constexprs}}
-        kernel = triton.compile(ASTSource(fused_step.fused_step_kernel, signature, constexprs), target=TARGET)
+        options = {"num_warps": AUTO_WARPS[constexprs["IS_ADAM"]]}  # the backend's default for the optimizer
+        source = ASTSource(fused_step.fused_step_kernel, signature, constexprs)
+        kernel = triton.compile(source, target=TARGET, options=options)
         registers, spills = resource_usage(kernel.asm["cubin"])
         loads, stores = vector_accesses(kernel.asm["ptx"])
         report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
         print(json.dumps({**report, "vector_stores": stores}), flush=True)
-    constexprs = {"HAS_STATS": True, "HAS_FOUND_INF": True, "CHUNK": 256}
-    signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
-    kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
-    registers, spills = resource_usage(kernel.asm["cubin"])
-    print(json.dumps({"variant": "finish", "registers": registers, "spill_bytes": spills}), flush=True)
+    for stats, found in ((True, True), (False, False)):
+        constexprs = {"HAS_STATS": stats, "HAS_FOUND_INF": found, "CHUNK": 256}
+        signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
+        kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
+        registers, spills = resource_usage(kernel.asm["cubin"])
+        name = "finish" if stats else "switch: finish plain"
+        print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
     signature = {"src": "*fp64", "dst": "*fp64", "segment_first": "*i32", "segment_rows": "*i32", "CHUNK": "constexpr"}
     kernel = triton.compile(ASTSource(fused_step.reduce_partials_kernel, signature, {"CHUNK": 256}), target=TARGET)
     registers, spills = resource_usage(kernel.asm["cubin"])
