@@ -79,7 +79,7 @@ def masked_weight_grad_triton(grad: Tensor, weight: Tensor, mask_words: Tensor, 
     grad, weight = grad.contiguous(), weight.contiguous()
     out = torch.empty_like(weight)
     masked_weight_backward_kernel[_triton_grid(weight)](
-        grad, weight, mask_words, coefs, out, weight.numel(), WORDS=WORDS_PER_BLOCK
+        grad, weight, mask_words, coefs, out, weight.numel(), WORDS=WORDS_PER_BLOCK, enable_fp_fusion=True
     )
     return out
 

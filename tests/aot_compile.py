@@ -90,7 +90,8 @@ def main() -> int:
     for name, switches in [*VARIANTS, *switch_variants()]:
         constexprs = {**EVERYTHING_ON, **switches}
         signature = {**MAIN_SIGNATURE, **{k: "constexpr" for k in constexprs}}
-        options = {"num_warps": AUTO_WARPS[constexprs["IS_ADAM"]]}  # the backend's default for the optimizer
+        # the backend's launch options: warps by optimizer, FMA contraction on
+        options = {"num_warps": AUTO_WARPS[constexprs["IS_ADAM"]], "enable_fp_fusion": True}
         source = ASTSource(fused_step.fused_step_kernel, signature, constexprs)
         kernel = triton.compile(source, target=TARGET, options=options)
         registers, spills = resource_usage(kernel.asm["cubin"])

@@ -348,6 +348,7 @@ def _launch(
             WORDS=plan.words,
             BLOCKS=plan.blocks,
             num_warps=LaunchConfig.num_warps or AUTO_WARPS[bool(is_adam)],
+            enable_fp_fusion=True,  # explicit: Triton 3.10 changes the default
         )
     partials = plan.partials
     if stats and plan.segments is not None:
