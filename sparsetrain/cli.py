@@ -39,6 +39,12 @@ def info() -> str:
         lines.append(f"  {name:<7} {'usable' if usable else 'not usable: ' + reason}")
     auto = "cuda tensors -> " + next(b for b in ("cuda", "triton", "torch") if backends.availability(b)[0])
     lines.append(f"  auto    cpu tensors -> torch; {auto}")
+    if backends.availability("triton")[0]:
+        from .backends import triton_backend as tb
+
+        words, warps, blocks = tb.configure()
+        warps_text = str(warps) if warps else f"{tb.AUTO_WARPS[False]} (SGD) / {tb.AUTO_WARPS[True]} (Adam)"
+        lines.append(f"triton launch: blocks of {words * 32} elements, {blocks} per program, {warps_text} warps")
     return "\n".join(lines)
 
 
