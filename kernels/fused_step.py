@@ -17,9 +17,10 @@ Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write
 20.25 B. A program handles a group of consecutive blocks of one tensor, one block at a time; a
 group (or a block) whose mask words are all zero reads nothing but its mask words and writes
 nothing but its zero partials, so a dead group of 8 x 1024 elements costs its program one load.
-Inside a live block every element is streamed: a block wholly inside its tensor uses unmasked
-16-byte vector loads and stores (a dead element is written back as it was read, since DRAM
-moves 32-byte sectors anyway); the tail block masks by bounds.
+Inside a live block wholly inside its tensor and more than 1/8 live, every element is streamed
+through unmasked 16-byte vector loads and stores (a dead element is written back as it was read:
+DRAM moves 32-byte sectors anyway). A sparser block, and the tail block, use accesses predicated
+on the live elements, so only the sectors holding live elements move.
 A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
 and advances the step counters. When a tensor has many blocks (a 268M tensor has 262144), a
 launch before it reduces fixed segments of the partials in parallel (``reduce_partials_kernel``),
@@ -75,6 +76,9 @@ STAT_SUM_KERNEL = tl.constexpr(2)
 STAT_SUM_ABS_G = tl.constexpr(3)
 STAT_TM = tl.constexpr(4)
 NUM_PARTIALS = tl.constexpr(4)
+# A block with at most 1 live element in SPARSE_BLOCK takes the predicated path (dead elements are
+# neither read nor written): at 1/8 live, about 1 - (7/8)^8 = 66% of its 32-byte sectors hold one.
+SPARSE_BLOCK = tl.constexpr(8)
 
 
 @triton.jit
@@ -94,6 +98,16 @@ def _kernel_scale(stats_ptr, coef_ptr):
     prev_sum = tl.load(stats_ptr + STAT_SUM_ABS_W)
     temperature = tl.load(coef_ptr + COEF_TEMPERATURE).to(tl.float64)
     return tl.where(prev_alive > 0, temperature * prev_sum / tl.maximum(prev_alive, 1.0), 0.0)
+
+
+@triton.jit
+def _popcount(x):
+    """Set bits of each int32 (SWAR: three masks, one multiply)."""
+    x = x.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -212,9 +226,14 @@ def fused_step_kernel(
             local = group * BLOCKS + b
             if local < num_blocks:
                 word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
+                # streamed whole (vector accesses) when wholly inside the tensor and at least 1/8 live;
+                # a sparser block moves only the 32-byte sectors that hold live elements
+                full = tl.where((local + 1) * (WORDS * 32) <= numel, 1, 0)
                 if HAS_MASK:
                     words = tl.load(mask_ptr + word_idx, mask=word_idx < num_words, other=0)
                     live_words = tl.sum((words != 0).to(tl.int32), axis=0)
+                    live_bits = tl.sum(_popcount(words))
+                    full = full * tl.where(live_bits * SPARSE_BLOCK <= WORDS * 32, 0, 1)
                 else:
                     words = tl.full([WORDS], -1, dtype=tl.int32)
                     live_words = 1
@@ -222,7 +241,7 @@ def fused_step_kernel(
                     if HAS_STATS:
                         out = partials + (first_row + local) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
                         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
-                elif (local + 1) * (WORDS * 32) <= numel:
+                elif full != 0:
                     _step_block(
                         local, numel, words, partials + (first_row + local) * NUM_PARTIALS, param_ptr, grad_ptr,
                         state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, inner, groups, lr,
@@ -262,9 +281,11 @@ def _step_block(
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element; its partials go to ``out``.
 
-    FULL blocks lie wholly inside the tensor and use unmasked (vectorizable) loads and stores; a dead
-    element inside a live block is read and written back unchanged, so memory sees the same values
-    as if it had been skipped. Per-tensor values arrive computed (see the kernel).
+    FULL: the block lies wholly inside the tensor and is not sparse; unmasked (vectorizable) loads
+    and stores, a dead element is read and written back unchanged, so memory sees the same values
+    as if it had been skipped. Otherwise (the tail block, or a sparse one) loads and stores are
+    predicated on the live elements: dead ones are neither read nor written. Per-tensor values
+    arrive computed (see the kernel).
     """
     lanes = tl.arange(0, 32)
     word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
@@ -278,9 +299,10 @@ def _step_block(
         live = inside & (((words[:, None] >> lanes[None, :]) & 1) != 0)
     else:
         live = inside
+    io = inside if FULL else live  # what loads and stores touch (FULL: everything, unmasked)
 
-    w_raw = load_block(param_ptr, offs, inside, ALIGNED, FULL)
-    g_raw = tl.where(live, load_block(grad_ptr, offs, inside, ALIGNED, FULL).to(tl.float32), 0.0)
+    w_raw = load_block(param_ptr, offs, io, ALIGNED, FULL)
+    g_raw = tl.where(live, load_block(grad_ptr, offs, io, ALIGNED, FULL).to(tl.float32), 0.0)
     w = tl.where(live, w_raw.to(tl.float32), 0.0)
     g = -g_raw if MAXIMIZE else g_raw
 
@@ -306,13 +328,13 @@ def _step_block(
             g = g + weight_decay * w
         if HAS_GROUPS or REGULARIZE:
             g = g + r
-        m_old = load_block(state1_ptr, offs, inside, ALIGNED, FULL)
-        v_old = load_block(state2_ptr, offs, inside, ALIGNED, FULL)
+        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
+        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL)
         weight = one_minus_beta1
         m = tl.where(weight < 0.5, m_old + weight * (g - m_old), g - (g - m_old) * (1.0 - weight))  # torch.lerp
         v = v_old * beta2 + one_minus_beta2 * (g * g)
         if AMSGRAD:
-            vmax_old = load_block(state3_ptr, offs, inside, ALIGNED, FULL)
+            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL)
             vmax = tl.maximum(vmax_old, v)
             denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
         else:
@@ -323,7 +345,7 @@ def _step_block(
         if HAS_GROUPS or REGULARIZE:
             g = g + r
         if HAS_MOMENTUM:
-            buf_old = load_block(state1_ptr, offs, inside, ALIGNED, FULL)
+            buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
             buf = tl.where(step == 1.0, g, buf_old * momentum + one_minus_dampening * g)
             if NESTEROV:
                 g = g + momentum * buf
@@ -351,14 +373,14 @@ def _step_block(
 
     # writes: pruned-now elements become zero; dead-before elements get back what was read
     w = tl.where(keep, w, 0.0)
-    store_block(param_ptr, offs, tl.where(live, w.to(PARAM_DTYPE), w_raw), inside, ALIGNED, FULL)
+    store_block(param_ptr, offs, tl.where(live, w.to(PARAM_DTYPE), w_raw), io, ALIGNED, FULL)
     if IS_ADAM:
-        store_block(state1_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), inside, ALIGNED, FULL)
-        store_block(state2_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), inside, ALIGNED, FULL)
+        store_block(state1_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), io, ALIGNED, FULL)
+        store_block(state2_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), io, ALIGNED, FULL)
         if AMSGRAD:
-            store_block(state3_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), inside, ALIGNED, FULL)
+            store_block(state3_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), io, ALIGNED, FULL)
     elif HAS_MOMENTUM:
-        store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), inside, ALIGNED, FULL)
+        store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
     if HAS_MASK:
         new_words = tl.sum(keep.to(tl.int32) << lanes[None, :], axis=1)
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))

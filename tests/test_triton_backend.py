@@ -248,18 +248,28 @@ def test_fully_pruned_block_is_left_untouched():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the poison is computed on, then dropped
+@pytest.mark.parametrize("alive_fraction", [0.85, 0.05])  # full blocks streamed whole / sparse blocks predicated
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
-def test_dead_elements_of_live_blocks_are_written_back_unchanged(algo):
-    # full blocks use unmasked vector loads and stores: a dead element is read and written back as is
+def test_dead_elements_of_live_blocks_are_left_as_they_were(algo, alive_fraction):
+    # dense full blocks use unmasked vector loads and stores: a dead element is read and written back
+    # as is; blocks at most 1/8 live (and tails) never touch dead elements. Either way memory keeps them.
     n = 3 * BLOCK + 70  # two full live blocks and a tail block
     inputs = _inputs([n], [torch.float32], algo=algo, prune="stochastic", seed=12)
-    dead = ~masks.unpack(inputs["mask_words"][0], n)
+    gen = torch.Generator().manual_seed(19)
+    alive = (torch.rand(n, generator=gen) < alive_fraction).to(DEVICE)
+    alive[:BLOCK] = False  # one fully pruned block
+    inputs["mask_words"][0] = masks.pack(alive)
+    inputs["params"][0] *= alive
+    for states in inputs["state_lists"]:
+        states[0] *= alive
+    dead = ~alive
     dead[:BLOCK] = False  # the fully pruned block is covered by the test above
     assert dead[BLOCK : 3 * BLOCK].any() and dead[3 * BLOCK :].any()
     ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
     _call(ref, "torch", algo=algo, prune="stochastic")
     poison = torch.tensor([float("nan"), 7.0, -float("inf")], device=DEVICE).repeat(n // 3 + 1)[:n]
     out["params"][0][dead] = poison[dead]
+    out["grads"][0][dead] = poison[dead]
     for states in out["state_lists"]:
         states[0][dead] = poison[dead]
     _call(out, "triton", algo=algo, prune="stochastic")
@@ -269,6 +279,8 @@ def test_dead_elements_of_live_blocks_are_written_back_unchanged(algo):
         assert torch.equal(bits(states[0]), bits(poison))
     live = ~dead
     torch.testing.assert_close(out["params"][0][live], ref["params"][0][live], rtol=1e-6, atol=1e-7)
+    for states_ref, states_out in zip(ref["state_lists"], out["state_lists"]):
+        torch.testing.assert_close(states_out[0][live], states_ref[0][live], rtol=1e-6, atol=1e-7)
     assert torch.equal(out["mask_words"][0], ref["mask_words"][0])
     torch.testing.assert_close(out["stats"][0], ref["stats"][0], rtol=1e-6, atol=1e-9)
 
@@ -480,3 +492,23 @@ def test_nothing_is_written_past_the_end_of_any_tensor(algo, masked):
             assert torch.all(buf[n:] == 12345), f"{key}: written past the end"
     assert _mask_disagreements(before, ref, inputs, prune) == 0
     _compare(ref, inputs)
+
+
+def test_popcount_routes_blocks_by_their_live_count():
+    x = torch.randint(-(2**31), 2**31 - 1, (64,), dtype=torch.int32)
+    x[:4] = torch.tensor([-1, 0, -(2**31), 1], dtype=torch.int32)
+    out = torch.empty_like(x, device=DEVICE)
+    _popcount_kernel[(1,)](x.to(DEVICE), out, N=64)
+    assert out.cpu().tolist() == [bin(v & 0xFFFFFFFF).count("1") for v in x.tolist()]
+
+
+if triton_usable()[0]:  # a kernel resolves helpers through its module's globals
+    import triton
+    import triton.language as tl
+
+    from sparsetrain.kernels.fused_step import _popcount
+
+    @triton.jit
+    def _popcount_kernel(x_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, _popcount(tl.load(x_ptr + i)))
