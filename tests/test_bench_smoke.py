@@ -44,6 +44,12 @@ def test_structured_case_keeps_dead_filters_at_zero():
     assert torch.count_nonzero(params[0][:18]) == 0 and torch.count_nonzero(params[0][18:]) > 0
 
 
+def test_unstructured_case_prunes_the_asked_fraction():
+    params = step_report.make([(64, 1000)], DEVICE)
+    step_report.ours(params, "sgd", dead_fraction=0.95)()
+    assert 0.94 < 1 - torch.count_nonzero(params[0]).item() / params[0].numel() < 0.96
+
+
 def test_report_renders():
     rows = [
         {"scenario": "s", "elements": 10, "torch_fused_no_pruning_ms": 2.0, "sparsetrain_ms": 1.0, "floor_ms": 0.9,
