@@ -226,18 +226,17 @@ def fused_step_kernel(
             local = group * BLOCKS + b
             if local < num_blocks:
                 word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
-                # streamed whole (vector accesses) when wholly inside the tensor and at least 1/8 live;
-                # a sparser block moves only the 32-byte sectors that hold live elements
+                # streamed whole (vector accesses) when wholly inside the tensor and more than 1/8
+                # live; a sparser block moves only the 32-byte sectors that hold live elements
                 full = tl.where((local + 1) * (WORDS * 32) <= numel, 1, 0)
                 if HAS_MASK:
                     words = tl.load(mask_ptr + word_idx, mask=word_idx < num_words, other=0)
-                    live_words = tl.sum((words != 0).to(tl.int32), axis=0)
-                    live_bits = tl.sum(_popcount(words))
-                    full = full * tl.where(live_bits * SPARSE_BLOCK <= WORDS * 32, 0, 1)
+                    live_count = tl.sum(_popcount(words))
+                    full = full * tl.where(live_count * SPARSE_BLOCK <= WORDS * 32, 0, 1)
                 else:
                     words = tl.full([WORDS], -1, dtype=tl.int32)
-                    live_words = 1
-                if live_words == 0:  # a dead block: its partials are zero
+                    live_count = 1
+                if live_count == 0:  # a dead block: its partials are zero
                     if HAS_STATS:
                         out = partials + (first_row + local) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
                         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
