@@ -45,14 +45,17 @@ def main() -> None:
         for p in params:
             opt.enable_pruning(p)
             opt.set_coefs(p, l2=1e-4)
-        for _ in range(5):
-            opt.step()
-        steps = 300
-        start = time.perf_counter()
-        for _ in range(steps):
-            opt.step()
-        per_step = (time.perf_counter() - start) / steps
-        print(f"{name}: {len(params)} tensors, host time per step {per_step * 1e6:.0f} us (launches stubbed)")
+        for events in (False, True):  # plain steps, then a stochastic pruning event every step
+            step = (lambda: (opt.schedule_pruning("stochastic"), opt.step())) if events else opt.step
+            for _ in range(5):
+                step()
+            steps = 300
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            per_step = (time.perf_counter() - start) / steps
+            what = "with a sampling event every step" if events else "plain step"
+            print(f"{name}: {len(params)} tensors, {what}: host time {per_step * 1e6:.0f} us (launches stubbed)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Every 32-bit product is formed from 16-bit limbs in int64, so no intermediate ov
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -81,3 +82,20 @@ def event_seed(base_seed: int, tensor_index: int, event: int) -> int:
     """Seed of tensor ``tensor_index`` at pruning event ``event`` (63 bits, host-side)."""
     mixed = splitmix64(base_seed) ^ splitmix64(((tensor_index << 32) | event) & 0xFFFFFFFFFFFFFFFF)
     return splitmix64(mixed) & MASK63
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`splitmix64` on a uint64 array (numpy's uint64 arithmetic wraps mod 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def event_seeds(base_seed: int, tensor_indices: np.ndarray, event: int) -> np.ndarray:
+    """:func:`event_seed` for many tensors at once (int64 array): one vectorized pass per step
+    instead of three Python-int hashes per tensor, which cost ~1 us each on the step's hot path."""
+    with np.errstate(over="ignore"):
+        words = (tensor_indices.astype(np.uint64) << np.uint64(32)) | np.uint64(event & 0xFFFFFFFFFFFFFFFF)
+        mixed = np.uint64(splitmix64(base_seed & 0xFFFFFFFFFFFFFFFF)) ^ _splitmix64_array(words)
+        return (_splitmix64_array(mixed) & np.uint64(MASK63)).astype(np.int64)

@@ -1,5 +1,6 @@
 """The torch Philox reproduces Random123's known answers and triton.language.random bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,11 @@ def test_event_seed_is_63_bit_and_distinct():
     seeds = {philox.event_seed(1, t, e) for t in range(20) for e in range(20)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
     assert philox.event_seed(1, 0, 0) != philox.event_seed(2, 0, 0)
+
+
+@pytest.mark.parametrize("base_seed", [0, 1, 2**62 + 12345, 2**64 - 1])
+def test_vectorized_event_seeds_equal_the_scalar_ones(base_seed):
+    indices = np.array([0, 1, 2, 160, 291, 2**20 + 3, 2**31 - 1], dtype=np.int64)
+    for event in (0, 1, 7, 2**31 + 5, 2**32 - 1):
+        expected = [philox.event_seed(base_seed, int(t), event) for t in indices]
+        assert philox.event_seeds(base_seed, indices, event).tolist() == expected

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -311,7 +312,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = call.params[0].device
         if prune != "stochastic":
             return self._no_seeds.setdefault(device, torch.zeros(0, dtype=torch.int64, device=device))
-        values = [philox.event_seed(self.base_seed, t, self.prune_events) for t in call.indices]
+        values = philox.event_seeds(self.base_seed, np.asarray(call.indices, dtype=np.int64), self.prune_events)
         return to_device(values, torch.int64, device)
 
     @torch.no_grad()
