@@ -318,6 +318,13 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {words} | {_warps(warps)} | {blocks} | " + " | ".join(cells.get(c, "-") for c in cases) + " |"
             )
+        lines.append("")
+        for case in cases:
+            best = min((r for r in report["sweep"] if r["case"] == case), key=lambda r: r["ms"])
+            lines.append(
+                f"- fastest for {case}: {best['words']} words, {_warps(best['num_warps'])} warps, "
+                f"{best.get('blocks', 1)} blocks per program: {best['ms']:.3f} ms ({best['of_ceiling']:.0%})"
+            )
     return "\n".join(lines) + "\n"
 
 

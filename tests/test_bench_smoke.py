@@ -61,6 +61,7 @@ def test_report_renders():
               "launch_shape": {"words": 32, "num_warps": 4, "blocks": 8}, "rows": rows, "sweep": sweep}  # fmt: skip
     text = step_report.markdown(report)
     assert "| s | 2.000 ms |" in text and "0.20x" in text and "| 32 | 4 | 8 | 1.000 (90%) |" in text
+    assert "- fastest for c: 32 words, 4 warps, 8 blocks per program: 1.000 ms (90%)" in text
 
 
 def test_incomplete_report_renders():
