@@ -512,3 +512,14 @@ if triton_usable()[0]:  # a kernel resolves helpers through its module's globals
     def _popcount_kernel(x_ptr, out_ptr, N: tl.constexpr):
         i = tl.arange(0, N)
         tl.store(out_ptr + i, _popcount(tl.load(x_ptr + i)))
+
+
+def test_unsupported_parameter_dtype_is_refused_before_anything_changes():
+    # fp32 sorts before fp64: a check at launch time would update the fp32 tensor, then raise
+    inputs = _inputs([40, 50], [torch.float32, torch.float64], algo="sgd", prune="low", seed=20)
+    before = copy.deepcopy(inputs)
+    with pytest.raises(RuntimeError, match="supports fp32, bf16 and fp16 parameters, not torch.float64"):
+        _call(inputs, "triton", algo="sgd", prune="low")
+    for key in ("params", "steps", "mask_words"):
+        assert all(torch.equal(a, b) for a, b in zip(inputs[key], before[key])), key
+    assert all(torch.equal(a, b) for a, b in zip(inputs["state_lists"][0], before["state_lists"][0]))

@@ -25,6 +25,7 @@ FINISH_CHUNK = 256  # partial rows per loop iteration of a reduction program
 SEGMENT_THRESHOLD = 4096
 SEGMENT_ROWS = 2048
 _PLAN_CACHE_SIZE = 16
+_PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # -> tl.<name>
 
 
 class LaunchConfig:
@@ -107,8 +108,15 @@ class _Plan:
         fs = _kernels()
         num_tensors = len(numels)
         table = torch.zeros(int(fs.NUM_ROWS), num_tensors, dtype=torch.int64)
-        for row, column in enumerate(columns):
-            table[row] = torch.tensor([x.data_ptr() if x is not None else 0 for x in column], dtype=torch.int64)
+        addresses = [[x.data_ptr() if x is not None else 0 for x in column] for column in columns]
+        for row, column in enumerate(addresses):
+            table[row] = torch.tensor(column, dtype=torch.int64)
+        self.param_ptrs, self.grad_ptrs = addresses[int(fs.ROW_PARAM)], addresses[int(fs.ROW_GRAD)]
+        # vector accesses need every streamed tensor (parameters, states, gradients) 16-byte aligned;
+        # absent states have address 0
+        streamed = (fs.ROW_PARAM, fs.ROW_STATE1, fs.ROW_STATE2, fs.ROW_STATE3)
+        self.static_aligned = all(_aligned(addresses[int(row)]) for row in streamed)
+        self.aligned = self.static_aligned and _aligned(self.grad_ptrs)
         table[int(fs.ROW_NUMEL)] = torch.tensor(numels, dtype=torch.int64)
         table[int(fs.ROW_INNER)] = torch.tensor(inners, dtype=torch.int64)
         table[int(fs.ROW_GROUPS)] = torch.tensor(groups, dtype=torch.int64)
@@ -156,6 +164,12 @@ class _Plan:
         # what the finish launch sums per tensor: rows of the partials, or of the segment sums
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
         self.num_partials = torch.tensor(blocks, dtype=torch.int32, device=device)
+
+    def set_grad_ptrs(self, grad_ptrs: list[int], device: torch.device) -> None:
+        """Gradients moved: refresh their row of the address table (no host sync) and the alignment."""
+        self.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
+        self.grad_ptrs = grad_ptrs
+        self.aligned = self.static_aligned and _aligned(grad_ptrs)
 
 
 _plans: OrderedDict[int, _Plan] = OrderedDict()
@@ -206,12 +220,13 @@ def _plan(
         grad_ptrs = [g.data_ptr() for g in grads]
         if grad_ptrs != plan.grad_ptrs:
             _check("grads", grads, device, plan.numels)
-            plan.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
-            plan.grad_ptrs = grad_ptrs
-            plan.aligned = plan.static_aligned and _aligned(grad_ptrs)
+            plan.set_grad_ptrs(grad_ptrs, device)
         return plan
     numels = [p.numel() for p in params]
     _check("params", params, device)
+    unsupported = sorted({str(p.dtype) for p in params if p.dtype not in _PARAM_DTYPES})
+    if unsupported:  # refused before any launch: a mixed call must not update some dtypes only
+        raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {', '.join(unsupported)}")
     for name, tensors in (("grads", grads), *(("state", s) for s in state_lists)):
         _check(name, tensors, device, numels)
     num = len(params)
@@ -232,9 +247,6 @@ def _plan(
     shard = list(shard_offsets) if shard_offsets else [0] * num
     plan = _Plan(device, columns, numels, inners, groups, shard, [p.dtype for p in params])
     plan.static, plan.numels, plan.layout = static, numels, (list(group_inner), list(shard_offsets))
-    plan.param_ptrs, plan.grad_ptrs = [p.data_ptr() for p in params], [g.data_ptr() for g in grads]
-    plan.static_aligned = _aligned(plan.param_ptrs) and all(_aligned([x.data_ptr() for x in s]) for s in state_lists)
-    plan.aligned = plan.static_aligned and _aligned(plan.grad_ptrs)
     _plans[id(params)] = plan
     if len(_plans) > _PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
@@ -305,10 +317,7 @@ def _launch(
             dtype=torch.float64,
             device=device,
         )
-    dtype_map = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     for dtype, block_tensor, block_local, num_programs in plan.launches:
-        if dtype not in dtype_map:
-            raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {dtype}")
         fs.fused_step_kernel[(num_programs,)](
             plan.table,
             plan.num_tensors,
@@ -329,7 +338,7 @@ def _launch(
             scalars["eps"],
             1.0 - lr * scalars["weight_decay"],
             _log_betas[beta_key],
-            PARAM_DTYPE=dtype_map[dtype],
+            PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtype]),
             IS_ADAM=is_adam,
             HAS_MOMENTUM=bool(flags.get("has_momentum")),
             NESTEROV=bool(flags.get("nesterov")),
