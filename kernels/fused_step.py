@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .streaming import load_block, store_block
+from .streaming import block_elements, load_block, store_block, unpack_live
 
 # Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
@@ -286,18 +286,9 @@ def _step_block(
     predicated on the live elements: dead ones are neither read nor written. Per-tensor values
     arrive computed (see the kernel).
     """
-    lanes = tl.arange(0, 32)
-    word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
-    offs = word_idx[:, None] * 32 + lanes[None, :]
+    word_idx, offs, inside = block_elements(local, numel, WORDS, FULL)
     global_offs = offs + shard_offset  # index in the unsharded tensor
-    if FULL:
-        inside = tl.full([WORDS, 32], True, dtype=tl.int1)
-    else:
-        inside = offs < numel
-    if HAS_MASK:
-        live = inside & (((words[:, None] >> lanes[None, :]) & 1) != 0)
-    else:
-        live = inside
+    live = unpack_live(words, inside) if HAS_MASK else inside
     io = inside if FULL else live  # what loads and stores touch (FULL: everything, unmasked)
 
     w_raw = load_block(param_ptr, offs, io, ALIGNED, FULL)
@@ -381,7 +372,7 @@ def _step_block(
     elif HAS_MOMENTUM:
         store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
     if HAS_MASK:
-        new_words = tl.sum(keep.to(tl.int32) << lanes[None, :], axis=1)
+        new_words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, :], axis=1)  # packed as unpack_live reads
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
     if HAS_STATS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .streaming import load_block, store_block
+from .streaming import block_elements, load_block, store_block, unpack_live
 
 COEF_L2 = tl.constexpr(0)  # sparsetrain.contract.COEF_L2
 COEF_L1 = tl.constexpr(1)  # sparsetrain.contract.COEF_L1
@@ -22,16 +22,9 @@ COEF_L1 = tl.constexpr(1)  # sparsetrain.contract.COEF_L1
 
 @triton.jit
 def _alive(mask_ptr, numel, WORDS: tl.constexpr, FULL: tl.constexpr):
-    word_idx = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS).to(tl.int64)
-    lanes = tl.arange(0, 32)
-    offs = word_idx[:, None] * 32 + lanes[None, :]
-    if FULL:
-        inside = tl.full([WORDS, 32], True, dtype=tl.int1)
-    else:
-        inside = offs < numel
+    word_idx, offs, inside = block_elements(tl.program_id(0).to(tl.int64), numel, WORDS, FULL)
     words = tl.load(mask_ptr + word_idx, mask=word_idx < (numel + 31) // 32, other=0)
-    live = inside & (((words[:, None] >> lanes[None, :]) & 1) != 0)
-    return offs, inside, live
+    return offs, inside, unpack_live(words, inside)
 
 
 @triton.jit

@@ -1,4 +1,7 @@
-"""Streaming loads and stores shared by the kernels.
+"""Block layout and streaming loads and stores shared by the kernels.
+
+A block is WORDS mask words of 32 elements each: element ``32 * i + j`` of the block is bit ``j`` of
+its word ``i`` (the bit-packed mask format, ``sparsetrain.masks``).
 
 A block that lies wholly inside its tensor (``FULL``) is read and written without a mask, so the
 compiler can use 16-byte vector accesses; otherwise accesses are predicated on the given mask
@@ -37,3 +40,22 @@ def store_block(base, offs, value, mask, ALIGNED: tl.constexpr, FULL: tl.constex
         tl.store(block_pointers(base, offs, ALIGNED), value)
     else:
         tl.store(block_pointers(base, offs, ALIGNED), value, mask=mask)
+
+
+@triton.jit
+def block_elements(local, numel, WORDS: tl.constexpr, FULL: tl.constexpr):
+    """Block ``local``'s mask-word indices [WORDS], element offsets [WORDS, 32] and which of those
+    lie inside the tensor (all of them for a FULL block, known at compile time)."""
+    word_idx = local * WORDS + tl.arange(0, WORDS).to(tl.int64)
+    offs = word_idx[:, None] * 32 + tl.arange(0, 32)[None, :]
+    if FULL:
+        inside = tl.full([WORDS, 32], True, dtype=tl.int1)
+    else:
+        inside = offs < numel
+    return word_idx, offs, inside
+
+
+@triton.jit
+def unpack_live(words, inside):
+    """The elements of the block whose mask bit is set, among those ``inside``."""
+    return inside & (((words[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0)
