@@ -7,7 +7,7 @@
 
 Cases (as in step_report.py): ``sgd`` one 268M tensor, SGD momentum + L2 + sampling + mask;
 ``adamw`` the same with AdamW; ``resnet`` the ResNet-50 parameter list; ``dead90`` a 16384 x 16384
-weight with 90% of its rows (filters) pruned. ``--small`` divides the single-tensor sizes by 16.
+weight with 90% of its rows (filters) pruned. ``--small`` takes ``step_report.py --quick``'s sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import resnet50_shapes  # noqa: E402
-from step_report import make, ours  # noqa: E402
+from step_report import make, ours, tensor_shapes  # noqa: E402
 
 
 def main() -> int:
@@ -33,13 +33,8 @@ def main() -> int:
         print("profile_step needs a CUDA device; none is visible", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    shrink = 16 if args.small else 1
-    shapes = {
-        "sgd": [(2**28 // shrink,)],
-        "adamw": [(2**28 // shrink,)],
-        "resnet": resnet50_shapes(),
-        "dead90": [(2**14 // shrink, 2**14)],
-    }[args.case]
+    big, square = tensor_shapes(args.small)
+    shapes = {"sgd": [big], "adamw": [big], "resnet": resnet50_shapes(), "dead90": [square]}[args.case]
     step = ours(make(shapes, device), "adamw" if args.case == "adamw" else "sgd",
                 dead_filter_fraction=0.9 if args.case == "dead90" else 0.0)  # fmt: skip
     for _ in range(args.steps):

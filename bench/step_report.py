@@ -30,6 +30,14 @@ from shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
 import sparsetrain  # noqa: E402
 
 LR, MOMENTUM, L2, TEMPERATURE = 0.01, 0.9, 1e-4, 1.0
+# bytes each element must move: fp32 SGD with momentum and a mask, AdamW; a dead element only its mask bit
+SGD_BYTES, ADAMW_BYTES, DEAD_BYTES = 20.25, 28.25, 1 / 8
+
+
+def tensor_shapes(quick: bool) -> tuple[tuple[int], tuple[int, int]]:
+    """The single-tensor cases' shapes: a flat 268M tensor and a 16384 x 16384 weight (16M each
+    with ``quick``)."""
+    return ((2**24,), (2**12, 2**12)) if quick else ((2**28,), (2**14, 2**14))
 
 
 def bench(fn, warmup=25, rep=100) -> float:
@@ -145,16 +153,16 @@ def ours(params, algo, *, dead_filter_fraction=0.0, dead_fraction=0.0, prune=Tru
 
 # ------------------------------------------------------------------------------------ scenarios
 def scenarios(quick: bool):
-    big = (2**24,) if quick else (2**28,)
-    yield "one tensor, SGD momentum + L2 + sampling + mask", "sgd", [big], 20.25
-    yield "ResNet-50 list (161 tensors), same step", "sgd", resnet50_shapes(), 20.25
+    big, _ = tensor_shapes(quick)
+    yield "one tensor, SGD momentum + L2 + sampling + mask", "sgd", [big], SGD_BYTES
+    yield "ResNet-50 list (161 tensors), same step", "sgd", resnet50_shapes(), SGD_BYTES
     yield (
         "GPT-2-medium list (292 tensors), same step",
         "sgd",
         (gpt2_medium_shapes()[:40] if quick else gpt2_medium_shapes()),
-        20.25,
+        SGD_BYTES,
     )
-    yield "AdamW, one tensor, with sampling", "adamw", [big], 28.25
+    yield "AdamW, one tensor, with sampling", "adamw", [big], ADAMW_BYTES
 
 
 SWEEP_WORDS, SWEEP_WARPS = (16, 32, 64), (4, 8)  # 128 words spill registers at 4 warps (sm_90)
@@ -166,13 +174,12 @@ def sweep(device, quick: bool, ceiling: float, rows: list[dict], save) -> None:
     blocks per program), then blocks per program (at the default words and warps)."""
     from sparsetrain.backends import triton_backend
 
-    big = (2**24,) if quick else (2**28,)
-    square = (2**12, 2**12) if quick else (2**14, 2**14)
+    big, square = tensor_shapes(quick)
     cases = [
-        ("one tensor, SGD", "sgd", [big], 20.25, 0.0),
-        ("ResNet-50 list, SGD", "sgd", resnet50_shapes(), 20.25, 0.0),
-        ("one tensor, AdamW", "adamw", [big], 28.25, 0.0),
-        ("90% of filters dead, SGD", "sgd", [square], 0.1 * 20.25 + 0.9 / 8, 0.9),  # dead: only mask bits
+        ("one tensor, SGD", "sgd", [big], SGD_BYTES, 0.0),
+        ("ResNet-50 list, SGD", "sgd", resnet50_shapes(), SGD_BYTES, 0.0),
+        ("one tensor, AdamW", "adamw", [big], ADAMW_BYTES, 0.0),
+        ("90% of filters dead, SGD", "sgd", [square], 0.1 * SGD_BYTES + 0.9 * DEAD_BYTES, 0.9),
     ]
     defaults = triton_backend.configure()
     words0, warps0, blocks0 = defaults
@@ -181,9 +188,9 @@ def sweep(device, quick: bool, ceiling: float, rows: list[dict], save) -> None:
     try:
         for words, warps, blocks in shapes:
             triton_backend.configure(words, warps, blocks)
-            for name, algo, tensor_shapes, bytes_per_elem, dead in cases:
-                ms = bench(ours(make(tensor_shapes, device), algo, dead_filter_fraction=dead))
-                floor_ms = sum(math.prod(x) for x in tensor_shapes) * bytes_per_elem / ceiling * 1e3
+            for name, algo, case_shapes, bytes_per_elem, dead in cases:
+                ms = bench(ours(make(case_shapes, device), algo, dead_filter_fraction=dead))
+                floor_ms = sum(math.prod(x) for x in case_shapes) * bytes_per_elem / ceiling * 1e3
                 rows.append(
                     {"case": name, "words": words, "num_warps": warps, "blocks": blocks, "ms": ms,
                      "of_ceiling": floor_ms / ms}
@@ -235,7 +242,7 @@ def run(args, save) -> dict:
         save(report, row)
         torch.cuda.empty_cache()
     # structured: 90% of filters pruned vs the dense-mask fused step
-    shape = (2**12, 2**12) if args.quick else (2**14, 2**14)
+    _, shape = tensor_shapes(args.quick)
     dense = bench(ours(make([shape], device), "sgd"))
     sparse = bench(ours(make([shape], device), "sgd", dead_filter_fraction=0.9))
     rows.append(
