@@ -40,7 +40,7 @@ class _Call:
     params: list[Tensor]
     masked: bool
     where: list[str]  # "parameter i of param group j", for error messages
-    indices: list[int]  # positions in the optimizer's parameter order (seed derivation)
+    indices: np.ndarray  # int64 positions in the optimizer's parameter order (seed derivation)
     lists: dict[str, Any]
 
 
@@ -266,7 +266,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                             params,
                             masked,
                             where[masked],
-                            [index[p] for p in params],
+                            np.array([index[p] for p in params], dtype=np.int64),
                             self._static_lists(group, params, masked),
                         )
                     )
@@ -312,7 +312,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = call.params[0].device
         if prune != "stochastic":
             return self._no_seeds.setdefault(device, torch.zeros(0, dtype=torch.int64, device=device))
-        values = philox.event_seeds(self.base_seed, np.asarray(call.indices, dtype=np.int64), self.prune_events)
+        values = philox.event_seeds(self.base_seed, call.indices, self.prune_events)
         return to_device(values, torch.int64, device)
 
     @torch.no_grad()
