@@ -258,10 +258,7 @@ def test_dead_elements_of_live_blocks_are_left_as_they_were(algo, alive_fraction
     gen = torch.Generator().manual_seed(19)
     alive = (torch.rand(n, generator=gen) < alive_fraction).to(DEVICE)
     alive[:BLOCK] = False  # one fully pruned block
-    inputs["mask_words"][0] = masks.pack(alive)
-    inputs["params"][0] *= alive
-    for states in inputs["state_lists"]:
-        states[0] *= alive
+    _set_alive(inputs, 0, alive)
     dead = ~alive
     dead[:BLOCK] = False  # the fully pruned block is covered by the test above
     assert dead[BLOCK : 3 * BLOCK].any() and dead[3 * BLOCK :].any()
@@ -299,6 +296,14 @@ def test_unaligned_tensors_take_the_scalar_path():
     _call(out, "triton", algo="sgd", prune="low")
     assert next(reversed(triton_backend._plans.values())).aligned is False
     _compare(ref, out)
+
+
+def _set_alive(inputs, t, alive):
+    """Give tensor ``t`` the mask ``alive``: its weights and states are zero where it is dead."""
+    inputs["mask_words"][t] = masks.pack(alive)
+    inputs["params"][t] *= alive
+    for states in inputs["state_lists"]:
+        states[t] *= alive
 
 
 def _shifted(x):
@@ -444,10 +449,7 @@ def test_dead_groups_and_dead_blocks_in_live_groups(algo):
     alive = masks.unpack(inputs["mask_words"][0], n)
     alive[:group] = False
     alive[group + BLOCK : group + 2 * BLOCK] = False
-    inputs["mask_words"][0] = masks.pack(alive)
-    inputs["params"][0] *= alive
-    for states in inputs["state_lists"]:
-        states[0] *= alive
+    _set_alive(inputs, 0, alive)
     w = inputs["params"][0].double().abs()
     inputs["stats"][0][contract.STAT_ALIVE] = float(alive.sum())
     inputs["stats"][0][contract.STAT_SUM_ABS_W] = float(w.sum())
