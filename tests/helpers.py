@@ -30,3 +30,14 @@ def max_rel_err(actual, expected):
 
 def _d(tensors):
     return [t.detach() for t in tensors]
+
+
+def to_device(value, device):
+    """``value`` with every tensor in it (through lists, tuples and dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value

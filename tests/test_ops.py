@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE, triton_usable
+from helpers import to_device
 
 import sparsetrain
 from sparsetrain import contract, masks, ops
@@ -51,18 +52,8 @@ def test_opcheck_sgd(prune, backend):
         **_pruning_args(params, prune, groups=prune == "group", backend=backend),
     )
     if backend == "triton":  # compiled Triton needs CUDA tensors; on CPU it runs interpreted
-        args, kwargs = _to(args, DEVICE), _to(kwargs, DEVICE)
+        args, kwargs = to_device(args, DEVICE), to_device(kwargs, DEVICE)
     torch.library.opcheck(ops.sgd_step_, args, kwargs)
-
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, triton_usable
+from helpers import to_device
 
 from sparsetrain import contract, masks, ops, philox
 
@@ -64,17 +65,7 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
         shard_offsets=shard_offsets if shard_offsets is not None else [],
         seeds=torch.tensor([philox.event_seed(seed, t, 2) for t in range(len(sizes))], dtype=torch.int64),
     )
-    return _to_device(inputs)
-
-
-def _to_device(value):
-    if isinstance(value, torch.Tensor):
-        return value.to(DEVICE)
-    if isinstance(value, list):
-        return [_to_device(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_device(v) for k, v in value.items()}
-    return value
+    return to_device(inputs, DEVICE)
 
 
 def _call(inputs, backend, *, algo, prune, regularize=True, l1_proximal=True, lr_tensor=None, **hyper):
