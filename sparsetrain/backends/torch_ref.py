@@ -203,7 +203,7 @@ def sgd_step(
                     buf.mul_(momentum).add_(g, alpha=1 - dampening)
                 g = g.add(buf, alpha=momentum) if nesterov else buf
                 states.append(buf)
-            w = w - lr * g if isinstance(lr, Tensor) else w.add(g, alpha=-lr)
+            w = w.add(g, alpha=-float(lr))  # torch.optim's add_(alpha=-lr), a tensor lr read as its value
             return pruning.proximal_l1(t, w, lr), g_raw, states
 
         _apply(pruning, t, param, update)
@@ -263,10 +263,8 @@ def adam_step(
                 states.append(max_sq)
             else:
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            if isinstance(lr, Tensor):
-                w = w - (lr / bias_correction1) * exp_avg / denom
-            else:
-                w = w.addcdiv(exp_avg, denom, value=-(lr / bias_correction1))
+            # torch.optim: step_size = lr / bias_correction1 (a float32 tensor when lr is one), read as a value
+            w = w.addcdiv(exp_avg, denom, value=-float(lr / bias_correction1))
             return pruning.proximal_l1(t, w, lr), g_raw, states
 
         _apply(pruning, t, param, update)

@@ -13,8 +13,10 @@ from .base import FusedOptimizer
 class Adam(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (betas, eps, coupled weight_decay, amsgrad, maximize).
 
-    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` (see
-    :class:`~sparsetrain.optim.FusedOptimizer`). Moments are float32 whatever the parameter dtype.
+    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` and
+    torch.optim's ``foreach``, ``fused``, ``differentiable`` (see :class:`~sparsetrain.optim.FusedOptimizer`).
+    ``decoupled_weight_decay=True`` makes it AdamW, as in torch.optim. Moments are float32 whatever
+    the parameter dtype.
     """
 
     _decoupled = False
@@ -29,8 +31,11 @@ class Adam(FusedOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        decoupled_weight_decay: bool | None = None,
         **options,
     ) -> None:
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled
         if weight_decay is None:
             weight_decay = 1e-2 if self._decoupled else 0.0
         if not 0.0 <= eps:
@@ -45,11 +50,15 @@ class Adam(FusedOptimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
         )
         super().__init__(params, defaults, **options)
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def torch_group_keys(self) -> tuple[str, ...]:
+        return ("betas", "eps", "amsgrad")
 
     def _launch(self, call, grads, common) -> None:
         group = call.group
@@ -66,7 +75,7 @@ class Adam(FusedOptimizer):
             beta2=float(beta2),
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            decoupled=self._decoupled,
+            decoupled=bool(group.get("decoupled_weight_decay", self._decoupled)),
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             **common,

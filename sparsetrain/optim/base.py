@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import backends, contract, philox
 from .. import masks as mask_format
 from ..transfer import to_device
+from . import compat
 
 STATE_FORMAT = 1
 
@@ -57,6 +58,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``l1_proximal``: L1 as a proximal soft-threshold after the update (default) or as a subgradient.
     * ``capturable``: keep the learning rate on the device so ``step()`` can be captured in a CUDA
       graph (triton backend; pruning events, which change per step, run outside the graph).
+    * torch.optim's ``foreach``, ``fused`` (hints: the step is always fused; ``backend`` chooses the
+      implementation) and ``differentiable`` (``True`` is refused); see :mod:`sparsetrain.optim.compat`.
 
     Subclasses define ``_algo_states(group)`` (names of the per-parameter fp32 buffers the group
     needs) and ``_launch(group, params, grads, common)``, which calls their op once for a list of
@@ -73,8 +76,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         l1_proximal: bool = True,
         capturable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         backends.check_name(backend if backend is not None else "auto")
+        defaults = dict(defaults)
+        compat.torch_keywords(defaults, foreach=foreach, fused=fused, differentiable=differentiable)
+        defaults["capturable"] = capturable
         self.requested_backend = backend
         self.capturable = capturable
         self.skip_nonfinite = skip_nonfinite
@@ -84,6 +93,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.regularize = False  # set when any per-tensor l2 / l1 / selective-decay coefficient is used
         self.uses_groups = False  # set when per-group lam or group pruning is used
         self._pending_prune = "none"
+        self.pruner: Any = None  # the attached Pruner, whose state travels with this optimizer's state_dict
+        self.loaded_pruner_state: dict[str, Any] | None = None  # loaded before a Pruner was attached
         self._backend_by_device: dict[torch.device, str] = {}
         self._layout_version = 0
         self._calls_key: tuple | None = None
@@ -101,9 +112,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for index, p in enumerate(params):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        param_group["params"] = compat.group_params(param_group["params"])  # a generator is read once, here
+        for index, p in enumerate(compat.unnamed(param_group["params"])):
             where = f"parameter {index} of param group {len(self.param_groups)}"
             if not isinstance(p, Tensor):
                 raise TypeError(f"{where} is a {type(p).__name__}, not a Tensor")
@@ -352,7 +365,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------- state_dict
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict plus a ``"sparsetrain"`` entry: the pruning-event counter, the base
+        seed and, when a :class:`~sparsetrain.Pruner` is attached, the pruner's schedule, step count and
+        history, so anything that checkpoints the optimizer resumes pruning exactly.
+
+        Algorithm buffers of parameters that never took a step are left out, as torch.optim leaves them.
+        """
         sd = super().state_dict()
+        for key, saved in sd["state"].items():
+            if "momentum_buffer" in saved and float(saved["step"]) == 0:  # torch.optim would start it from the grad
+                sd["state"][key] = {k: v for k, v in saved.items() if k != "momentum_buffer"}
         sd["sparsetrain"] = {
             "format": STATE_FORMAT,
             "optimizer": type(self).__name__,
@@ -362,19 +384,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             "uses_groups": self.uses_groups,
             "param_shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
         }
+        if self.pruner is not None:
+            sd["sparsetrain"]["pruner"] = self.pruner.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict saved by the same optimizer class for the same parameters.
+        """Load a state_dict saved by the same optimizer class (or by torch.optim's same algorithm).
 
         Tensors keep their saved dtype (statistics stay float64, states float32) and move to the
-        parameter's device. Everything is validated before anything is changed.
+        parameter's device. Everything is validated before anything is changed. A saved pruner state
+        goes to the attached :class:`~sparsetrain.Pruner` (or to the next one attached).
         """
+        if compat.is_torch_state_dict(state_dict):
+            state_dict = compat.from_torch_state_dict(self, state_dict)
         meta = state_dict.get("sparsetrain")
         name = type(self).__name__
         if meta is None:
             raise ValueError(f"{name}.load_state_dict: not a sparsetrain state_dict (no 'sparsetrain' entry)")
-        if meta["optimizer"] != name:
+        if meta.get("optimizer") != name:
             raise ValueError(f"{name}.load_state_dict: the state_dict was saved by {meta['optimizer']}, not {name}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -421,6 +448,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p, group)
+        self._pending_prune = "none"
+        self.loaded_pruner_state = meta.get("pruner")
+        if self.pruner is not None and self.loaded_pruner_state is not None:
+            self.pruner.load_state_dict(self.loaded_pruner_state)
+            self.loaded_pruner_state = None
+
+    def torch_group_keys(self) -> tuple[str, ...]:
+        """Param-group keys that identify this algorithm in a torch.optim state_dict."""
+        return ()
 
     def _algo_state_names(self) -> set[str]:
         return {n for g in self.param_groups for n in self._algo_states(g)}

@@ -13,8 +13,10 @@ from .base import FusedOptimizer
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD` (momentum, dampening, nesterov, maximize, weight_decay).
 
-    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable``
-    (see :class:`~sparsetrain.optim.FusedOptimizer`).
+    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` and
+    torch.optim's ``foreach``, ``fused``, ``differentiable`` (see :class:`~sparsetrain.optim.FusedOptimizer`).
+    As in torch.optim, a momentum buffer starts from the gradient on its first use, also when
+    momentum is switched on mid-run (the state's ``step`` counts the steps since the buffer exists).
     """
 
     def __init__(
@@ -45,6 +47,16 @@ class SGD(FusedOptimizer):
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def torch_group_keys(self) -> tuple[str, ...]:
+        return ("momentum", "dampening", "nesterov")
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        new_buffer = group["momentum"] != 0 and "momentum_buffer" not in state and "step" in state
+        super()._init_state(p, group)
+        if new_buffer:  # the buffer's first use copies the gradient (step 1), as torch.optim's does
+            state["step"].zero_()
 
     def _launch(self, call, grads, common) -> None:
         group = call.group

@@ -1,0 +1,140 @@
+"""Drop-in wherever torch.optim goes: param-group forms, torch.optim's keywords, its state_dicts,
+momentum switched on mid-run and tensor learning rates, compared with torch.optim bit for bit."""
+
+import copy
+
+import pytest
+import torch
+from helpers import clone_params, make_params, set_grads
+from torch import nn
+
+import sparsetrain
+
+SHAPES = [(13, 5), (7,), (3, 4, 2)]
+KWARGS = {
+    "SGD": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+    "Adam": {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2},
+    "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
+}
+
+
+def _pair(name, kwargs, shapes=SHAPES, seed=0):
+    ours_params = make_params(shapes, seed=seed)
+    ref_params = clone_params(ours_params)
+    ours = getattr(sparsetrain.optim, name)(ours_params, backend="torch", **kwargs)
+    ref = getattr(torch.optim, name)(ref_params, **kwargs)
+    return ours, ours_params, ref, ref_params
+
+
+def _steps(pairs, steps):
+    for step in steps:
+        set_grads([params for _, params in pairs], step, none_every=4)
+        for opt, _ in pairs:
+            opt.step()
+
+
+def _assert_equal(actual, expected):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=0, atol=0)
+
+
+def test_param_group_given_as_a_generator_trains():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    ref = copy.deepcopy(model)
+    ours = sparsetrain.optim.SGD([{"params": model.parameters(), "lr": 0.1}], momentum=0.5, backend="torch")
+    theirs = torch.optim.SGD([{"params": ref.parameters(), "lr": 0.1}], momentum=0.5)
+    assert len(ours.param_groups[0]["params"]) == 2
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for m, opt in ((model, ours), (ref, theirs)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    _assert_equal(model.parameters(), ref.parameters())
+    assert not torch.equal(model.weight, copy.deepcopy(nn.Linear(6, 3)).weight)
+
+
+def test_named_parameters_are_accepted_like_torch_optim():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    ref = copy.deepcopy(model)
+    ours = sparsetrain.optim.AdamW(model.named_parameters(), lr=1e-2, backend="torch")
+    theirs = torch.optim.AdamW(ref.named_parameters(), lr=1e-2)
+    assert ours.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"]
+    x = torch.randn(6, 4)
+    for _ in range(4):
+        for m, opt in ((model, ours), (ref, theirs)):
+            m(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    _assert_equal(model.parameters(), ref.parameters())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_torch_optim_keywords(name):
+    kwargs = dict(KWARGS[name], foreach=False, fused=None)
+    ours, ours_params, ref, ref_params = _pair(name, kwargs)
+    _steps([(ours, ours_params), (ref, ref_params)], range(5))
+    _assert_equal(ours_params, ref_params)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        getattr(sparsetrain.optim, name)(make_params([(3,)]), differentiable=True)
+    with pytest.raises(TypeError, match="foreach must be None or a bool"):
+        getattr(sparsetrain.optim, name)(make_params([(3,)]), foreach="yes")
+
+
+def test_adam_decoupled_weight_decay_is_adamw():
+    kwargs = {"lr": 1e-2, "weight_decay": 0.2, "decoupled_weight_decay": True}
+    ours, ours_params, ref, ref_params = _pair("Adam", kwargs)
+    _steps([(ours, ours_params), (ref, ref_params)], range(6))
+    _assert_equal(ours_params, ref_params)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_torch_optim_state_dict_loads_here_and_back(name):
+    kwargs = KWARGS[name]
+    straight, straight_params, _, _ = _pair(name, kwargs)
+    _steps([(straight, straight_params)], range(12))
+
+    # torch.optim for 5 steps, then ours from its state_dict for 4, then torch.optim again from ours
+    _, ours_params, ref, ref_params = _pair(name, kwargs)
+    _steps([(ref, ref_params)], range(5))
+    ours = getattr(sparsetrain.optim, name)(ours_params, backend="torch", **kwargs)
+    with torch.no_grad():
+        for a, b in zip(ours_params, ref_params):
+            a.copy_(b)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _steps([(ours, ours_params)], range(5, 9))
+    back = getattr(torch.optim, name)(ref_params, **kwargs)
+    with torch.no_grad():
+        for a, b in zip(ref_params, ours_params):
+            a.copy_(b)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    _steps([(back, ref_params)], range(9, 12))
+    _assert_equal(ref_params, straight_params)
+
+
+def test_torch_state_dict_of_another_algorithm_is_refused():
+    params = make_params(SHAPES)
+    ref = torch.optim.Adam(clone_params(params), lr=1e-2)
+    with pytest.raises(ValueError, match="lacks .*momentum"):
+        sparsetrain.optim.SGD(params, lr=0.1).load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="saved by torch.optim.Adam, not AdamW"):
+        sparsetrain.optim.AdamW(params).load_state_dict(ref.state_dict())
+
+
+def test_momentum_switched_on_mid_run_matches_torch_optim():
+    ours, ours_params, ref, ref_params = _pair("SGD", {"lr": 0.05, "weight_decay": 1e-3, "dampening": 0.3})
+    _steps([(ours, ours_params), (ref, ref_params)], range(4))
+    for opt in (ours, ref):
+        opt.param_groups[0]["momentum"] = 0.9
+    _steps([(ours, ours_params), (ref, ref_params)], range(4, 10))
+    _assert_equal(ours_params, ref_params)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_tensor_learning_rate_is_bit_identical(name):
+    kwargs = dict(KWARGS[name], lr=torch.tensor(KWARGS[name]["lr"] * 1.37))
+    ours, ours_params, ref, ref_params = _pair(name, kwargs)
+    _steps([(ours, ours_params), (ref, ref_params)], range(50))
+    _assert_equal(ours_params, ref_params)
