@@ -1,4 +1,5 @@
-"""GPU benchmark of the fused pruning step against the baselines of DESIGN.md, measured in one run.
+"""GPU benchmark of the fused pruning step against the baselines users have today (torch's fused
+optimizers, the eager pruning step, torch.compile of it), measured in one run.
 
     python bench/step_report.py --out bench/results            # all scenarios
     python bench/step_report.py --quick                         # smaller sizes, smoke run

@@ -1,6 +1,6 @@
 """The fused pruning step: one pass over memory for every tensor of an optimizer call.
 
-Per element (DESIGN.md, "The fused step"), with w, g in the parameter dtype and math in fp32:
+Per element (docs/design.md, "The fused step: per-element contract"), with w, g in the parameter dtype and math in fp32:
 
     a = mask bit; a dead element does not take part (its values, zero already, stay as they are)
     r = lam[j]*w + l2*w + sd*w*max(0, 1 - |g|/(beta*gbar)) [+ l1*sign(w) unless proximal]

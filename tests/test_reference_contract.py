@@ -1,4 +1,4 @@
-"""The torch reference backend implements DESIGN.md's per-element contract.
+"""The torch reference backend implements the per-element contract of docs/design.md.
 
 Each check computes the expected result independently, element by element in float64 numpy-free
 torch, from the contract's formulas, on odd sizes.

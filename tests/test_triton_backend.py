@@ -3,7 +3,7 @@
 Every case runs the same op call on two copies of fresh random inputs, one per backend, and
 compares weights, optimizer states, statistics and step counts (fp32: relative error at most 1e-6;
 bf16 / fp16: at most two units in the last place of the dtype), and masks exactly except in
-DESIGN.md's tie band |u - q| <= 1e-6, where exp() may differ by ulps.
+the tie band of docs/design.md ("The random stream") |u - q| <= 1e-6, where exp() may differ by ulps.
 """
 
 import copy

@@ -1,4 +1,4 @@
-"""The torch reference backend: DESIGN.md's per-element contract in plain torch, on any device.
+"""The torch reference backend: the per-element contract of docs/design.md in plain torch, on any device.
 
 This is the executable specification the Triton and CUDA backends are tested against. It is
 written for clarity: one tensor at a time, the math in float32 (float64 for statistics), and the

@@ -9,7 +9,7 @@ regularization coefficients applied in the same fused pass; the optimizer's own 
 works too). Node pruning is emergent: a node is dead when all its incoming weights are zero.
 
 The source paper's exact probability function was not available; this family is the project's
-own definition (DESIGN.md, "Methods").
+own definition (docs/design.md, "Methods, as this project defines them").
 """
 
 from __future__ import annotations

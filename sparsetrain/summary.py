@@ -1,0 +1,174 @@
+"""A per-layer table of a pruned model: shape, sparsity, dead outputs and inputs, parameters, MACs.
+
+Used by :meth:`sparsetrain.Pruner.summary`. Everything here reads the current weights (one host
+transfer per call); nothing is modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .pruner import Pruner
+
+
+@dataclass
+class LayerRow:
+    """One pruned weight's line of the table.
+
+    Attributes:
+        name: the parameter's name in the model (``"features.0.weight"``).
+        shape: the weight's shape.
+        sparsity: fraction of the weight's elements that are zero.
+        dead_outputs: outputs (rows of a linear weight, filters of a conv) whose incoming weights
+            are all zero; ``outputs`` is their total.
+        dead_inputs: inputs (columns, input channels) whose weights are all zero; ``inputs`` is
+            their total (``0`` for a 1-D weight).
+        params: elements of the weight (and of the bias pruned with it).
+        alive_params: nonzero elements among ``params``.
+        macs: multiply-accumulates per sample of the dense layer on the example inputs
+            (``None`` without example inputs).
+        alive_macs: the same counting only nonzero weights (what sparse execution would do).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    dead_outputs: int
+    outputs: int
+    dead_inputs: int
+    inputs: int
+    params: int
+    alive_params: int
+    macs: int | None = None
+    alive_macs: int | None = None
+
+
+def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
+    """Per target: output positions per sample (conv: output pixels; linear: tokens), by forward hooks."""
+    positions: dict[str, int] = {}
+    hooks = []
+    batch = (example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs).shape[0]
+    for t in pruner.targets:
+        out_features = getattr(t.module, "nf", t.param.shape[0])  # transformers' Conv1D: [in, out]
+
+        def hook(module, args, output, name=t.name, out_features=out_features):
+            if isinstance(output, Tensor):
+                positions[name] = output.numel() // max(1, batch * out_features)
+
+        hooks.append(t.module.register_forward_hook(hook))
+    was_training = pruner.model.training
+    pruner.model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                pruner.model(*example_inputs)
+            else:
+                pruner.model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        pruner.model.train(was_training)
+    return positions
+
+
+def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> list[LayerRow]:
+    """The table's rows, one per pruned weight, in the pruner's order.
+
+    Args:
+        pruner: a :class:`~sparsetrain.Pruner` (or ``MaskedPruner``).
+        example_inputs: a batch the model accepts (a tensor, or a tuple of positional inputs); with
+            it, MACs per sample are counted from the output shapes seen by forward hooks (the model
+            runs once in eval mode under ``no_grad``).
+    """
+    positions = _positions(pruner, example_inputs) if example_inputs is not None else {}
+    rows = []
+    for t in pruner.targets:
+        w = t.param.detach()
+        zero = (w == 0) | ~pruner.optimizer.mask(t.param)  # the autograd path masks in the forward
+        if hasattr(t.module, "nf"):  # transformers' Conv1D stores its weight as [in, out]
+            zero = zero.transpose(0, 1)
+        outputs = zero.shape[0]
+        dead_outputs = int(zero.reshape(outputs, -1).all(dim=1).sum())
+        if w.dim() >= 2:
+            inputs = zero.shape[1]
+            dead_inputs = int(zero.transpose(0, 1).reshape(inputs, -1).all(dim=1).sum())
+        else:
+            inputs = dead_inputs = 0
+        nonzero = int((~zero).sum())
+        params, alive = w.numel(), nonzero
+        if t.bias is not None:
+            params += t.bias.numel()
+            alive += int(((t.bias.detach() != 0) & pruner.optimizer.mask(t.bias)).sum())
+        sparsity = 1.0 - nonzero / max(1, w.numel())
+        row = LayerRow(t.name, tuple(w.shape), sparsity, dead_outputs, outputs, dead_inputs, inputs, params, alive)
+        if t.name in positions:
+            row.macs = positions[t.name] * w.numel()
+            row.alive_macs = positions[t.name] * nonzero
+        rows.append(row)
+    return rows
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def format_rows(rows: list[LayerRow]) -> str:
+    """The rows as an aligned text table with a total line."""
+    header = ["layer", "shape", "sparsity", "dead out", "dead in", "params alive/total", "MACs alive/dense"]
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r.name,
+                "x".join(str(s) for s in r.shape),
+                f"{r.sparsity:.1%}",
+                f"{r.dead_outputs}/{r.outputs}",
+                f"{r.dead_inputs}/{r.inputs}" if r.inputs else "-",
+                f"{_count(r.alive_params)}/{_count(r.params)}",
+                f"{_count(r.alive_macs)}/{_count(r.macs)}" if r.macs is not None else "-",
+            ]
+        )
+    params = sum(r.params for r in rows)
+    alive = sum(r.alive_params for r in rows)
+    weights = sum(_numel(r.shape) for r in rows)
+    zeros = sum(round(r.sparsity * _numel(r.shape)) for r in rows)
+    has_macs = rows and all(r.macs is not None for r in rows)
+    lines.append(
+        [
+            "total",
+            "",
+            f"{zeros / max(1, weights):.1%}",
+            f"{sum(r.dead_outputs for r in rows)}/{sum(r.outputs for r in rows)}",
+            f"{sum(r.dead_inputs for r in rows)}/{sum(r.inputs for r in rows)}",
+            f"{_count(alive)}/{_count(params)}",
+            f"{_count(sum(r.alive_macs for r in rows))}/{_count(sum(r.macs for r in rows))}" if has_macs else "-",
+        ]
+    )
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    right = [False, False, True, True, True, True, True]
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(c) for c in lines[:-1]), rule, fmt(lines[-1])])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def summary(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> str:
+    """The per-layer table of ``pruner``'s weights as text (see :func:`layer_rows`)."""
+    return format_rows(layer_rows(pruner, example_inputs))
