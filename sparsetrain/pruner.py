@@ -137,19 +137,22 @@ class Pruner:
             structure=method.structure,
         )
         owned = set(optimizer._param_index())
-        for target in self.targets:
+        for target in self.targets:  # everything is checked before the optimizer is touched
             if target.param not in owned:
-                raise ValueError(f"{target.name} is not a parameter of the optimizer")
+                raise ValueError(f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer")
+            if target.bias is not None and target.bias not in owned:
+                raise ValueError(
+                    f"{target.module_name}.bias {tuple(target.bias.shape)} is not a parameter of the optimizer "
+                    f"(structured {target.structure} pruning prunes a filter's bias with it)"
+                )
         method.check(self.targets)
+        self.history = History(self.targets, every=record_every)
         for target in self.targets:
             optimizer.enable_pruning(target.param, groups=target.groups, group_inner=target.inner)
             if target.bias is not None:
-                if target.bias not in owned:
-                    raise ValueError(f"{target.module_name}.bias is not a parameter of the optimizer")
                 optimizer.enable_pruning(target.bias, groups=target.groups, group_inner=1)
         optimizer.uses_groups = optimizer.uses_groups or method.uses_groups
         self.step_count = 0
-        self.history = History(self.targets, every=record_every)
         method.attach(self)
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
 

@@ -24,6 +24,7 @@ import torch
 
 from ..contract import GROUP_LAM, GROUP_PRUNE
 from ..selection import group_scores
+from ..validation import integer, number
 from .base import Method, check_ratio
 
 
@@ -45,11 +46,13 @@ class GReg1(Method):
         self.target = check_ratio("ratio", ratio)
         if structure not in ("filters", "channels"):
             raise ValueError(f"GReg prunes groups: structure must be 'filters' or 'channels', got {structure!r}")
-        if update_interval < 1 or delta <= 0 or ceiling <= 0 or stabilize < 0:
-            raise ValueError("need update_interval >= 1, delta > 0, ceiling > 0, stabilize >= 0")
         self.structure = structure
-        self.update_interval, self.delta, self.ceiling = update_interval, delta, ceiling
-        self.stabilize, self.mag_ratio_limit, self.start = stabilize, mag_ratio_limit, start
+        self.update_interval = integer("update_interval", update_interval, low=1)
+        self.delta = number("delta", delta, low=0.0, strict_low=True)
+        self.ceiling = number("ceiling", ceiling, low=0.0, strict_low=True)
+        self.stabilize = integer("stabilize", stabilize, low=0)
+        self.mag_ratio_limit = number("mag_ratio_limit", mag_ratio_limit, low=0.0, strict_low=True, finite=False)
+        self.start = integer("start", start, low=0)
         self.phase = "grow"
         self.picked: dict[str, torch.Tensor] = {}
         self.lam: dict[str, float] = {}
@@ -161,9 +164,9 @@ class GReg2(GReg1):
         self, ratio: float, *, delta_all: float = 1e-5, warm_ceiling: float = 0.01, kept_lam: float = -1e-4, **kw
     ) -> None:
         super().__init__(ratio, **kw)
-        if delta_all <= 0 or warm_ceiling <= 0:
-            raise ValueError("need delta_all > 0 and warm_ceiling > 0")
-        self.delta_all, self.warm_ceiling, self._kept_lam = delta_all, warm_ceiling, kept_lam
+        self.delta_all = number("delta_all", delta_all, low=0.0, strict_low=True)
+        self.warm_ceiling = number("warm_ceiling", warm_ceiling, low=0.0, strict_low=True)
+        self._kept_lam = number("kept_lam", kept_lam)
         self.phase = "warm"
         self.warm_lam = 0.0
 

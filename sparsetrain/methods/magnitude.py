@@ -17,6 +17,7 @@ import torch
 
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
 from ..selection import group_scores, kth_smallest_abs, next_float32, prune_count
+from ..validation import integer, number
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
 
@@ -43,8 +44,10 @@ class Magnitude(Method):
         if largest and structure is not None:
             raise ValueError("largest=True is defined for unstructured pruning")
         check_schedule(schedule, start, end)
-        self.largest, self.scope, self.structure, self.norm = largest, scope, structure, norm
-        self.schedule, self.start, self.end, self.interval = schedule, start, end, max(1, interval)
+        self.largest, self.scope, self.structure = largest, scope, structure
+        self.norm = number("norm", norm, low=0.0, strict_low=True, finite=False)
+        self.schedule, self.start, self.end = schedule, start, end
+        self.interval = integer("interval", interval, low=1)
         self.uses_groups = structure is not None
         self.events_done = 0
 

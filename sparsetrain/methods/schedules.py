@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from ..validation import integer
+
 SCHEDULES = ("oneshot", "linear", "cubic")
 
 
 def check_schedule(kind: str, start: int, end: int) -> None:
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
+    integer("start", start)
+    integer("end", end)
     if start < 0 or (kind != "oneshot" and end <= start):
         raise ValueError(f"schedule needs 0 <= start < end, got start={start}, end={end}")
 

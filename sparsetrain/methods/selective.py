@@ -15,6 +15,7 @@ import math
 
 from ..contract import COEF_THRESHOLD
 from ..selection import kth_smallest_abs, next_float32, prune_count
+from ..validation import integer, number
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
 
@@ -33,16 +34,10 @@ class SelectiveDecay(Method):
     ) -> None:
         self.target = check_ratio("target", target)
         check_schedule(schedule, start, end)
-        if sd < 0 or beta <= 0 or interval < 1:
-            raise ValueError(f"need sd >= 0, beta > 0, interval >= 1, got {sd}, {beta}, {interval}")
-        self.sd, self.beta, self.start, self.end, self.interval, self.schedule = (
-            sd,
-            beta,
-            start,
-            end,
-            interval,
-            schedule,
-        )
+        self.sd = number("sd", sd, low=0.0)
+        self.beta = number("beta", beta, low=0.0, strict_low=True)
+        self.interval = integer("interval", interval, low=1)
+        self.start, self.end, self.schedule = start, end, schedule
 
     def attach(self, pruner) -> None:
         for t in pruner.targets:

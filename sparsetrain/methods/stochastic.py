@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..contract import COEF_PRUNE_COUNT, STAT_ALIVE
+from ..validation import integer, number
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
 
@@ -38,10 +39,10 @@ class StochasticMagnitude(Method):
         check_schedule(schedule, start, end)
         if start < 1:
             raise ValueError("start must be >= 1: the first event needs one step's statistics")
-        if interval < 1 or temperature <= 0:
-            raise ValueError(f"need interval >= 1 and temperature > 0, got {interval}, {temperature}")
-        self.start, self.end, self.schedule, self.interval = start, end, schedule, interval
-        self.temperature, self.l2, self.l1 = temperature, l2, l1
+        self.start, self.end, self.schedule = start, end, schedule
+        self.interval = integer("interval", interval, low=1)
+        self.temperature = number("temperature", temperature, low=0.0, strict_low=True)
+        self.l2, self.l1 = number("l2", l2, low=0.0), number("l1", l1, low=0.0)
 
     def check(self, targets) -> None:
         for t in targets:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .. import ops
+from .. import ops, validation
 from .base import FusedOptimizer
 
 
@@ -38,14 +38,9 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay = self._decoupled
         if weight_decay is None:
             weight_decay = 1e-2 if self._decoupled else 0.0
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for index, beta in enumerate(betas):
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         defaults = dict(
             lr=lr,
-            betas=tuple(float(b) for b in betas),
+            betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -53,6 +48,9 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=bool(decoupled_weight_decay),
         )
         super().__init__(params, defaults, **options)
+
+    def _check_hyperparameters(self, group: dict[str, Any], label: str) -> None:
+        validation.adam_group(group, label)
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")

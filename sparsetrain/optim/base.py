@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import backends, contract, philox
+from .. import backends, contract, philox, validation
 from .. import masks as mask_format
 from ..transfer import to_device
 from . import compat
@@ -100,6 +100,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._calls_key: tuple | None = None
         self._calls_cache: list[_Call] = []
         self._no_seeds: dict[torch.device, Tensor] = {}
+        self._check_hyperparameters(defaults, "defaults")
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is not None:  # resolve now: an unusable backend fails here, and step() stays traceable
@@ -112,36 +113,29 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; everything is checked first, so a refused group leaves the optimizer unchanged."""
+        index = len(self.param_groups)
         if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        param_group = dict(param_group)
-        param_group["params"] = compat.group_params(param_group["params"])  # a generator is read once, here
-        for index, p in enumerate(compat.unnamed(param_group["params"])):
-            where = f"parameter {index} of param group {len(self.param_groups)}"
-            if not isinstance(p, Tensor):
-                raise TypeError(f"{where} is a {type(p).__name__}, not a Tensor")
-            if p.is_complex() or not p.is_floating_point():
-                raise TypeError(f"{where} has dtype {p.dtype}; only real floating-point parameters can be optimized")
-            if p.is_sparse:
-                raise TypeError(f"{where} is a sparse tensor; only dense parameters are supported")
-        super().add_param_group(param_group)
+            raise TypeError(f"param group {index} must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"param group {index} has no 'params' entry")
+        group = validation.full_group(param_group, self.defaults)
+        group["params"] = compat.group_params(param_group["params"])  # a generator is read once, here
+        params = compat.unnamed(group["params"])
+        validation.group_params(params, index, self.param_groups)
+        self._check_hyperparameters(group, f"param group {index}")
+        if self.capturable and not isinstance(group["lr"], Tensor) and params:
+            # CUDA-graph capture: the learning rate lives on the device, schedulers update it in place
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=params[0].device)
+        super().add_param_group(group)
         self._layout_version += 1
         group = self.param_groups[-1]
-        if self.capturable and not isinstance(group["lr"], Tensor) and group["params"]:
-            # CUDA-graph capture: the learning rate lives on the device, schedulers update it in place
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
-        self._check_group(group)
         for p in group["params"]:
             self._init_state(p, group)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {float(lr)}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    def _check_hyperparameters(self, group: dict[str, Any], label: str) -> None:
+        """Raise a clear error for an invalid hyperparameter of ``group`` (subclasses name their rules)."""
+        validation.learning_rate(group, label)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -161,12 +155,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         Element ``i`` belongs to group ``(i // group_inner) % groups``; ``group_inner`` defaults
         to ``numel // groups`` (contiguous groups, e.g. output filters).
         """
-        if param not in self._param_index():
-            raise ValueError("enable_pruning: the tensor is not a parameter of this optimizer")
+        label = validation.owned(self, param, "enable_pruning")
         numel = param.numel()
-        if groups < 1 or numel % groups:
-            raise ValueError(f"enable_pruning: {groups} groups do not divide a tensor of {numel} elements")
-        inner = group_inner if group_inner is not None else numel // groups
+        groups, inner = validation.pruning_layout(label, numel, groups, group_inner)
         state = self.state[param]
         if "mask_words" in state:
             return
@@ -183,20 +174,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._layout_version += 1
 
     def set_mask(self, param: Tensor, alive: Tensor) -> None:
-        """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state)."""
+        """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state).
+
+        Pruned weights and their states become exactly +0.0, whatever they held (inf and NaN included).
+        """
+        label = validation.owned(self, param, "set_mask")
+        validation.mask_for(label, param, alive)
         state = self.state[param]
         if "mask_words" not in state:
             self.enable_pruning(param)
-        if alive.shape != param.shape:
-            raise ValueError(f"set_mask: mask shape {tuple(alive.shape)} != parameter shape {tuple(param.shape)}")
-        alive = alive.to(device=param.device, dtype=torch.bool)
+        alive = alive.to(device=param.device)
         with torch.no_grad():
             keep = alive & self.mask(param)
             state["mask_words"].copy_(mask_format.pack(keep))
-            param.mul_(keep)
+            dead = ~keep
+            param.masked_fill_(dead, 0.0)
             for value in state.values():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.mul_(keep)
+                if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
+                    value.masked_fill_(dead, 0.0)
             state["stats"][contract.STAT_ALIVE] = keep.sum()
             state["stats"][contract.STAT_SUM_ABS_W] = param.double().abs().sum()
 
@@ -208,20 +203,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         return mask_format.unpack(state["mask_words"], param.numel(), param.shape)
 
     def set_coefs(self, param: Tensor, **values: float) -> None:
-        """Set per-tensor coefficients by name: l2, l1, sd, sd_beta, threshold, prune_count, temperature."""
+        """Set per-tensor coefficients by name: l2, l1, sd, sd_beta, threshold, prune_count, temperature.
+
+        All values are checked (known name, not NaN, not negative) before any is written.
+        """
+        label = validation.owned(self, param, "set_coefs")
+        if "coefs" not in self.state.get(param, {}):
+            raise ValueError(f"set_coefs({label}): pruning is not enabled for it; call enable_pruning first")
+        checked = {name: validation.coefficient(name, value, label) for name, value in values.items()}
         coefs = self.state[param]["coefs"]
-        for name, value in values.items():
-            index = getattr(contract, f"COEF_{name.upper()}", None)
-            if index is None:
-                raise ValueError(f"unknown coefficient {name!r}")
-            coefs[index] = float(value)
+        for name, value in checked.items():
+            coefs[getattr(contract, f"COEF_{name.upper()}")] = value
             if name in ("l2", "l1", "sd") and value != 0:
                 self.regularize = True
 
     def schedule_pruning(self, mode: str) -> None:
         """Make the next :meth:`step` take a pruning decision of ``mode`` on every masked tensor."""
-        if mode not in contract.PRUNE_MODES:
-            raise ValueError(f"unknown prune mode {mode!r}; choose one of {contract.PRUNE_MODES}")
+        validation.prune_mode(self, mode)
         self._pending_prune = mode
 
     # ------------------------------------------------------------------------------------- step
@@ -254,9 +252,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         calls = []
         device = None
         index = self._param_index()
-        for group_index, group in enumerate(self.param_groups):
-            split: dict[bool, list[Tensor]] = {True: [], False: []}
-            where: dict[bool, list[str]] = {True: [], False: []}
+        for group_index, group in enumerate(self.param_groups):  # checked whole before any state is created
             for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -267,6 +263,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"parameter {position} of param group {group_index} (shape {tuple(p.shape)}) is on {p.device} "
                         f"but earlier parameters are on {device}; one sparsetrain optimizer steps tensors of one device"
                     )
+        for group_index, group in enumerate(self.param_groups):
+            split: dict[bool, list[Tensor]] = {True: [], False: []}
+            where: dict[bool, list[str]] = {True: [], False: []}
+            for position, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
                 self._init_state(p, group)
                 masked = "mask_words" in self.state[p]
                 split[masked].append(p)
@@ -300,23 +302,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         }
         return lists
 
-    @staticmethod
-    def _grads(call: _Call) -> list[Tensor]:
-        """This step's gradients of ``call``'s tensors, validated before anything is modified.
-
-        torch's ``Tensor.grad`` setter and autograd already guarantee each gradient's shape, dtype
-        and device match its parameter, so only the layout is checked here.
-        """
-        grads = [p.grad for p in call.params]
-        if any(g.is_sparse for g in grads):
-            where, p = next((w, p) for w, p, g in zip(call.where, call.params, grads) if g.is_sparse)
-            raise RuntimeError(
-                f"{where} (shape {tuple(p.shape)}) has a sparse gradient; sparsetrain optimizers need dense gradients"
-            )
-        return grads
-
     def _found_inf(self, grads: list[Tensor]) -> Tensor | None:
-        if not self.skip_nonfinite or not grads:
+        if not self.skip_nonfinite:
+            return None
+        grads = [g for g in grads if g.numel()]  # the inf-norm of a 0-element tensor is undefined
+        if not grads:
             return None
         maxima = torch._foreach_norm(grads, math.inf)
         return (~torch.isfinite(torch.stack(maxima))).any()
@@ -337,8 +327,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         calls = self._calls()
         if calls:
-            grads = [self._grads(call) for call in calls]
             backend = self._backend_for(calls[0].params[0].device)
+            validation.step_tensors(calls, backend)  # before anything is launched
+            grads = [[p.grad for p in call.params] for call in calls]
             found_inf = self._found_inf([g for gs in grads for g in gs])
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
@@ -391,58 +382,41 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict saved by the same optimizer class (or by torch.optim's same algorithm).
 
-        Tensors keep their saved dtype (statistics stay float64, states float32) and move to the
-        parameter's device. Everything is validated before anything is changed. A saved pruner state
-        goes to the attached :class:`~sparsetrain.Pruner` (or to the next one attached).
+        The whole state_dict is checked first (:func:`sparsetrain.validation.state_dict`); one that does
+        not fit is refused and nothing is replaced. Tensors move to the parameter's device; statistics
+        stay float64, algorithm buffers and step counts become float32 (what every backend reads). A
+        saved pruner state goes to the attached :class:`~sparsetrain.Pruner` (or to the next one attached).
         """
         if compat.is_torch_state_dict(state_dict):
             state_dict = compat.from_torch_state_dict(self, state_dict)
-        meta = state_dict.get("sparsetrain")
-        name = type(self).__name__
-        if meta is None:
-            raise ValueError(f"{name}.load_state_dict: not a sparsetrain state_dict (no 'sparsetrain' entry)")
-        if meta.get("optimizer") != name:
-            raise ValueError(f"{name}.load_state_dict: the state_dict was saved by {meta['optimizer']}, not {name}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{name}.load_state_dict: {len(saved_groups)} param groups saved, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
+            state_dict["sparsetrain"]["format"] = STATE_FORMAT
+        new_groups = validation.state_dict(self, state_dict, STATE_FORMAT)
+        meta = state_dict["sparsetrain"]
         params = [p for g in self.param_groups for p in g["params"]]
-        shapes = [tuple(p.shape) for p in params]
-        if [tuple(s) for s in meta["param_shapes"]] != shapes or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
-        ):
-            raise ValueError(
-                f"{name}.load_state_dict: the state_dict belongs to another model "
-                f"(saved parameter shapes {meta['param_shapes'][:4]}..., here {shapes[:4]}...)"
-            )
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        by_id = dict(zip(saved_ids, params))
+        by_id = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]], params))
+        buffers = self._algo_state_names()
         new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             p = by_id[key]
             for field, value in saved.items():
-                if isinstance(value, Tensor):
-                    if value.dim() > 0 and field in self._algo_state_names() and value.shape != p.shape:
-                        raise ValueError(
-                            f"{name}.load_state_dict: state {field!r} has shape {tuple(value.shape)}, "
-                            f"param {tuple(p.shape)}"
-                        )
+                if value is None:
+                    continue
+                if field == "step":
+                    value = torch.as_tensor(value).detach().reshape(()).to(device=p.device, dtype=torch.float32)
+                    new_state[p][field] = value.clone()
+                elif field in buffers:
+                    new_state[p][field] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                elif isinstance(value, Tensor):
                     new_state[p][field] = value.detach().to(device=p.device, copy=True)
                 else:
                     new_state[p][field] = copy.deepcopy(value)
-        new_groups = []
-        for saved, group in zip(saved_groups, self.param_groups):
-            fresh = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
-            fresh["params"] = group["params"]
-            new_groups.append(fresh)
+        new_groups = [{**copy.deepcopy({k: v for k, v in g.items() if k != "params"}), "params": g["params"]}
+                      for g in new_groups]  # fmt: skip
         self.state = new_state
         self.param_groups = new_groups
         self._layout_version += 1
-        self.base_seed = meta["base_seed"]
-        self.prune_events = meta["prune_events"]
+        self.base_seed = int(meta["base_seed"]) & philox.MASK63
+        self.prune_events = int(meta["prune_events"])
         self.regularize = meta["regularize"]
         self.uses_groups = meta["uses_groups"]
         for group in self.param_groups:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .. import ops
+from .. import ops, validation
 from .base import FusedOptimizer
 
 
@@ -31,10 +31,6 @@ class SGD(FusedOptimizer):
         maximize: bool = False,
         **options,
     ) -> None:
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -44,6 +40,9 @@ class SGD(FusedOptimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults, **options)
+
+    def _check_hyperparameters(self, group: dict[str, Any], label: str) -> None:
+        validation.sgd_group(group, label)
 
     def _algo_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()

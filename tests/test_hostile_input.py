@@ -1,0 +1,290 @@
+"""Bad input: every refused call names what is wrong and leaves every tensor and counter as it was.
+
+Each test snapshots the parameters, gradients, optimizer state, step counts, param groups and (where
+there is one) the pruner's state, makes the call, checks the error, and compares everything exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import triton_usable
+from helpers import make_params, set_grads
+from torch import nn
+
+import sparsetrain
+from sparsetrain.methods import GReg1, Magnitude, SelectiveDecay, StochasticMagnitude
+
+NAN = float("nan")
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else (a == b)).all())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+class Snapshot:
+    """Everything a call could change: tensors (by value), their identities, counters, groups, pruner state."""
+
+    def __init__(self, opt, pruner=None, model=None):
+        self.opt, self.pruner, self.model = opt, pruner, model
+        self.taken = self._take()
+
+    def _take(self):
+        opt = self.opt
+        params = [p for g in opt.param_groups for p in g["params"]]
+        out = {
+            "param_ids": [id(p) for p in params],
+            "params": [p.detach().clone() for p in params],
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+            "grad_ids": [id(p.grad) for p in params],
+            "state_keys": sorted(id(p) for p in opt.state),
+            "state": {id(p): _copy(s) for p, s in opt.state.items()},
+            "groups": [_copy({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+            "counters": (opt.prune_events, opt.base_seed, opt.regularize, opt.uses_groups, opt._pending_prune),
+        }
+        if self.pruner is not None:
+            out["pruner"] = (
+                self.pruner.step_count,
+                _copy(self.pruner.method.state_dict()),
+                len(self.pruner.history.steps),
+            )
+        if self.model is not None:
+            out["model"] = _copy(self.model.state_dict())
+        return out
+
+    def unchanged(self) -> None:
+        now = self._take()
+        for key, before in self.taken.items():
+            assert _same(before, now[key]), f"{key} changed"
+
+
+def _opt(name="SGD", shapes=((7, 5), (33,), (2, 3, 3)), backend="torch", **kw):
+    params = make_params(shapes)
+    defaults = {"SGD": {"lr": 0.1, "momentum": 0.9}, "Adam": {"lr": 1e-2}}[name]
+    opt = getattr(sparsetrain.optim, name)(params, backend=backend, **{**defaults, **kw})
+    return opt, params
+
+
+def _stepped(name="SGD", pruning=True, backend="torch", **kw):
+    opt, params = _opt(name, backend=backend, **kw)
+    if pruning:
+        for p in params[:2]:
+            opt.enable_pruning(p)
+            opt.set_coefs(p, l2=1e-3, threshold=0.3)
+    for step in range(2):
+        set_grads([params], step)
+        opt.schedule_pruning("low" if pruning and step == 1 else "none")
+        opt.step()
+    set_grads([params], 7)
+    return opt, params
+
+
+# ------------------------------------------------------------------------------ hyperparameters
+@pytest.mark.parametrize(
+    "name, bad, match",
+    [
+        ("SGD", {"lr": -1.0}, "lr must be >= 0"),
+        ("SGD", {"lr": NAN}, "lr must be a finite number"),
+        ("SGD", {"momentum": -0.5}, "momentum must be >= 0"),
+        ("SGD", {"momentum": 0.9, "dampening": 0.1, "nesterov": True}, "Nesterov"),
+        ("SGD", {"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ("Adam", {"betas": (1.0, 0.999)}, "beta parameter at index 0 must be < 1"),
+        ("Adam", {"betas": (0.9, 1.5)}, "beta parameter at index 1 must be < 1"),
+        ("Adam", {"eps": -1e-8}, "epsilon must be >= 0"),
+        ("Adam", {"betas": (0.9, NAN)}, "beta parameter at index 1 must be a finite number"),
+    ],
+)
+def test_add_param_group_validates_like_the_constructor_and_keeps_nothing(name, bad, match):
+    opt, params = _stepped(name, pruning=False)
+    with pytest.raises(ValueError, match=match):
+        getattr(sparsetrain.optim, name)(make_params([(3,)]), **bad)  # the constructor refuses it
+    extra = make_params([(4, 4)], seed=3)
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match=f"param group 1: .*{match}"):
+        opt.add_param_group({"params": extra, **bad})
+    snap.unchanged()
+    assert len(opt.param_groups) == 1 and extra[0] not in opt.state
+    opt.step()  # the optimizer still works, and does not climb
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_duplicate_parameters_are_refused():
+    (p, q) = make_params([(4, 3), (5,)])
+    with pytest.raises(ValueError, match=r"parameter 2 of param group 0 \(shape \(4, 3\).*same tensor as parameter 0"):
+        sparsetrain.optim.SGD([p, q, p], lr=0.1)
+    opt = sparsetrain.optim.SGD([p], lr=0.1)
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match="parameter 1 of param group 1 .* same tensor as parameter 0 of param group 0"):
+        opt.add_param_group({"params": [q, p]})
+    snap.unchanged()
+    assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------------------ method arguments
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: StochasticMagnitude(0.5, l1=NAN), "l1 must be a finite number"),
+        (lambda: StochasticMagnitude(0.5, l2=-1e-3), "l2 must be >= 0"),
+        (lambda: StochasticMagnitude(0.5, temperature=NAN), "temperature must be a finite number"),
+        (lambda: StochasticMagnitude(0.5, interval=-2), "interval must be >= 1"),
+        (lambda: SelectiveDecay(0.5, sd=NAN), "sd must be a finite number"),
+        (lambda: SelectiveDecay(0.5, beta=-1.0), "beta must be > 0"),
+        (lambda: SelectiveDecay(0.5, interval=2.5), "interval must be an integer"),
+        (lambda: Magnitude(0.5, schedule="linear", end=10, interval=-1), "interval must be >= 1"),
+        (lambda: Magnitude(0.5, norm=NAN), "norm must be"),
+        (lambda: GReg1(0.5, delta=NAN), "delta must be a finite number"),
+        (lambda: GReg1(0.5, ceiling=-1.0), "ceiling must be > 0"),
+        (lambda: GReg1(0.5, update_interval=0), "update_interval must be >= 1"),
+    ],
+)
+def test_methods_refuse_nan_and_negative_arguments(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+# ------------------------------------------------------------------------ pruning entry points
+def test_enable_pruning_refuses_a_zero_group_inner():
+    opt, params = _stepped(pruning=False)
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match=r"enable_pruning\(parameter 0 of param group 0\): group_inner must be >= 1"):
+        opt.enable_pruning(params[0], groups=5, group_inner=0)
+    with pytest.raises(ValueError, match="3 groups do not divide a tensor of 35 elements"):
+        opt.enable_pruning(params[0], groups=3)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.enable_pruning(torch.zeros(3, requires_grad=True))
+    snap.unchanged()
+
+
+def test_set_coefs_checks_every_value_before_writing_any():
+    opt, params = _stepped()
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match=r"set_coefs\(parameter 0 of param group 0\): unknown coefficient 'l3'"):
+        opt.set_coefs(params[0], l2=0.5, l1=0.25, l3=1.0)
+    with pytest.raises(ValueError, match="l1 must be a finite number"):
+        opt.set_coefs(params[0], l2=0.5, l1=NAN)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        opt.set_coefs(params[1], temperature=-1.0)
+    with pytest.raises(ValueError, match=r"parameter 2 of param group 0\): pruning is not enabled"):
+        opt.set_coefs(params[2], l2=0.5)
+    snap.unchanged()
+
+
+def test_set_mask_with_a_wrong_mask_changes_nothing():
+    opt, params = _stepped()
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match=r"set_mask\(parameter 2 of param group 0\): mask shape \(3, 2, 3\)"):
+        opt.set_mask(params[2], torch.ones(3, 2, 3, dtype=torch.bool))  # params[2] has no mask yet
+    with pytest.raises(TypeError, match="the mask must be a bool tensor, got a torch.float32 tensor"):
+        opt.set_mask(params[0], torch.ones(7, 5))
+    snap.unchanged()
+    assert "mask_words" not in opt.state[params[2]]
+
+
+def test_schedule_group_pruning_without_group_tables_is_refused():
+    opt, params = _stepped()
+    snap = Snapshot(opt)
+    with pytest.raises(ValueError, match="schedule_pruning\\('group'\\) needs per-group tables"):
+        opt.schedule_pruning("group")
+    with pytest.raises(ValueError, match="unknown prune mode 'lowest'"):
+        opt.schedule_pruning("lowest")
+    snap.unchanged()
+
+
+def test_pruner_whose_bias_is_not_in_the_optimizer_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    opt = sparsetrain.optim.SGD([model[0].weight, model[2].weight, model[2].bias], lr=0.1, backend="torch")
+    snap = Snapshot(opt, model=model)
+    with pytest.raises(ValueError, match=r"0\.bias \(6,\) is not a parameter of the optimizer"):
+        sparsetrain.Pruner(model, opt, Magnitude(0.5, structure="filters"))
+    snap.unchanged()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+# ----------------------------------------------------------------------------------- gradients
+def _backends():
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_usable()[0], reason="no triton"))]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ["fp16_grad_on_fp32", "resized", "fp32_grad_on_bf16"])
+def test_a_gradient_that_does_not_match_its_parameter_is_refused_before_any_update(backend, case):
+    opt, params = _stepped(backend=backend)
+    if case == "fp32_grad_on_bf16":
+        extra = make_params([(6, 2)], seed=4, dtype=torch.bfloat16)[0]
+        extra.grad_dtype = torch.float32  # torch lets such a parameter hold a float32 gradient
+        opt.add_param_group({"params": [extra]})
+        extra.grad = torch.ones(6, 2)
+        label, expected = "parameter 0 of param group 1", r"shape \(6, 2\), dtype torch.bfloat16"
+    elif case == "fp16_grad_on_fp32":
+        params[1].grad.data = params[1].grad.data.half()
+        label, expected = "parameter 1 of param group 0", r"shape \(33,\), dtype torch.float32"
+    else:
+        params[2].grad.data = torch.zeros(4)
+        label, expected = "parameter 2 of param group 0", r"shape \(2, 3, 3\), dtype torch.float32"
+    snap = Snapshot(opt)
+    with pytest.raises(RuntimeError, match=f"{label} \\({expected}.*has a gradient of .*its parameter's shape, dtype"):
+        opt.step()
+    snap.unchanged()
+
+
+@pytest.mark.skipif(not triton_usable()[0], reason="needs the Triton backend")
+@pytest.mark.parametrize("case", ["fp64", "channels_last", "stride0"])
+def test_a_later_group_the_triton_backend_cannot_step_is_refused_before_any_launch(case):
+    opt, params = _stepped(backend="triton")
+    if case == "fp64":
+        extra = make_params([(5, 3)], seed=2, dtype=torch.float64)[0]
+        match = r"parameter 0 of param group 1 \(shape \(5, 3\), dtype torch.float64\).*fp32, bf16 and fp16"
+    elif case == "channels_last":
+        extra = make_params([(4, 3, 2, 2)], seed=2)[0].detach().to(memory_format=torch.channels_last)
+        extra.requires_grad_()
+        match = r"parameter 0 of param group 1 \(shape \(4, 3, 2, 2\).*not contiguous"
+    else:
+        extra = torch.zeros(1).expand(6).requires_grad_()
+        match = r"parameter 0 of param group 1 \(shape \(6,\).*strides \(0,\), not contiguous"
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones_like(extra)
+    snap = Snapshot(opt)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    snap.unchanged()
+
+
+def test_skip_nonfinite_with_a_zero_element_parameter():
+    params = make_params([(7, 5), (0,), (3, 0)])
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend="torch", skip_nonfinite=True)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    for step in range(3):
+        set_grads([params, ref_params], step)
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(params[0], ref_params[0], rtol=0, atol=0)
+    params[0].grad[0, 0] = float("inf")
+    snap = Snapshot(opt)
+    opt.step()
+    snap.unchanged()
