@@ -34,6 +34,8 @@ from . import masks as mask_format
 
 PRUNING_KEYS = ("mask_words", "stats", "coefs", "group_coefs", "group_inner")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# param-group keys a saved group may lack (older state_dicts): the optimizer's defaults fill them
+OPTIONAL_GROUP_KEYS = ("foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay")
 COEF_NAMES = ("l2", "l1", "sd", "sd_beta", "threshold", "prune_count", "temperature")
 
 
@@ -339,6 +341,9 @@ def state_dict(optimizer: Any, sd: Any, state_format: int) -> list[dict[str, Any
     groups = []
     labels: dict[Any, tuple[str, Tensor, dict[str, Any]]] = {}
     for j, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        missing = [k for k in optimizer.defaults if k not in saved and k not in OPTIONAL_GROUP_KEYS]
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: param group {j} lacks {missing}")
         fresh = full_group({k: v for k, v in saved.items() if k != "params"}, optimizer.defaults)
         fresh["params"] = group["params"]
         optimizer._check_hyperparameters(fresh, f"param group {j}")

@@ -16,6 +16,7 @@ from helpers import make_params, set_grads
 from torch import nn
 
 import sparsetrain
+from sparsetrain import contract
 from sparsetrain.methods import GReg1, Magnitude, SelectiveDecay, StochasticMagnitude
 
 NAN = float("nan")
@@ -287,4 +288,85 @@ def test_skip_nonfinite_with_a_zero_element_parameter():
     params[0].grad[0, 0] = float("inf")
     snap = Snapshot(opt)
     opt.step()
+    snap.unchanged()
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _corrupt(sd, case):
+    st, pruned = sd["state"], sd["state"][1]  # parameter 1 (35 elements) has a partial last mask word
+    if case == "words_short":
+        pruned["mask_words"] = pruned["mask_words"][:-1]
+    elif case == "words_long":
+        pruned["mask_words"] = torch.cat([pruned["mask_words"], torch.zeros(1, dtype=torch.int32)])
+    elif case in ("words_int64", "words_float32", "words_bool"):
+        pruned["mask_words"] = pruned["mask_words"].to(getattr(torch, case.split("_")[1]))
+    elif case == "words_padding":
+        pruned["mask_words"][-1] = -1  # 35 elements: bits past element 34 are set
+    elif case == "stats_float32":
+        pruned["stats"] = pruned["stats"].float()
+    elif case == "stats_3":
+        pruned["stats"] = pruned["stats"][:3]
+    elif case == "stats_nan":
+        pruned["stats"][contract.STAT_SUM_ABS_W] = NAN
+    elif case == "coefs_4":
+        pruned["coefs"] = pruned["coefs"][:4]
+    elif case == "coefs_nan":
+        pruned["coefs"][contract.COEF_L1] = NAN
+    elif case == "group_inner_0":
+        pruned["group_inner"] = 0
+    elif case == "group_coefs_1d":
+        pruned["group_coefs"] = pruned["group_coefs"][0]
+    elif case in ("no_mask_words", "no_stats", "no_coefs"):
+        del pruned[case[3:]]
+    elif case == "momentum_int":
+        st[2]["momentum_buffer"] = st[2]["momentum_buffer"].long()
+    elif case == "momentum_shape":
+        st[2]["momentum_buffer"] = st[2]["momentum_buffer"].reshape(-1)
+    elif case == "unknown_key":
+        st[1]["momentum_bufer"] = st[1]["momentum_buffer"]
+    elif case == "step_nan":
+        st[1]["step"] = torch.tensor(NAN)
+    elif case == "group_without_momentum":
+        del sd["param_groups"][0]["momentum"]
+    elif case == "group_bad_lr":
+        sd["param_groups"][0]["lr"] = -0.1
+    elif case == "unknown_param_id":
+        st[17] = st.pop(2)
+    return sd
+
+
+CORRUPTIONS = {
+    "words_short": r"parameter 1 of param group 0: state 'mask_words' is shape \(1,\).*torch.int32, shape \(2,\)",
+    "words_long": r"'mask_words' is shape \(3,\)",
+    "words_int64": r"'mask_words' is shape \(2,\), dtype torch.int64",
+    "words_float32": r"'mask_words' is shape \(2,\), dtype torch.float32",
+    "words_bool": r"'mask_words' is shape \(2,\), dtype torch.bool",
+    "words_padding": "bits set past the tensor's 35 elements",
+    "stats_float32": r"'stats' is shape \(5,\), dtype torch.float32; expected dtype torch.float64",
+    "stats_3": r"'stats' is shape \(3,\)",
+    "stats_nan": "'stats' holds",
+    "coefs_4": r"'coefs' is shape \(4,\)",
+    "coefs_nan": "l1 must be a finite number",
+    "group_inner_0": "'group_inner' must be >= 1",
+    "group_coefs_1d": r"'group_coefs' must be a float32 tensor of shape \(2, G\)",
+    "no_mask_words": r"pruning state has .* but lacks \['mask_words'\]",
+    "no_stats": r"lacks \['stats'\]",
+    "no_coefs": r"lacks \['coefs'\]",
+    "momentum_int": r"parameter 2 of param group 0 \(shape \(2, 3, 3\).*'momentum_buffer' must be a floating-point",
+    "momentum_shape": r"'momentum_buffer' has shape \(18,\), its parameter \(2, 3, 3\)",
+    "unknown_key": r"parameter 1 of param group 0 .*unknown state entries \['momentum_bufer'\]",
+    "step_nan": "state 'step' must be a finite number",
+    "group_without_momentum": r"param group 0 lacks \['momentum'\]",
+    "group_bad_lr": "param group 0: lr must be >= 0",
+    "unknown_param_id": "state for parameter id 17, which no param group lists",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_checkpoint_that_does_not_fit_is_refused_whole(case):
+    opt, params = _stepped(shapes=((7, 5), (35,), (2, 3, 3)))
+    sd = _corrupt(copy.deepcopy(opt.state_dict()), case)
+    snap = Snapshot(opt)
+    with pytest.raises((ValueError, TypeError), match=CORRUPTIONS[case]):
+        opt.load_state_dict(sd)
     snap.unchanged()
