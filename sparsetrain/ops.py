@@ -55,7 +55,43 @@ def sgd_step_(
     l1_proximal: bool,
     backend: str,
 ) -> None:
-    """Fused SGD (torch.optim.SGD semantics) with regularization, pruning and masks, in place."""
+    """Fused SGD (``torch.optim.SGD`` semantics) with regularization, pruning and masks, in place.
+
+    All lists have one entry per tensor, in the same order. Tensors of one call share a device;
+    parameters and gradients are float32, bfloat16 or float16 (contiguous or not), states float32.
+
+    Args:
+        params: the parameters, updated in place.
+        grads: their gradients (same shapes), read only.
+        momentum_buffers: float32 buffers of the parameters' shapes, updated in place (empty when
+            ``momentum == 0``).
+        steps: float32 scalar tensors, the per-tensor step counts, incremented in place.
+        mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
+            ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and overwritten (this step).
+            Empty: no statistics.
+        tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
+            ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
+        group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
+        group_inner: per tensor, ``inner`` of the group index ``(i // inner) % G``.
+        shard_offsets: per tensor, the index of its first element in the full, unsharded tensor
+            (random stream and group index use global indices). Empty: all 0.
+        seeds: int64 ``[len(params)]``, the per-tensor seeds of a ``"stochastic"`` event (empty
+            otherwise).
+        found_inf: optional bool/float scalar tensor; when nonzero nothing at all is modified.
+        lr: learning rate (used when ``lr_tensor`` is ``None``).
+        lr_tensor: optional 0-dim float32 tensor on the device holding the learning rate.
+        weight_decay: coupled weight decay.
+        momentum: momentum factor.
+        dampening: dampening of the momentum.
+        nesterov: Nesterov momentum.
+        maximize: maximize instead of minimize.
+        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"`` or ``"group"``: the decision taken
+            on the updated weights of every masked tensor of the call.
+        regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
+        l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (a resolved name, not ``"auto"``).
+    """
     backends.module(backend).sgd_step(
         params,
         grads,
@@ -120,7 +156,47 @@ def adam_step_(
     l1_proximal: bool,
     backend: str,
 ) -> None:
-    """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place."""
+    """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place.
+
+    All lists have one entry per tensor, in the same order. Tensors of one call share a device;
+    parameters and gradients are float32, bfloat16 or float16, moments float32.
+
+    Args:
+        params: the parameters, updated in place.
+        grads: their gradients (same shapes), read only.
+        exp_avgs: float32 first moments of the parameters' shapes, updated in place.
+        exp_avg_sqs: float32 second moments, updated in place.
+        max_exp_avg_sqs: float32 running maxima of the second moments (``amsgrad``; empty otherwise).
+        steps: float32 scalar tensors, the per-tensor step counts (bias correction), incremented in
+            place.
+        mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
+            ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and overwritten (this step).
+            Empty: no statistics.
+        tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
+            ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
+        group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
+        group_inner: per tensor, ``inner`` of the group index ``(i // inner) % G``.
+        shard_offsets: per tensor, the index of its first element in the full, unsharded tensor
+            (random stream and group index use global indices). Empty: all 0.
+        seeds: int64 ``[len(params)]``, the per-tensor seeds of a ``"stochastic"`` event (empty
+            otherwise).
+        found_inf: optional bool/float scalar tensor; when nonzero nothing at all is modified.
+        lr: learning rate (used when ``lr_tensor`` is ``None``).
+        lr_tensor: optional 0-dim float32 tensor on the device holding the learning rate.
+        beta1: first-moment coefficient.
+        beta2: second-moment coefficient.
+        eps: term added to the denominator.
+        weight_decay: weight decay, coupled (Adam) or decoupled (AdamW).
+        decoupled: AdamW's decoupled weight decay.
+        amsgrad: the AMSGrad variant.
+        maximize: maximize instead of minimize.
+        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"`` or ``"group"``: the decision taken
+            on the updated weights of every masked tensor of the call.
+        regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
+        l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (a resolved name, not ``"auto"``).
+    """
     backends.module(backend).adam_step(
         params,
         grads,

@@ -14,7 +14,22 @@ if TYPE_CHECKING:
 
 
 class Method:
-    """Base class. Subclasses set ``structure`` (None, "filters" or "channels") and override hooks."""
+    """Base class of the pruning methods: a host-side schedule that drives the fused step.
+
+    A method never loops over elements in Python. The :class:`~sparsetrain.Pruner` calls its hooks:
+    :meth:`check` and :meth:`attach` once, :meth:`before_step` / :meth:`after_step` around every
+    optimizer step. Before a step a method writes per-tensor coefficients
+    (``pruner.optimizer.set_coefs``, ``pruner.coefs(target)``) and per-group values
+    (``pruner.group_coefs(target)``) into the optimizer state, and may schedule a pruning decision
+    (``pruner.optimizer.schedule_pruning(mode)``, mode ``"stochastic"``, ``"low"``, ``"high"`` or
+    ``"group"``); the fused op does the rest on the device.
+
+    Attributes:
+        structure: ``None`` (unstructured), ``"filters"`` (output rows / filters) or ``"channels"``
+            (input channels): the group layout of the pruned tensors.
+        uses_groups: whether the method writes per-group tables (the op then reads them).
+        target: the default target ratio of every pruned tensor.
+    """
 
     structure: str | None = None
     uses_groups: bool = False
@@ -37,6 +52,7 @@ class Method:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The method's schedule state (plain Python values and small tensors), for resuming."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -44,6 +60,7 @@ class Method:
 
 
 def check_ratio(name: str, value: float) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` when it is outside ``[0, 1)``."""
     value = float(value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")

@@ -21,6 +21,37 @@ from .schedules import check_schedule, sparsity_at
 
 
 class SelectiveDecay(Method):
+    """Selective weight decay of irrelevant weights, then iterative magnitude pruning.
+
+    After Bonetta et al., "Regularization-based Pruning of Irrelevant Weights in Deep Neural
+    Architectures" (2022). In every step, each weight ``w`` with gradient ``g`` gets the extra
+    regularization gradient
+
+        sd * w * max(0, 1 - |g| / (beta * gbar))
+
+    inside the fused step, where ``gbar`` is the tensor's mean ``|g|`` over alive weights at the
+    previous step: weights whose gradients are small relative to the tensor's (irrelevant ones)
+    decay, relevant ones take the ordinary update. At the pruning events (every ``interval`` steps
+    in ``(start, end]``) the alive weights below a per-layer magnitude threshold are pruned, the
+    threshold chosen so the layer reaches ``sparsity_at(step) * target``.
+
+    *This project's own definition:* the exact form of the decay term above (the paper's could not
+    be verified; the closest verified code is LOBSTER's) and the threshold schedule.
+
+    Args:
+        target: fraction of each pruned tensor's weights pruned at ``end``, in ``[0, 1)``.
+        sd: strength of the selective decay (default ``1e-3``; ``0`` turns it off).
+        beta: relevance scale (default ``1.0``): a weight is irrelevant while ``|g| < beta * gbar``.
+        start: the pruning phase starts after this step (default ``0``).
+        end: last pruning event; the target is reached here (default ``1000``).
+        interval: steps between pruning events (default ``50``).
+        schedule: ``"linear"`` (default), ``"cubic"`` or ``"oneshot"``.
+
+    Raises:
+        ValueError: ``target`` outside ``[0, 1)``, an unknown schedule, ``end <= start``, ``sd < 0``,
+            ``beta <= 0`` or ``interval < 1``.
+    """
+
     def __init__(
         self,
         target: float,

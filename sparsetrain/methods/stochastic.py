@@ -23,6 +23,54 @@ from .schedules import check_schedule, sparsity_at
 
 
 class StochasticMagnitude(Method):
+    """Stochastic magnitude pruning: sample weights to prune, favouring small magnitudes.
+
+    After Ben-Guigui, Goldberger and Riklin-Raviv, "The Role of Regularization in Shaping Weight
+    and Node Pruning Dependency and Dynamics" (arXiv:2012.03827): weights are pruned by sampling
+    while training with L1 or L2 decay, and the decay shapes which nodes die.
+
+    At each pruning event (steps ``start, start + interval, ...`` up to ``end``), every alive weight
+    ``w`` of a pruned tensor is zeroed with probability
+
+        q = min(1, c * exp(-|w| / (temperature * m)))
+
+    on the *updated* weight, where ``m`` is the tensor's mean ``|w|`` over alive weights at the
+    previous step and ``c`` is calibrated from the previous step's statistics so that the expected
+    number pruned brings the tensor to the schedule's sparsity ``sparsity_at(step) * target``
+    (:func:`~sparsetrain.methods.sparsity_at`). The draw ``u`` comes from the shared Philox stream,
+    so the masks are the same on every backend for a given optimizer ``seed``.
+
+    *This project's own definition:* the source paper's exact probability function was not
+    available, so the exponential kernel, the temperature and the calibration of ``c`` to a
+    sparsity schedule are defined here, not taken from the paper.
+
+    Args:
+        target: fraction of each pruned tensor's weights pruned at ``end``, in ``[0, 1)``
+            (``Pruner(ratios=...)`` overrides it per layer).
+        start: first step of the pruning phase (default ``1``; at least 1, since the first event
+            needs one step's statistics).
+        end: last step of the pruning phase (default ``1000``); the target is reached here.
+        schedule: ``"cubic"`` (default; fast early, slow near ``end``), ``"linear"`` or ``"oneshot"``.
+        interval: steps between pruning events (default ``1``: every step).
+        temperature: ``T`` above (default ``1.0``); smaller values prune almost only the smallest
+            weights.
+        l2: L2 coefficient applied to the pruned tensors in the fused step (default ``0``); the
+            optimizer's ``weight_decay`` applies too.
+        l1: L1 coefficient applied to the pruned tensors (default ``0``), as a proximal step
+            unless the optimizer has ``l1_proximal=False``.
+
+    Raises:
+        ValueError: ``target`` outside ``[0, 1)``, an unknown schedule, ``start < 1``,
+            ``end <= start``, ``interval < 1`` or ``temperature <= 0``; at ``Pruner`` creation, a
+            tensor already sparser than its target.
+
+    Example:
+        ```python
+        method = StochasticMagnitude(target=0.9, start=500, end=5000, interval=5, temperature=0.1, l1=1e-4)
+        pruner = sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), method)
+        ```
+    """
+
     def __init__(
         self,
         target: float,

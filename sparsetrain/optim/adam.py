@@ -5,25 +5,75 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from .. import ops, validation
 from .base import FusedOptimizer
 
 
 class Adam(FusedOptimizer):
-    """Drop-in for :class:`torch.optim.Adam` (betas, eps, coupled weight_decay, amsgrad, maximize).
+    """Drop-in for ``torch.optim.Adam``, with regularization, pruning and masks in the same fused step.
 
-    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` and
-    torch.optim's ``foreach``, ``fused``, ``differentiable`` (see :class:`~sparsetrain.optim.FusedOptimizer`).
-    ``decoupled_weight_decay=True`` makes it AdamW, as in torch.optim. Moments are float32 whatever
-    the parameter dtype.
+    Without pruning it computes what ``torch.optim.Adam`` computes (same arguments, same results up to
+    float32 rounding). Attach a :class:`~sparsetrain.Pruner` to prune: the method's coefficients and
+    pruning decisions then run inside the same one-pass op (``torch.ops.sparsetrain.adam_step_``).
+    Parameters may be float32, bfloat16 or float16; moments are float32 whatever the parameter dtype.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts, as for
+            ``torch.optim``.
+        lr: learning rate (default ``1e-3``); a float, or a 1-element tensor.
+        betas: coefficients of the running averages of the gradient and its square
+            (default ``(0.9, 0.999)``).
+        eps: term added to the denominator (default ``1e-8``).
+        weight_decay: weight decay on every parameter; default ``None`` means ``0`` for Adam and
+            ``1e-2`` for AdamW. Coupled (added to the gradient) for Adam, decoupled
+            (``w *= 1 - lr * weight_decay``) for AdamW. A method's own ``l2`` applies only to the
+            pruned tensors.
+        amsgrad: the AMSGrad variant (default ``False``).
+        maximize: maximize the objective instead of minimizing it (default ``False``).
+        decoupled_weight_decay: default ``None``: ``False`` for Adam, ``True`` for AdamW; ``True``
+            makes Adam behave as AdamW, as in ``torch.optim``.
+
+    Keyword Args:
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
+            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
+            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
+        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
+            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
+            without a host sync per tensor.
+        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
+            the ``state_dict``, so a resumed run draws the same numbers.
+        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
+            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
+            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
+        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
+            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
+            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
+        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
+            always one fused op; ``backend`` chooses the implementation).
+        fused (bool | None): as ``foreach``.
+        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+
+    State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
+    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (float32, ``p``'s shape, whatever
+    ``p``'s dtype); for pruned parameters also ``mask_words`` (int32, 1 bit per element), ``stats``,
+    ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()`` updates ``p`` and its
+    state in place.
+
+    Raises:
+        ValueError: an invalid hyperparameter (negative ``lr``, ``eps`` or ``weight_decay``, a beta
+            outside ``[0, 1)``), or ``capturable=True`` with the torch backend.
+        TypeError: a parameter that is not a real floating-point dense tensor.
+        BackendUnavailableError: an explicit ``backend`` that cannot run here.
     """
 
     _decoupled = False
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -81,6 +131,60 @@ class Adam(FusedOptimizer):
 
 
 class AdamW(Adam):
-    """Drop-in for :class:`torch.optim.AdamW`: Adam with decoupled weight decay (default 1e-2)."""
+    """Drop-in for ``torch.optim.AdamW``: :class:`Adam` with decoupled weight decay (default ``1e-2``).
+
+    Without pruning it computes what ``torch.optim.AdamW`` computes; attach a
+    :class:`~sparsetrain.Pruner` to prune inside the same fused step. Arguments as :class:`Adam`,
+    except that ``weight_decay`` defaults to ``1e-2`` and is applied as ``w *= 1 - lr * weight_decay``.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts, as for
+            ``torch.optim``.
+        lr: learning rate (default ``1e-3``); a float, or a 1-element tensor.
+        betas: coefficients of the running averages of the gradient and its square
+            (default ``(0.9, 0.999)``).
+        eps: term added to the denominator (default ``1e-8``).
+        weight_decay: weight decay on every parameter; default ``None`` means ``0`` for Adam and
+            ``1e-2`` for AdamW. Coupled (added to the gradient) for Adam, decoupled
+            (``w *= 1 - lr * weight_decay``) for AdamW. A method's own ``l2`` applies only to the
+            pruned tensors.
+        amsgrad: the AMSGrad variant (default ``False``).
+        maximize: maximize the objective instead of minimizing it (default ``False``).
+        decoupled_weight_decay: default ``None``: ``False`` for Adam, ``True`` for AdamW; ``True``
+            makes Adam behave as AdamW, as in ``torch.optim``.
+
+    Keyword Args:
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
+            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
+            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
+        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
+            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
+            without a host sync per tensor.
+        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
+            the ``state_dict``, so a resumed run draws the same numbers.
+        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
+            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
+            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
+        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
+            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
+            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
+        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
+            always one fused op; ``backend`` chooses the implementation).
+        fused (bool | None): as ``foreach``.
+        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+
+    State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
+    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (float32, ``p``'s shape, whatever
+    ``p``'s dtype); for pruned parameters also ``mask_words`` (int32, 1 bit per element), ``stats``,
+    ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()`` updates ``p`` and its
+    state in place.
+
+    Example:
+        ```python
+        opt = sparsetrain.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, schedule="cubic", end=10_000))
+        ```
+    """
 
     _decoupled = True

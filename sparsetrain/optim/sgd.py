@@ -5,23 +5,77 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from .. import ops, validation
 from .base import FusedOptimizer
 
 
 class SGD(FusedOptimizer):
-    """Drop-in for :class:`torch.optim.SGD` (momentum, dampening, nesterov, maximize, weight_decay).
+    """Drop-in for ``torch.optim.SGD``, with regularization, pruning and masks in the same fused step.
 
-    ``options``: ``backend``, ``skip_nonfinite``, ``seed``, ``l1_proximal``, ``capturable`` and
-    torch.optim's ``foreach``, ``fused``, ``differentiable`` (see :class:`~sparsetrain.optim.FusedOptimizer`).
-    As in torch.optim, a momentum buffer starts from the gradient on its first use, also when
+    Without pruning it computes what ``torch.optim.SGD`` computes (same arguments, same results up to
+    float32 rounding). Attach a :class:`~sparsetrain.Pruner` to prune: the method's coefficients and
+    pruning decisions then run inside the same one-pass op (``torch.ops.sparsetrain.sgd_step_``).
+    As in ``torch.optim``, a momentum buffer starts from the gradient on its first use, also when
     momentum is switched on mid-run (the state's ``step`` counts the steps since the buffer exists).
+
+    Parameters may be float32, bfloat16 or float16 (real floating point, dense); the math runs in
+    float32.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts, as for
+            ``torch.optim``.
+        lr: learning rate (default ``1e-3``); a float, or a 1-element tensor.
+        momentum: momentum factor (default ``0``).
+        dampening: dampening of the momentum (default ``0``).
+        weight_decay: coupled L2 weight decay on every parameter (default ``0``); a method's own
+            ``l2`` applies only to the pruned tensors.
+        nesterov: Nesterov momentum (default ``False``; needs ``momentum > 0`` and ``dampening == 0``).
+        maximize: maximize the objective instead of minimizing it (default ``False``).
+
+    Keyword Args:
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
+            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
+            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
+        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
+            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
+            without a host sync per tensor.
+        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
+            the ``state_dict``, so a resumed run draws the same numbers.
+        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
+            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
+            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
+        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
+            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
+            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
+        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
+            always one fused op; ``backend`` chooses the implementation).
+        fused (bool | None): as ``foreach``.
+        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+
+    State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
+    ``momentum_buffer`` (float32, ``p``'s shape, when ``momentum != 0``); for pruned parameters also
+    ``mask_words`` (int32, 1 bit per element), ``stats``, ``coefs``, ``group_coefs`` (see
+    :mod:`sparsetrain.optim.base`). ``step()`` updates ``p`` and its state in place.
+
+    Raises:
+        ValueError: an invalid hyperparameter (negative ``lr``, ``momentum`` or ``weight_decay``,
+            nesterov without momentum), or ``capturable=True`` with the torch backend.
+        TypeError: a parameter that is not a real floating-point dense tensor.
+        BackendUnavailableError: an explicit ``backend`` that cannot run here.
+
+    Example:
+        ```python
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        pruner = sparsetrain.Pruner(model, opt, methods.StochasticMagnitude(0.9, end=5000))
+        ```
     """
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
