@@ -10,6 +10,7 @@ thresholds as the optimizer path (a zero-learning-rate fused step that only deci
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,8 +124,49 @@ class _MaskParametrization(nn.Module):
 class MaskedPruner(Pruner):
     """Prune with any optimizer: masked weights in the forward, masks updated by :meth:`step`.
 
-    Create it before your optimizer's first step; the parameters stay the same tensors (torch's
-    parametrization keeps the original as ``module.parametrizations.weight.original``).
+    Each selected module's ``weight`` becomes a masked weight through ``torch.nn.utils.parametrize``:
+    the forward computes ``w * mask`` and the backward returns
+    ``(grad + l2 * w + l1 * sign(w)) * mask`` (the method's L2 / L1 coefficients), both in one op
+    (``torch.ops.sparsetrain.masked_weight``; one-pass Triton kernels on CUDA). Your optimizer then
+    updates the weights as usual; call :meth:`step` after it: it runs the method's schedule and, at
+    pruning events, updates the masks with the same fused op, random stream and thresholds as the
+    fused optimizers (two zero-learning-rate fused steps that only decide and mask, and zero the
+    pruned weights in place).
+
+    Create it before your optimizer's first step. The parameters stay the same tensors (torch's
+    parametrization keeps each original as ``module.parametrizations.weight.original``), so an
+    optimizer built before or after the pruner sees them. Your optimizer's state for pruned
+    weights is not masked (the masked gradient is zero, so they receive no gradient; their
+    decoupled weight decay and momentum may move the stored value, which the forward masks).
+
+    Per-group penalties (GReg's ``lam``) and selective decay act inside the fused optimizers'
+    update; with this path use methods whose regularization is L2 / L1 or none
+    (:class:`~sparsetrain.methods.Magnitude`, :class:`~sparsetrain.methods.StochasticMagnitude`).
+
+    Args:
+        model: the model whose weights are pruned.
+        method: the pruning method.
+        include: module-name patterns of the modules pruned (default ``None``: every module of ``types``).
+        exclude: module-name patterns left out (default ``None``).
+        types: module classes pruned by default (default ``nn.Linear``, ``nn.Conv1d/2d/3d``).
+        ratios: per-module-pattern target ratios overriding the method's ``target``.
+        record_every: steps between two history records (default ``10``).
+        backend: backend of the mask updates (default ``None``: ``SPARSETRAIN_BACKEND`` or ``"auto"``).
+        seed: base seed of the pruning random stream (default ``0``).
+
+    Raises:
+        ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected).
+
+    Example:
+        ```python
+        pruner = MaskedPruner(model, methods.Magnitude(0.8, schedule="cubic", end=2000, interval=100))
+        opt = torch.optim.AdamW(model.parameters(), fused=True)
+        for x, y in loader:
+            loss_fn(model(x), y).backward()
+            opt.step()
+            pruner.step()
+            opt.zero_grad()
+        ```
     """
 
     def __init__(
@@ -132,10 +174,10 @@ class MaskedPruner(Pruner):
         model: nn.Module,
         method: Method,
         *,
-        include=None,
-        exclude=None,
-        types=DEFAULT_TYPES,
-        ratios=None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+        ratios: dict[str, float] | None = None,
         record_every: int = 10,
         backend: str | None = None,
         seed: int = 0,

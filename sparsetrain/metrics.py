@@ -28,6 +28,7 @@ class History:
         self.scalars: list[dict[str, float]] = []
 
     def record(self, step: int, scalars: dict[str, float] | None = None) -> None:
+        """Append one record: every target's metrics now (device tensors) and the method's ``scalars``."""
         from .pruner import layer_metrics
 
         rows = [torch.stack([layer_metrics(t)[m] for m in METRICS]) for t in self.targets]
@@ -36,6 +37,7 @@ class History:
         self.scalars.append(dict(scalars or {}))
 
     def maybe_record(self, step: int, scalars: dict[str, float] | None = None) -> None:
+        """:meth:`record` when ``step`` is a multiple of ``every``."""
         if step % self.every == 0:
             self.record(step, scalars)
 
@@ -50,9 +52,11 @@ class History:
         return {"step": list(self.steps), "layers": layers, "scalars": scalars}
 
     def state_dict(self) -> dict[str, Any]:
+        """The records (moved to the CPU), for checkpoints."""
         return {"steps": list(self.steps), "records": [r.cpu() for r in self.records], "scalars": list(self.scalars)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, on the targets' device."""
         device = self.targets[0].param.device
         self.steps = list(state["steps"])
         self.records = [r.to(device) for r in state["records"]]

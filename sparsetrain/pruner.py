@@ -12,6 +12,7 @@ does the rest, after the step the history is recorded (device tensors, no host s
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +103,48 @@ def _some(modules: dict[str, nn.Module]) -> str:
 class Pruner:
     """Prune ``model``'s weights with ``method`` through the fused steps of ``optimizer``.
 
-    ``include`` / ``exclude``: module-name patterns (fnmatch); ``types``: module types pruned by
-    default (conv and linear weights; never biases, norms or embeddings unless included);
-    ``ratios``: per-module-pattern target ratios overriding the method's; ``record_every``: steps
-    between history records.
+    Creating the pruner selects the weights to prune, gives each a mask (all alive) and pruning
+    state in the optimizer, lets the method set its coefficients (``method.attach``) and hooks the
+    optimizer's ``step()`` (``register_step_pre_hook`` / ``register_step_post_hook``): before every
+    step the method schedules its coefficients and pruning decisions, the fused op applies them,
+    after the step the per-layer history is recorded on the device (no host sync per step). The
+    training loop itself does not change.
+
+    Args:
+        model: the model whose weights are pruned (its parameters must be in ``optimizer``).
+        optimizer: a sparsetrain optimizer (:class:`~sparsetrain.optim.SGD`, :class:`~sparsetrain.optim.Adam`,
+            :class:`~sparsetrain.optim.AdamW`). To keep another optimizer use
+            :class:`~sparsetrain.autograd.MaskedPruner`.
+        method: the pruning method (:mod:`sparsetrain.methods`).
+        include: module-name patterns (``fnmatch``, e.g. ``"features.*"``) of the modules whose
+            ``weight`` is pruned; default ``None``: every module of ``types``.
+        exclude: module-name patterns left out (default ``None``: none), e.g. ``["lm_head"]`` for an
+            output layer tied to an embedding.
+        types: module classes pruned by default (default ``nn.Linear`` and ``nn.Conv1d/2d/3d``:
+            never biases, normalization layers or embeddings unless included by name).
+        ratios: per-module-pattern target ratios overriding the method's ``target``
+            (``{"classifier.*": 0.5}``); the last matching pattern wins.
+        record_every: steps between two history records (default ``10``).
+
+    Raises:
+        TypeError: ``optimizer`` is not a sparsetrain optimizer.
+        ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
+            a selected weight that is not in the optimizer, or a layout the method cannot handle
+            (all before anything is modified).
+
+    Attributes:
+        targets (list[Target]): the pruned weights, in model order.
+        history (History): per-layer sparsity, dead outputs and inputs, and method scalars over steps.
+        step_count (int): optimizer steps taken since the pruner was attached.
+
+    Example:
+        ```python
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.8, schedule="cubic", end=2000),
+                                    exclude=["fc"])
+        ...  # the usual loop: loss.backward(); opt.step(); opt.zero_grad()
+        print(pruner.summary())
+        ```
     """
 
     def __init__(
@@ -114,9 +153,9 @@ class Pruner:
         optimizer: Any,
         method: Method,
         *,
-        include=None,
-        exclude=None,
-        types=DEFAULT_TYPES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
         ratios: dict[str, float] | None = None,
         record_every: int = 10,
     ) -> None:
@@ -172,9 +211,11 @@ class Pruner:
 
     # -- what methods use
     def coefs(self, target: Target) -> Tensor:
+        """The target's per-tensor coefficients (float32 ``[NUM_COEFS]`` in the optimizer state; writable)."""
         return self.optimizer.state[target.param]["coefs"]
 
     def stats(self, target: Target) -> Tensor:
+        """The target's statistics of the last step (float64 ``[NUM_STATS]`` on its device)."""
         return self.optimizer.state[target.param]["stats"]
 
     def group_coefs(self, target: Target) -> list[Tensor]:
@@ -194,7 +235,17 @@ class Pruner:
 
     # -- public API
     def mask(self, name_or_param: str | Tensor) -> Tensor:
-        """The bool mask (True = alive) of a target, by parameter name, module name or tensor."""
+        """The bool mask (True = alive) of a target, by parameter name, module name or tensor.
+
+        Args:
+            name_or_param: ``"features.0.weight"``, ``"features.0"`` or the parameter itself.
+
+        Returns:
+            A new bool tensor of the weight's shape (unpacked from the 1-bit mask).
+
+        Raises:
+            KeyError: the weight is not pruned by this pruner.
+        """
         for target in self.targets:
             if name_or_param is target.param or name_or_param in (target.name, target.module_name):
                 return self.optimizer.mask(target.param)
@@ -203,7 +254,12 @@ class Pruner:
         )
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """Per target now: weight sparsity, dead output nodes / filters, dead input channels."""
+        """Per target now: weight sparsity, dead output nodes / filters, dead input channels.
+
+        Returns:
+            ``{parameter name: {"weight_sparsity": f, "dead_outputs": f, "dead_inputs": f}}``, each a
+            fraction in ``[0, 1]``. :meth:`summary` prints the same as a table.
+        """
         return {t.name: {k: float(v) for k, v in layer_metrics(t).items()} for t in self.targets}
 
     def summary(self, example_inputs: Tensor | tuple | None = None) -> str:
@@ -223,15 +279,33 @@ class Pruner:
         return summary(self, example_inputs)
 
     def export(self, example_inputs: Tensor | None = None, *, structured: bool | None = None) -> nn.Module:
-        """A copy of the model with masks folded in; see :func:`sparsetrain.export.export`."""
+        """A copy of the model with the masks folded in; structured methods: a physically smaller model.
+
+        Args:
+            example_inputs: a batch the model accepts; needed by structured export (to trace the
+                dependency graph and to check that the smaller model computes the same outputs).
+            structured: remove pruned filters / nodes (and the matching inputs of their consumers)
+                with Torch-Pruning; default ``None``: ``True`` for structured methods.
+
+        Returns:
+            A new module; the pruner's model is not modified and keeps training.
+
+        Raises:
+            ValueError: structured export without ``example_inputs``.
+            RuntimeError: removing the dead outputs would change the model's outputs.
+
+        See :func:`sparsetrain.export.export`.
+        """
         from .export import export
 
         return export(self, example_inputs, structured=structured)
 
     def state_dict(self) -> dict[str, Any]:
+        """The pruner's step count, the method's schedule state and the history (masks are in the optimizer's)."""
         return {"step_count": self.step_count, "method": self.method.state_dict(), "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on a pruner built the same way)."""
         self.step_count = state["step_count"]
         self.method.load_state_dict(state["method"])
         self.history.load_state_dict(state["history"])

@@ -71,10 +71,12 @@ class SelectiveDecay(Method):
         self.start, self.end, self.schedule = start, end, schedule
 
     def attach(self, pruner) -> None:
+        """Write ``sd`` and ``beta`` into every pruned tensor's coefficients."""
         for t in pruner.targets:
             pruner.optimizer.set_coefs(t.param, sd=self.sd, sd_beta=self.beta)
 
     def before_step(self, pruner, step: int) -> None:
+        """At an event: set each tensor's magnitude threshold and schedule a ``"low"`` decision."""
         if not (self.start < step <= self.end and (step - self.start) % self.interval == 0):
             return
         level = sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)

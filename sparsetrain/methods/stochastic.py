@@ -93,16 +93,19 @@ class StochasticMagnitude(Method):
         self.l2, self.l1 = number("l2", l2, low=0.0), number("l1", l1, low=0.0)
 
     def check(self, targets) -> None:
+        """Refuse a tensor that is already sparser than its target."""
         for t in targets:
             sparsity = float((t.param.detach() == 0).float().mean())
             if sparsity > t.ratio:
                 raise ValueError(f"{t.name} is already {sparsity:.1%} sparse, above its target {t.ratio:.1%}")
 
     def attach(self, pruner) -> None:
+        """Write the temperature and the ``l2`` / ``l1`` coefficients of every pruned tensor."""
         for target in pruner.targets:
             pruner.optimizer.set_coefs(target.param, temperature=self.temperature, l2=self.l2, l1=self.l1)
 
     def is_event(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) takes a sampling decision."""
         return self.start <= step <= self.end and (step - self.start) % self.interval == 0
 
     def level(self, step: int) -> float:
@@ -110,6 +113,7 @@ class StochasticMagnitude(Method):
         return sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
 
     def before_step(self, pruner, step: int) -> None:
+        """At an event: set each tensor's expected prune count (on the device) and schedule sampling."""
         if not self.is_event(step):
             return
         level = self.level(step)
@@ -122,4 +126,5 @@ class StochasticMagnitude(Method):
         pruner.optimizer.schedule_pruning("stochastic")
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's bounds (the method keeps no other state; the stream's state is the optimizer's)."""
         return {"start": self.start, "end": self.end}
