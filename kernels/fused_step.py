@@ -9,8 +9,8 @@ Per element (docs/design.md, "The fused step: per-element contract"), with w, g 
     Adam: g' = g [+ wd*w unless decoupled] + r; w *= 1 - lr*wd if decoupled; m = lerp(m, g', 1-b1);
           v = b2*v + (1-b2)*g'^2; vmax = max(vmax, v); w -= lr/bc1 * m / (sqrt(v or vmax)/sqrt(bc2) + eps)
     proximal L1: w = sign(w) * max(|w| - lr*l1, 0)
-    decision on the updated w at pruning events: stochastic u < q(|w|) with u = tl.rand(seed_t, i),
-    i the element's index in its tensor; |w| < t; |w| > t; group j flagged
+    decision on the updated w at pruning events: stochastic u < q(|w|) with u = tl.rand4x(seed_t, i >> 2)
+    [i & 3], i the element's index in its (unsharded) tensor; |w| < t; |w| > t; group j flagged
     write w*a', states*a', mask words; per-block partial statistics in fp64
 
 Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
@@ -26,7 +26,9 @@ and advances the step counters. When a tensor has many blocks (a 268M tensor has
 launch before it reduces fixed segments of the partials in parallel (``reduce_partials_kernel``),
 so that no single program walks megabytes of partials serially; the order stays fixed.
 Runtime values (lr, coefficients, seeds, steps) are arguments or live in device memory; only
-structural switches are ``tl.constexpr``.
+structural switches are ``tl.constexpr``. QUAD_STREAM (every shard offset a multiple of 4, so every
+block starts on a quad of the random stream) lets a block draw its uniforms with one Philox call per
+four elements; without it each element makes its own call (same values).
 
 Dtypes: parameters and gradients fp32 / bf16 / fp16 (one launch per parameter dtype), optimizer
 states fp32, statistics fp64, masks int32. Offsets are int64 throughout.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .stream_random import block_uniforms, element_uniforms
 from .streaming import block_elements, load_block, store_block, unpack_live
 
 # Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
@@ -147,6 +150,7 @@ def fused_step_kernel(
     HAS_FOUND_INF: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    QUAD_STREAM: tl.constexpr,
     WORDS: tl.constexpr,
     BLOCKS: tl.constexpr,
 ):
@@ -248,7 +252,7 @@ def fused_step_kernel(
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
                         sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, WORDS, True,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS, True,
                     )  # fmt: skip
                 else:
                     _step_block(
@@ -258,7 +262,7 @@ def fused_step_kernel(
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
                         sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, WORDS, False,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS, False,
                     )  # fmt: skip
     elif HAS_STATS:  # a dead group (or a skipped step): the partials of its blocks are zero
         locals_ = group * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
@@ -276,7 +280,8 @@ def _step_block(
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    PRUNE: tl.constexpr, ALIGNED: tl.constexpr, WORDS: tl.constexpr, FULL: tl.constexpr,
+    PRUNE: tl.constexpr, ALIGNED: tl.constexpr, QUAD_STREAM: tl.constexpr, WORDS: tl.constexpr,
+    FULL: tl.constexpr,
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element; its partials go to ``out``.
 
@@ -351,7 +356,10 @@ def _step_block(
     if PRUNE == PRUNE_STOCHASTIC:
         if sample != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
             q = tl.minimum(sample_c * tl.exp(-tl.abs(w) * inv_tm), 1.0)
-            u = tl.rand(seed, global_offs)
+            if QUAD_STREAM:  # one Philox call per four elements
+                u = block_uniforms(seed, local * (WORDS * 32) + shard_offset, WORDS)
+            else:  # some shard starts inside a quad of the stream: one call per element
+                u = element_uniforms(seed, global_offs)
             keep = live & (u >= q)
     elif PRUNE == PRUNE_LOW:
         keep = live & (tl.abs(w) >= threshold)

@@ -2,12 +2,13 @@
 
 The random stream contract (docs/design.md, "The random stream"):
 
-* key = (seed & 0xffffffff, seed >> 32); counter = (offset low 32 bits, offset high 32 bits, 0, 0);
-  the first output word is the random integer (``tl.randint``).
+* key = (seed & 0xffffffff, seed >> 32). One Philox call serves four consecutive elements: element
+  i uses counter = ((i >> 2) low 32 bits, (i >> 2) high 32 bits, 0, 0) and output word ``i & 3``
+  (``tl.randint4x`` / ``tl.rand4x`` at offset ``i >> 2``).
 * uniform (``tl.rand``): the word read as int32, replaced by ``~x`` when negative, converted to
   float32 and multiplied by the float32 constant ``4.6566127342e-10`` (the largest scale with
   ``(2**31 - 1) * scale < 1``; about 2**-31).
-* offset = the element's index in the full, unsharded tensor.
+* i = the element's index in the full, unsharded tensor.
 
 Every 32-bit product is formed from 16-bit limbs in int64, so no intermediate overflows.
 """
@@ -52,22 +53,45 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` as uint32 values held in int64. ``offsets``: int64, any shape."""
+def randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tl.randint4x(seed, offsets)``: the four Philox words per offset, uint32 values held in int64."""
     offsets = offsets.to(torch.int64)
     zeros = torch.zeros_like(offsets)
     seed = int(seed)
     key = (seed & MASK32, (seed >> 32) & MASK32)
-    word, _, _, _ = philox4x32((offsets & MASK32, (offsets >> 32) & MASK32, zeros, zeros), key)
-    return word
+    return philox4x32((offsets & MASK32, (offsets >> 32) & MASK32, zeros, zeros), key)
 
 
-def rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)``: float32 uniforms in [0, 1), bit-identical to Triton's."""
-    word = randint(seed, offsets)
+def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
+    """``uint_to_uniform_float`` of uint32 words (held in int64): float32 in [0, 1)."""
     signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
     signed = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
-    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=word.device)
+
+
+def randint(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The stream's random word of each element ``index`` (int64, any shape): word ``index & 3`` of
+    Philox at counter ``index >> 2``, as uint32 values in int64.
+
+    Philox runs once per distinct counter: for the index ranges of a tensor or a shard (the usual
+    case) that is one call per four elements, as in the kernels.
+    """
+    index = index.to(torch.int64)
+    if index.numel() == 0:
+        return torch.zeros_like(index)
+    counter = index >> 2
+    first, last = int(counter.min()), int(counter.max())
+    if last - first < 2 * index.numel():  # dense range: each counter once, then gather
+        words = torch.stack(randint4x(seed, torch.arange(first, last + 1, device=index.device)), dim=-1)
+        return words[(counter - first).reshape(-1), (index & 3).reshape(-1)].reshape(index.shape)
+    words = torch.stack(randint4x(seed, counter), dim=-1)  # scattered indices: one call each
+    return torch.gather(words, -1, (index & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def rand(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The stream's uniform of each element ``index``: float32 in [0, 1), bit-identical to the kernels'
+    ``tl.rand4x(seed, index >> 2)[index & 3]``."""
+    return uint_to_uniform(randint(seed, index))
 
 
 def splitmix64(x: int) -> int:

@@ -24,41 +24,76 @@ def test_known_answers(counter, key, expected):
     assert [int(w) for w in words] == list(expected)
 
 
-def _triton_rand(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def test_stream_known_answer_zero_seed():
+    # seed 0 (key (0, 0)): elements 0..3 take the four words of Random123's all-zero vector in order
+    assert [int(w) for w in philox.randint4x(0, torch.tensor([0]))] == list(KAT[0][2])
+    assert philox.randint(0, torch.arange(4)).tolist() == list(KAT[0][2])
+    assert philox.randint(0, torch.tensor([2, 0, 3])).tolist() == [KAT[0][2][2], KAT[0][2][0], KAT[0][2][3]]
+    # elements 4..7: counter (1, 0, 0, 0)
+    quad1 = philox.philox4x32(tuple(torch.tensor([c]) for c in (1, 0, 0, 0)), (0, 0))
+    assert philox.randint(0, torch.arange(4, 8)).tolist() == [int(w) for w in quad1]
+
+
+try:
     import triton
     import triton.language as tl
 
+    from sparsetrain.kernels.stream_random import block_uniforms
+except ImportError:  # the torch-only install: the Triton comparisons skip
+    triton = None
+
+if triton is not None:
+
     @triton.jit
-    def kernel(offsets_ptr, ints_ptr, uniforms_ptr, seed, n, BLOCK: tl.constexpr):
+    def _stream_kernel(index_ptr, ints_ptr, uniforms_ptr, block_ptr, seed, n, BLOCK: tl.constexpr, WORDS: tl.constexpr):
+        """Triton's own randint4x / rand4x at ``index >> 2``, word ``index & 3``; and the fused kernel's
+        4-wide block helper on elements [WORDS * 32 * p, WORDS * 32 * (p + 1)) of program p."""
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = idx < n
-        offs = tl.load(offsets_ptr + idx, mask=inside, other=0)
-        tl.store(ints_ptr + idx, tl.randint(seed, offs), mask=inside)
-        tl.store(uniforms_ptr + idx, tl.rand(seed, offs), mask=inside)
+        index = tl.load(index_ptr + idx, mask=inside, other=0)
+        i0, i1, i2, i3 = tl.randint4x(seed, index >> 2)
+        u0, u1, u2, u3 = tl.rand4x(seed, index >> 2)
+        lane = index & 3
+        word = tl.where(lane == 0, i0, tl.where(lane == 1, i1, tl.where(lane == 2, i2, i3)))
+        uniform = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+        tl.store(ints_ptr + idx, word, mask=inside)
+        tl.store(uniforms_ptr + idx, uniform, mask=inside)
+        start = tl.program_id(0).to(tl.int64) * (WORDS * 32)
+        rows = tl.arange(0, WORDS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(block_ptr + start + rows, block_uniforms(seed, start, WORDS))
 
+
+def _triton_stream(seed: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted
-    ints = torch.empty(offsets.numel(), dtype=torch.int32, device=device)
-    uniforms = torch.empty(offsets.numel(), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(offsets.numel(), 256),)
-    kernel[grid](offsets.to(device), ints, uniforms, seed, offsets.numel(), BLOCK=256)
-    return ints.cpu(), uniforms.cpu()
+    ints = torch.empty(index.numel(), dtype=torch.int32, device=device)
+    uniforms = torch.empty(index.numel(), dtype=torch.float32, device=device)
+    blocks = torch.empty(4 * 256, dtype=torch.float32, device=device)
+    _stream_kernel[(4,)](index.to(device), ints, uniforms, blocks, seed, index.numel(), BLOCK=256, WORDS=8)
+    return ints.cpu(), uniforms.cpu(), blocks.cpu()
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 977, philox.event_seed(7, 3, 11)])
-def test_matches_triton(seed):
-    pytest.importorskip("triton")
+@pytest.mark.skipif(triton is None, reason="triton is not installed")
+def test_stream_matches_triton_rand4x(seed):
     gen = torch.Generator().manual_seed(seed % 2**31)
-    offsets = torch.cat(
+    index = torch.cat(
         [
-            torch.arange(300, dtype=torch.int64),
-            torch.randint(0, 2**40, (300,), generator=gen),
-            torch.tensor([2**32 - 1, 2**32, 2**32 + 1, 2**33 + 12345, 2**62 + 5]),
+            torch.randint(0, 2**42, (500,), generator=gen),
+            torch.tensor([3, 4, 2**34 - 1, 2**34, 2**34 + 1, 2**35 + 12345, 2**62 + 5]),  # counter carries into c1
         ]
     )
-    ints, uniforms = _triton_rand(seed, offsets)
-    expected_ints = philox.randint(seed, offsets)
-    assert torch.equal(ints.to(torch.int64) & 0xFFFFFFFF, expected_ints)
-    assert torch.equal(uniforms, philox.rand(seed, offsets))
+    ints, uniforms, blocks = _triton_stream(seed, index)
+    assert torch.equal(ints.to(torch.int64) & 0xFFFFFFFF, philox.randint(seed, index))
+    assert torch.equal(uniforms, philox.rand(seed, index))
+    # the kernel's 4-wide block layout: element 32 r + c at [r, c]
+    assert torch.equal(blocks, philox.rand(seed, torch.arange(4 * 256)))
+
+
+def test_dense_and_scattered_indices_agree():
+    index = torch.arange(1001, 1401)  # dense: each counter once, then gathered
+    scattered = philox.rand(5, torch.cat([index, torch.tensor([2**50])]))[:-1]  # sparse range: per element
+    torch.testing.assert_close(philox.rand(5, index), scattered, rtol=0, atol=0)
+    torch.testing.assert_close(philox.rand(5, index.view(20, 20)), scattered.view(20, 20), rtol=0, atol=0)
 
 
 def test_uniform_range_and_mean():

@@ -201,8 +201,12 @@ def test_mixed_dtypes_in_one_call(algo):
     _run_both([31, 1000, 2049, 1, 97], dtypes, algo, "stochastic", seed=11)
 
 
-def test_offsets_above_2_pow_32_without_allocating_them():
-    offsets = [2**32 + 7, 2**33 - 5, 3 * 2**32]
+@pytest.mark.parametrize(
+    "offsets",
+    [[2**32 + 7, 2**33 - 5, 3 * 2**32], [2**32 + 4, 2**33 - 4096, 12]],
+    ids=["inside quads: one Philox call per element", "on quads: one call per four elements"],
+)
+def test_offsets_above_2_pow_32_without_allocating_them(offsets):
     inputs, ref, out = _run_both(
         [100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3, shard_offsets=offsets
     )

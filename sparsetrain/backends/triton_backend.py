@@ -121,6 +121,7 @@ class _Plan:
         table[int(fs.ROW_INNER)] = torch.tensor(inners, dtype=torch.int64)
         table[int(fs.ROW_GROUPS)] = torch.tensor(groups, dtype=torch.int64)
         table[int(fs.ROW_SHARD_OFFSET)] = torch.tensor(shard, dtype=torch.int64)
+        self.quad_stream = all(offset % 4 == 0 for offset in shard)  # blocks start on quads of the stream
         self.table = table.to(device)
         self.num_tensors = num_tensors
         self.words, self.blocks = LaunchConfig.words, LaunchConfig.blocks
@@ -354,6 +355,7 @@ def _launch(
             HAS_FOUND_INF=found_inf is not None,
             LR_ON_DEVICE=lr_tensor is not None,
             ALIGNED=plan.aligned,
+            QUAD_STREAM=plan.quad_stream,
             WORDS=plan.words,
             BLOCKS=plan.blocks,
             num_warps=LaunchConfig.num_warps or AUTO_WARPS[bool(is_adam)],
