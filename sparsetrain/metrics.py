@@ -18,10 +18,11 @@ class History:
     Values stay on the device until :meth:`as_dict` (one transfer for the whole history).
     """
 
-    def __init__(self, targets: list[Target], every: int = 10) -> None:
+    def __init__(self, targets: list[Target], every: int = 10, weight_of=None) -> None:
         if every < 1:
             raise ValueError(f"record_every must be >= 1, got {every}")
         self.targets, self.every = targets, every
+        self.weight_of = weight_of  # target -> the weight the model uses (masked on the autograd path)
         self.names = [t.name for t in targets]
         self.steps: list[int] = []
         self.records: list[torch.Tensor] = []
@@ -31,7 +32,10 @@ class History:
         """Append one record: every target's metrics now (device tensors) and the method's ``scalars``."""
         from .pruner import layer_metrics
 
-        rows = [torch.stack([layer_metrics(t)[m] for m in METRICS]) for t in self.targets]
+        rows = []
+        for t in self.targets:
+            values = layer_metrics(t, self.weight_of(t) if self.weight_of is not None else None)
+            rows.append(torch.stack([values[m] for m in METRICS]))
         self.steps.append(step)
         self.records.append(torch.stack(rows))
         self.scalars.append(dict(scalars or {}))

@@ -11,6 +11,7 @@ does the rest, after the step the history is recorded (device tensors, no host s
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,22 +185,51 @@ class Pruner:
                     f"{target.module_name}.bias {tuple(target.bias.shape)} is not a parameter of the optimizer "
                     f"(structured {target.structure} pruning prunes a filter's bias with it)"
                 )
-        method.check(self.targets)
-        self.history = History(self.targets, every=record_every)
+        if optimizer.pruner is not None:
+            raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
+        saved = optimizer.loaded_pruner_state
+        if saved is not None:
+            self._check_names(saved)
+        # masks already in the optimizer's state: a resumed run, whatever its sparsity now
+        resumed = saved is not None or any("mask_words" in optimizer.state.get(t.param, {}) for t in self.targets)
+        if not resumed:
+            method.check(self.targets)
+        self.history = History(self.targets, every=record_every, weight_of=self.effective_weight)
         for target in self.targets:
             optimizer.enable_pruning(target.param, groups=target.groups, group_inner=target.inner)
             if target.bias is not None:
                 optimizer.enable_pruning(target.bias, groups=target.groups, group_inner=1)
         optimizer.uses_groups = optimizer.uses_groups or method.uses_groups
         self.step_count = 0
-        method.attach(self)
+        self._skipped = False
+        if saved is not None:  # the optimizer's state_dict carried this pruner's state: continue from it
+            self.load_state_dict(saved)
+            optimizer.loaded_pruner_state = None
+        else:
+            method.attach(self)
+        optimizer.pruner = self
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
 
-    # -- hooks
+    # -- hooks (under torch.compile the step's opaque op calls _pre_step / _post_step itself)
     def _before(self, optimizer, args, kwargs) -> None:
-        self.method.before_step(self, self.step_count)
+        if not torch.compiler.is_compiling():
+            closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None  # args[0] is the optimizer
+            self._skipped = self._pre_step(closure=closure)
 
     def _after(self, optimizer, args, kwargs) -> None:
+        if not torch.compiler.is_compiling():
+            self._post_step(self._skipped)
+
+    def _pre_step(self, closure: bool = False) -> bool:
+        """Run the schedule for this step unless the step will be skipped (returned)."""
+        if not closure and self.optimizer.nonfinite_grads():
+            return True  # a skipped step changes nothing: the schedule waits for the next step that runs
+        self.method.before_step(self, self.step_count)
+        return False
+
+    def _post_step(self, skipped: bool) -> None:
+        if skipped:
+            return
         self.method.after_step(self, self.step_count)
         self.step_count += 1
         self.history.maybe_record(self.step_count, self.method.scalars())
@@ -208,6 +238,9 @@ class Pruner:
         """Detach from the optimizer (masks stay in its state)."""
         for hook in self._hooks:
             hook.remove()
+        self._hooks = []
+        if self.optimizer.pruner is self:
+            self.optimizer.pruner = None
 
     # -- what methods use
     def coefs(self, target: Target) -> Tensor:
@@ -260,7 +293,9 @@ class Pruner:
             ``{parameter name: {"weight_sparsity": f, "dead_outputs": f, "dead_inputs": f}}``, each a
             fraction in ``[0, 1]``. :meth:`summary` prints the same as a table.
         """
-        return {t.name: {k: float(v) for k, v in layer_metrics(t).items()} for t in self.targets}
+        return {
+            t.name: {k: float(v) for k, v in layer_metrics(t, self.effective_weight(t)).items()} for t in self.targets
+        }
 
     def summary(self, example_inputs: Tensor | tuple | None = None) -> str:
         """A per-layer table as text: name, shape, weight sparsity, dead outputs / inputs, parameters, MACs.
@@ -300,20 +335,42 @@ class Pruner:
 
         return export(self, example_inputs, structured=structured)
 
+    def effective_weight(self, target: Target) -> Tensor:
+        """The weight the model computes with (here the parameter itself; masked by the fused step)."""
+        return target.param
+
     def state_dict(self) -> dict[str, Any]:
-        """The pruner's step count, the method's schedule state and the history (masks are in the optimizer's)."""
-        return {"step_count": self.step_count, "method": self.method.state_dict(), "history": self.history.state_dict()}
+        """Step count, method schedule and history (a copy). Also saved in the optimizer's state_dict."""
+        return copy.deepcopy(
+            {
+                "targets": [t.name for t in self.targets],
+                "step_count": self.step_count,
+                "method": self.method.state_dict(),
+                "history": self.history.state_dict(),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (on a pruner built the same way)."""
+        """Restore what :meth:`state_dict` returned (same targets)."""
+        self._check_names(state)
+        state = copy.deepcopy(state)
         self.step_count = state["step_count"]
         self.method.load_state_dict(state["method"])
         self.history.load_state_dict(state["history"])
 
+    def _check_names(self, state: dict[str, Any]) -> None:
+        names = state.get("targets")
+        if names is not None and list(names) != [t.name for t in self.targets]:
+            here = [t.name for t in self.targets]
+            raise ValueError(f"the saved pruner state prunes {list(names)[:4]}..., this pruner {here[:4]}...")
 
-def layer_metrics(target: Target) -> dict[str, Tensor]:
-    """Device-side metrics of one target (no host sync): sparsity, dead outputs, dead inputs."""
-    w = target.param.detach()
+
+def layer_metrics(target: Target, weight: Tensor | None = None) -> dict[str, Tensor]:
+    """Device-side metrics of one target (no host sync): sparsity, dead outputs, dead inputs.
+
+    ``weight``: the weight as the model uses it (default the parameter).
+    """
+    w = (target.param if weight is None else weight).detach()
     zero = w == 0
     rows = zero.reshape(w.shape[0], -1).all(dim=1)
     out = {"weight_sparsity": zero.float().mean(), "dead_outputs": rows.float().mean()}

@@ -83,7 +83,7 @@ def test_bad_ratio_and_exceeded_target_and_foreign_optimizer():
     with torch.no_grad():
         model[0].weight[:6] = 0  # 75% zeros already
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="0.weight is already 75.0% sparse, above its target 50.0%"):
+    with pytest.warns(UserWarning, match="0.weight is already 75.0% sparse, above its target 50.0%; its zeros stay"):
         sparsetrain.Pruner(model, opt, methods.StochasticMagnitude(0.5))
     with pytest.raises(TypeError, match="needs a sparsetrain optimizer .* sparsetrain.autograd.MaskedPruner"):
         sparsetrain.Pruner(_cnn(), torch.optim.SGD(_cnn().parameters(), lr=0.1), methods.Magnitude(0.5))

@@ -7,6 +7,7 @@ step it may read a few scalars at its own intervals (GReg's magnitude ratio).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,6 +58,18 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def warn_if_sparser(targets: list[Target]) -> None:
+    """Warn about targets already sparser than their ratio (their zeros stay; nothing more is pruned
+    there). Not an error: a model resumed from a checkpoint is often just above its target."""
+    for t in targets:
+        sparsity = float((t.param.detach() == 0).float().mean())
+        if sparsity > t.ratio:
+            warnings.warn(
+                f"{t.name} is already {sparsity:.1%} sparse, above its target {t.ratio:.1%}; its zeros stay",
+                stacklevel=3,
+            )
 
 
 def check_ratio(name: str, value: float) -> float:

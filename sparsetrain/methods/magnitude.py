@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from .. import masks as mask_format
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
 from ..selection import group_scores, kth_smallest_abs, next_float32, prune_count
 from ..validation import integer, number
-from .base import Method, check_ratio
+from .base import Method, check_ratio, warn_if_sparser
 from .schedules import check_schedule, sparsity_at
 
 
@@ -52,10 +53,8 @@ class Magnitude(Method):
         self.events_done = 0
 
     def check(self, targets) -> None:
-        for t in targets:
-            sparsity = float((t.param.detach() == 0).float().mean())
-            if sparsity > t.ratio and self.structure is None:
-                raise ValueError(f"{t.name} is already {sparsity:.1%} sparse, above its target {t.ratio:.1%}")
+        if self.structure is None and self.scope == "layer":
+            warn_if_sparser(targets)
 
     def attach(self, pruner) -> None:
         if self.schedule == "oneshot" and self.start == 0:
@@ -95,6 +94,16 @@ class Magnitude(Method):
                     pruner.optimizer.set_mask(t.param, ~dead)
         self.events_done += 1
 
+    def _dead_largest(self, pruner, targets) -> int:
+        """With ``largest=True``, the weights already pruned: they are zeros now, below every alive one,
+        so an event prunes only the rest of its count among the alive (smallest-first needs no such
+        correction: the dead zeros are the first of its count)."""
+        if not self.largest:
+            return 0
+        return sum(
+            t.param.numel() - mask_format.alive_count(pruner.optimizer.state[t.param]["mask_words"]) for t in targets
+        )
+
     def _global_threshold(self, tensors, k: int, total: int) -> float:
         """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
         if self.largest:
@@ -125,13 +134,14 @@ class Magnitude(Method):
             if self.scope == "global":
                 tensors = [t.param for t in pruner.targets]
                 total = sum(x.numel() for x in tensors)
-                k = prune_count(level * self.target, total)
-                threshold = self._global_threshold(tensors, k, total) if k else (math.inf if self.largest else 0.0)
+                k = prune_count(level * self.target, total) - self._dead_largest(pruner, pruner.targets)
+                threshold = self._global_threshold(tensors, k, total) if k > 0 else (math.inf if self.largest else 0.0)
                 thresholds = [threshold] * len(pruner.targets)
             else:
                 thresholds = []
                 for t in pruner.targets:
-                    k = prune_count(level * t.ratio, t.param.numel())
+                    k = prune_count(level * t.ratio, t.param.numel()) - self._dead_largest(pruner, [t])
+                    k = max(k, 0)
                     thresholds.append(
                         self._global_threshold([t.param], k, t.param.numel())
                         if k

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..contract import COEF_PRUNE_COUNT, STAT_ALIVE
 from ..validation import integer, number
-from .base import Method, check_ratio
+from .base import Method, check_ratio, warn_if_sparser
 from .schedules import check_schedule, sparsity_at
 
 
@@ -93,11 +93,8 @@ class StochasticMagnitude(Method):
         self.l2, self.l1 = number("l2", l2, low=0.0), number("l1", l1, low=0.0)
 
     def check(self, targets) -> None:
-        """Refuse a tensor that is already sparser than its target."""
-        for t in targets:
-            sparsity = float((t.param.detach() == 0).float().mean())
-            if sparsity > t.ratio:
-                raise ValueError(f"{t.name} is already {sparsity:.1%} sparse, above its target {t.ratio:.1%}")
+        """Warn about a tensor already sparser than its target (its zeros stay; nothing more is pruned)."""
+        warn_if_sparser(targets)
 
     def attach(self, pruner) -> None:
         """Write the temperature and the ``l2`` / ``l1`` coefficients of every pruned tensor."""

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import backends, contract, philox, validation
 from .. import masks as mask_format
 from ..transfer import to_device
-from . import compat
+from . import compat, compiled, events
 
 STATE_FORMAT = 1
 
@@ -93,6 +93,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.regularize = False  # set when any per-tensor l2 / l1 / selective-decay coefficient is used
         self.uses_groups = False  # set when per-group lam or group pruning is used
         self._pending_prune = "none"
+        self._found_inf_cache: Tensor | None = None
+        compiled.register(self)
         self.pruner: Any = None  # the attached Pruner, whose state travels with this optimizer's state_dict
         self.loaded_pruner_state: dict[str, Any] | None = None  # loaded before a Pruner was attached
         self._backend_by_device: dict[torch.device, str] = {}
@@ -318,41 +320,73 @@ class FusedOptimizer(torch.optim.Optimizer):
         values = philox.event_seeds(self.base_seed, call.indices, self.prune_events)
         return to_device(values, torch.int64, device)
 
+    def nonfinite_grads(self) -> bool:
+        """Whether this step's gradients hold inf/NaN, so that ``skip_nonfinite=True`` skips it.
+
+        Always ``False`` without ``skip_nonfinite``. One host read; the device flag is kept for the
+        coming :meth:`step`, which then does not compute it again.
+        """
+        self._found_inf_cache = None
+        if not self.skip_nonfinite:
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or any(g.is_sparse or g.device != grads[0].device for g in grads):
+            return False  # step() names the problem
+        self._found_inf_cache = self._found_inf(grads)
+        return bool(self._found_inf_cache)
+
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused step over all parameters with gradients; returns ``closure()`` if given."""
+        """One fused step over all parameters with gradients; returns ``closure()`` if given.
+
+        A scheduled pruning event is kept by every masked tensor, also those without a gradient now,
+        and stays pending through a skipped non-finite step (:mod:`sparsetrain.optim.events`).
+        Under ``torch.compile`` the step is one opaque op (:mod:`sparsetrain.optim.compiled`).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            compiled.step(self)
+        else:
+            self._eager_step()
+        return loss
+
+    def _eager_step(self) -> None:
+        cached, self._found_inf_cache = self._found_inf_cache, None
+        prune = self._pending_prune
         calls = self._calls()
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
             validation.step_tensors(calls, backend)  # before anything is launched
             grads = [[p.grad for p in call.params] for call in calls]
-            found_inf = self._found_inf([g for gs in grads for g in gs])
+            found_inf = cached if cached is not None else self._found_inf([g for gs in grads for g in gs])
+            if prune != "none" and found_inf is not None and bool(found_inf):
+                return  # a skipped step changes nothing: the event stays pending for the next step that runs
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
                 if isinstance(lr, Tensor):
                     lr_args = {"lr": 0.0, "lr_tensor": lr.reshape(()).to(call.params[0].device)}
                 else:
                     lr_args = {"lr": float(lr), "lr_tensor": None}
-                prune = self._pending_prune if call.masked else "none"
+                call_prune = prune if call.masked else "none"
                 common = {
                     "found_inf": found_inf,
                     **lr_args,
                     **call.lists["pruning"],
-                    "seeds": self._seeds(call, prune),
-                    "prune": prune,
+                    "seeds": self._seeds(call, call_prune),
+                    "prune": call_prune,
                     "regularize": call.masked and self.regularize,
                     "l1_proximal": self.l1_proximal,
                     "backend": backend,
                 }
                 self._launch(call, call_grads, common)
-        if self._pending_prune == "stochastic":
+        if prune != "none":
+            events.decide_without_gradient(self, prune)
+        if prune == "stochastic":
             self.prune_events += 1
         self._pending_prune = "none"
-        return loss
 
     # ------------------------------------------------------------------------------- state_dict
     def state_dict(self) -> dict[str, Any]:
