@@ -22,7 +22,7 @@ from . import masks as mask_format
 from .contract import COEF_L1, COEF_L2
 from .methods.base import Method
 from .optim.sgd import SGD
-from .pruner import DEFAULT_TYPES, Pruner, select_targets
+from .pruner import DEFAULT_TYPES, Pruner, Target, select_targets
 
 WORDS_PER_BLOCK = 32  # 1024 elements per Triton program
 
@@ -113,12 +113,50 @@ masked_weight.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MaskParametrization(nn.Module):
-    def __init__(self, state: dict[str, Any]) -> None:
+    """``w * mask`` for one pruned tensor; the mask is read from the pruner's optimizer state at
+    every call, so a loaded state (new tensors) takes effect at once."""
+
+    def __init__(self, optimizer: SGD, param: Tensor) -> None:
         super().__init__()
-        self._state = state
+        self._optimizer = optimizer
+        self._param_ref = [param]  # not a submodule attribute: the parameter stays owned by the model
 
     def forward(self, weight: Tensor) -> Tensor:
-        return masked_weight(weight, self._state["mask_words"], self._state["coefs"])
+        state = self._optimizer.state[self._param_ref[0]]
+        return masked_weight(weight, state["mask_words"], state["coefs"])
+
+
+def _holders(model: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) of ``model`` holding ``param`` (tied weights: several)."""
+    found = []
+    for module in model.modules():
+        for name, value in module._parameters.items():
+            if value is param:
+                found.append((module, name))
+    return found
+
+
+def _plain_state_dict_hook(name: str):
+    """State-dict post-hook of a masked module: its ``name`` under the plain key, with masked values."""
+
+    def hook(module, state_dict, prefix, local_metadata) -> None:
+        original = f"{prefix}parametrizations.{name}.original"
+        if original in state_dict:
+            del state_dict[original]
+            state_dict[prefix + name] = getattr(module, name).detach()
+
+    return hook
+
+
+def _plain_load_hook(name: str):
+    """Load pre-hook of a masked module: a plain ``name`` entry loads into the parametrization's original."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        plain, original = prefix + name, f"{prefix}parametrizations.{name}.original"
+        if plain in state_dict and original not in state_dict:
+            state_dict[original] = state_dict.pop(plain)
+
+    return hook
 
 
 class MaskedPruner(Pruner):
@@ -135,9 +173,18 @@ class MaskedPruner(Pruner):
 
     Create it before your optimizer's first step. The parameters stay the same tensors (torch's
     parametrization keeps each original as ``module.parametrizations.weight.original``), so an
-    optimizer built before or after the pruner sees them. Your optimizer's state for pruned
-    weights is not masked (the masked gradient is zero, so they receive no gradient; their
-    decoupled weight decay and momentum may move the stored value, which the forward masks).
+    optimizer built before or after the pruner sees them.
+
+    * Every module that holds a pruned weight computes with the masked weight, tied modules too
+      (GPT-2's ``wte`` and ``lm_head``); with structured filters, the filters' biases are masked too.
+    * ``model.state_dict()`` has the plain keys (``lm_head.weight``) holding the masked values, so
+      ``torch.save`` / ``save_pretrained`` reload into a plain model, and the live model loads them.
+    * :meth:`state_dict` holds the masks, the statistics and the schedule; :meth:`metrics` and the
+      history measure the masked weights, whatever the optimizer does to the originals.
+
+    Your optimizer's state for pruned weights is not masked (the masked gradient is zero, so they
+    receive no gradient; their decoupled weight decay and momentum may move the stored value,
+    which the forward masks).
 
     Per-group penalties (GReg's ``lam``) and selective decay act inside the fused optimizers'
     update; with this path use methods whose regularization is L2 / L1 or none
@@ -204,11 +251,21 @@ class MaskedPruner(Pruner):
             record_every=record_every,
         )
         self._zero_grads: dict[Tensor, Tensor] = {}
-        self.remove()  # the schedule runs from step(), not from the internal optimizer's hooks
+        for hook in self._hooks:  # the schedule runs from step(), not from the internal optimizer's hooks
+            hook.remove()
+        self._hooks = []
         for t in self.targets:
-            parametrize.register_parametrization(
-                t.module, "weight", _MaskParametrization(self.optimizer.state[t.param])
-            )
+            for tensor in (t.param, t.bias):
+                if tensor is None:
+                    continue
+                for module, attr in _holders(model, tensor):
+                    parametrize.register_parametrization(module, attr, _MaskParametrization(self.optimizer, tensor))
+                    self._hooks.append(module.register_state_dict_post_hook(_plain_state_dict_hook(attr)))
+                    self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
+
+    def effective_weight(self, target: Target) -> Tensor:
+        """The masked weight the model computes with."""
+        return target.param.detach() * self.optimizer.mask(target.param)
 
     def step(self) -> None:
         """Run the method's schedule for one training step; at pruning events update the masks.
@@ -226,6 +283,17 @@ class MaskedPruner(Pruner):
         self.method.after_step(self, self.step_count)
         self.step_count += 1
         self.history.maybe_record(self.step_count, self.method.scalars())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, statistics, coefficients, the event counter and the schedule (step count, method, history)."""
+        return self._mask_optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned: the masks apply to the model at once."""
+        if "sparsetrain" in state:
+            self._mask_optimizer.load_state_dict(state)  # hands the schedule back to this pruner
+        else:
+            super().load_state_dict(state)
 
     def _mask_step(self) -> None:
         missing = [p for g in self._mask_optimizer.param_groups for p in g["params"] if p.grad is None]

@@ -203,7 +203,7 @@ class Pruner:
         self.step_count = 0
         self._skipped = False
         if saved is not None:  # the optimizer's state_dict carried this pruner's state: continue from it
-            self.load_state_dict(saved)
+            self.load_schedule_state_dict(saved)
             optimizer.loaded_pruner_state = None
         else:
             method.attach(self)
@@ -341,6 +341,14 @@ class Pruner:
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, method schedule and history (a copy). Also saved in the optimizer's state_dict."""
+        return self.schedule_state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (same targets)."""
+        self.load_schedule_state_dict(state)
+
+    def schedule_state_dict(self) -> dict[str, Any]:
+        """What the optimizer's state_dict carries for this pruner: step count, method state, history."""
         return copy.deepcopy(
             {
                 "targets": [t.name for t in self.targets],
@@ -350,8 +358,8 @@ class Pruner:
             }
         )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (same targets)."""
+    def load_schedule_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`schedule_state_dict` returned (same targets)."""
         self._check_names(state)
         state = copy.deepcopy(state)
         self.step_count = state["step_count"]

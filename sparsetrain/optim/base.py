@@ -410,7 +410,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             "param_shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
         }
         if self.pruner is not None:
-            sd["sparsetrain"]["pruner"] = self.pruner.state_dict()
+            sd["sparsetrain"]["pruner"] = self.pruner.schedule_state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -459,7 +459,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._pending_prune = "none"
         self.loaded_pruner_state = meta.get("pruner")
         if self.pruner is not None and self.loaded_pruner_state is not None:
-            self.pruner.load_state_dict(self.loaded_pruner_state)
+            self.pruner.load_schedule_state_dict(self.loaded_pruner_state)
             self.loaded_pruner_state = None
 
     def torch_group_keys(self) -> tuple[str, ...]:

@@ -1,0 +1,151 @@
+"""The autograd path (MaskedPruner with any optimizer): masks in its state, tied weights, masked
+biases, metrics of the masked weights, and plain checkpoints of a live model."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain import methods
+from sparsetrain.autograd import MaskedPruner
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(384, 4),
+    )
+
+
+def _train(model, opt, pruner, steps):
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+        opt.zero_grad()
+
+
+def _method():
+    return methods.Magnitude(0.6, schedule="linear", start=0, end=8, interval=2)
+
+
+def test_state_dict_holds_the_masks_and_resumes_bit_identically():
+    straight = _cnn()
+    pruner = MaskedPruner(straight, _method())
+    opt = torch.optim.AdamW(straight.parameters(), lr=1e-2)
+    _train(straight, opt, pruner, range(12))
+
+    first = _cnn()
+    first_pruner = MaskedPruner(first, _method())
+    first_opt = torch.optim.AdamW(first.parameters(), lr=1e-2)
+    _train(first, first_opt, first_pruner, range(5))
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": first.state_dict(), "opt": first_opt.state_dict(), "pruner": first_pruner.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+
+    resumed = _cnn(seed=5)
+    resumed_pruner = MaskedPruner(resumed, _method())
+    resumed.load_state_dict(saved["model"])
+    resumed_pruner.load_state_dict(saved["pruner"])
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_opt.load_state_dict(saved["opt"])
+    for t in resumed_pruner.targets:
+        assert not resumed_pruner.mask(t.param).all(), t.name
+    _train(resumed, resumed_opt, resumed_pruner, range(5, 12))
+    for a, b in zip(pruner.targets, resumed_pruner.targets):
+        assert torch.equal(pruner.mask(a.param), resumed_pruner.mask(b.param))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert resumed_pruner.step_count == pruner.step_count == 12
+
+
+def test_metrics_measure_the_masks_with_adamw():
+    model = _cnn(1)
+    pruner = MaskedPruner(model, methods.Magnitude(0.8, schedule="cubic", end=6, interval=2), record_every=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, pruner, range(10))
+    metrics = pruner.metrics()
+    for t in pruner.targets:
+        dead = float((~pruner.mask(t.param)).float().mean())
+        assert dead == pytest.approx(0.8, abs=0.02)
+        masked_zero = float((t.module.weight == 0).float().mean())  # what the model computes with
+        assert metrics[t.name]["weight_sparsity"] == pytest.approx(masked_zero, abs=1e-7)
+        assert pruner.history.as_dict()["layers"][t.name]["weight_sparsity"][-1] == pytest.approx(masked_zero, abs=1e-7)
+        assert float((t.param == 0).float().mean()) < 0.5  # AdamW keeps moving the originals
+
+
+def test_biases_of_pruned_filters_stay_masked():
+    model = _cnn(2)
+    method = methods.GReg1(0.5, update_interval=1, delta=0.5, ceiling=1.0, stabilize=1)
+    pruner = MaskedPruner(model, method, include=["0", "2"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(model, opt, pruner, range(12))
+    assert method.phase == "pruned"
+    for t in pruner.targets:
+        dead = ~pruner.mask(t.param).reshape(t.param.shape[0], -1).any(dim=1)
+        assert dead.sum() == t.param.shape[0] // 2
+        assert torch.equal(t.module.bias[dead], torch.zeros(int(dead.sum())))
+        assert torch.equal(t.module.weight[dead], torch.zeros_like(t.module.weight[dead]))
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=48, n_positions=12, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    return transformers, transformers.GPT2LMHeadModel(config), config
+
+
+def test_tied_gpt2_weights_are_masked_everywhere_and_save_pretrained_reloads(tmp_path):
+    transformers, model, config = _tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    pruner = MaskedPruner(model, methods.Magnitude(0.5), include=["lm_head"])
+    alive = pruner.mask("lm_head")
+    assert not alive.all()
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(1))
+    embedded = model.transformer.wte(ids)
+    torch.testing.assert_close(embedded, (model.lm_head.weight * alive)[ids], rtol=0, atol=0)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        live = model(ids).logits
+    keys = model.state_dict().keys()
+    assert "lm_head.weight" in keys or "transformer.wte.weight" in keys
+    assert not any("parametrizations" in k for k in keys)
+
+    model.save_pretrained(tmp_path)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(plain.transformer.wte.weight, model.transformer.wte.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, live, rtol=0, atol=0)
+
+
+def test_torch_save_of_a_live_model_loads_into_a_plain_model_and_back():
+    model = _cnn(3)
+    pruner = MaskedPruner(model, methods.Magnitude(0.5))
+    state = model.state_dict()
+    assert set(state) == set(_cnn().state_dict())
+    plain = _cnn(4)
+    plain.load_state_dict(state)  # strict: the plain keys, the masked values
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    for t in pruner.targets:
+        assert torch.equal(plain.get_submodule(t.module_name).weight == 0, ~pruner.mask(t.param) | (t.param == 0))
+    live = _cnn(5)
+    live_pruner = MaskedPruner(live, methods.Magnitude(0.5))
+    live.load_state_dict(state)
+    live_pruner.load_state_dict(pruner.state_dict())
+    torch.testing.assert_close(live(x), model(x), rtol=0, atol=0)
