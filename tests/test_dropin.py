@@ -138,3 +138,15 @@ def test_tensor_learning_rate_is_bit_identical(name):
     ours, ours_params, ref, ref_params = _pair(name, kwargs)
     _steps([(ours, ours_params), (ref, ref_params)], range(50))
     _assert_equal(ours_params, ref_params)
+
+
+def test_sparsetrain_state_dict_stripped_of_its_entry_is_refused():
+    params = make_params(SHAPES)
+    opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend="torch")
+    opt.enable_pruning(params[0])
+    set_grads([params], 0)
+    opt.step()
+    stripped = {k: v for k, v in opt.state_dict().items() if k != "sparsetrain"}
+    other = sparsetrain.optim.SGD(clone_params(params), lr=0.1, momentum=0.9, backend="torch")
+    with pytest.raises(ValueError, match="without its 'sparsetrain' entry"):
+        other.load_state_dict(stripped)

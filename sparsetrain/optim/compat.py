@@ -64,6 +64,14 @@ def from_torch_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> di
     state_dict is not one of the same algorithm with the same parameters.
     """
     name = type(opt).__name__
+    states = state_dict["state"].values() if isinstance(state_dict["state"], dict) else ()
+    if any(isinstance(saved, dict) and "mask_words" in saved for saved in states):
+        raise ValueError(
+            f"{name}.load_state_dict: a sparsetrain state_dict without its 'sparsetrain' entry (the base seed, "
+            "event counter and pruner state); save and load the optimizer's whole state_dict (tools that keep "
+            "only 'state' and 'param_groups', such as torch.distributed.checkpoint's get_optimizer_state_dict, "
+            "drop it)"
+        )
     groups = state_dict["param_groups"]
     expected = opt.torch_group_keys()
     for index, group in enumerate(groups):
