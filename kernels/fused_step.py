@@ -11,24 +11,27 @@ Per element (docs/design.md, "The fused step: per-element contract"), with w, g 
     proximal L1: w = sign(w) * max(|w| - lr*l1, 0)
     decision on the updated w at pruning events: stochastic u < q(|w|) with u = tl.rand4x(seed_t, i >> 2)
     [i & 3], i the element's index in its (unsharded) tensor; |w| < t; |w| > t; group j flagged
-    write w*a', states*a', mask words; per-block partial statistics in fp64
+    write w*a', states*a', mask words (event steps only); per-program partial statistics in fp64
 
 Bytes per element, fp32 SGD with momentum: read w, g, buf (12) + mask bit; write w, buf (8) + bit:
 20.25 B. A program handles a group of consecutive blocks of one tensor, one block at a time; a
-group (or a block) whose mask words are all zero reads nothing but its mask words and writes
-nothing but its zero partials, so a dead group of 8 x 1024 elements costs its program one load.
+group whose mask words are all zero reads nothing but its mask words and writes one zero row of
+partials (a dead group of 8 x 1024 elements costs its program one load), and a dead block inside a
+live group is skipped. Statistics are summed per thread in fp64 over the program's blocks and
+reduced across the program once, into one row of partials per program.
 Inside a live block wholly inside its tensor and more than 1/8 live, every element is streamed
 through unmasked 16-byte vector loads and stores (a dead element is written back as it was read:
 DRAM moves 32-byte sectors anyway). A sparser block, and the tail block, use accesses predicated
 on the live elements, so only the sectors holding live elements move.
-A second, tiny launch reduces the per-block partials per tensor in a fixed order (deterministic)
-and advances the step counters. When a tensor has many blocks (a 268M tensor has 262144), a
+A second, tiny launch reduces the per-program partials per tensor in a fixed order (deterministic)
+and advances the step counters. When a tensor has many programs (a 268M tensor has 32768), a
 launch before it reduces fixed segments of the partials in parallel (``reduce_partials_kernel``),
 so that no single program walks megabytes of partials serially; the order stays fixed.
 Runtime values (lr, coefficients, seeds, steps) are arguments or live in device memory; only
 structural switches are ``tl.constexpr``. QUAD_STREAM (every shard offset a multiple of 4, so every
 block starts on a quad of the random stream) lets a block draw its uniforms with one Philox call per
-four elements; without it each element makes its own call (same values).
+four elements; without it each element makes its own call (same values). WIDE_GROUPS (a group run
+or a group count too large for the 32-bit group index, see _div_small) computes j(i) in 64 bits.
 
 Dtypes: parameters and gradients fp32 / bf16 / fp16 (one launch per parameter dtype), optimizer
 states fp32, statistics fp64, masks int32. Offsets are int64 throughout.
@@ -146,6 +149,7 @@ def fused_step_kernel(
     REGULARIZE: tl.constexpr,
     L1_PROX: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    WIDE_GROUPS: tl.constexpr,
     PRUNE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
@@ -162,7 +166,7 @@ def fused_step_kernel(
     numel = _row_int(table, ROW_NUMEL, t, num_tensors)
     num_words = (numel + 31) // 32
     num_blocks = (num_words + WORDS - 1) // WORDS
-    first_row = tl.load(tensor_first_row + t).to(tl.int64)  # partial row of the tensor's first block
+    first_row = tl.load(tensor_first_row + t).to(tl.int64)  # partial row of the tensor's first program
     mask_ptr = _row_ptr(table, ROW_MASK, t, num_tensors, tl.int32)
     if HAS_MASK:
         group_words = group * (BLOCKS * WORDS) + tl.arange(0, BLOCKS * WORDS).to(tl.int64)
@@ -186,6 +190,21 @@ def fused_step_kernel(
         shard_offset = _row_int(table, ROW_SHARD_OFFSET, t, num_tensors)
         inner = _row_int(table, ROW_INNER, t, num_tensors)
         groups = _row_int(table, ROW_GROUPS, t, num_tensors)
+        group_rem = 0
+        group_first = 0
+        inv_inner = 0.0
+        inv_groups = 0.0
+        if HAS_GROUPS and not WIDE_GROUPS:
+            # j(i) = (i // inner) % groups without a 64-bit divide per element: two per program here,
+            # then 32-bit quotients of small values through an fp32 reciprocal (see _div_small)
+            program_first = group * (BLOCKS * WORDS * 32) + shard_offset
+            quotient = program_first // inner
+            group_rem = (program_first - quotient * inner).to(tl.int32)  # element offset in its group run
+            group_first = (quotient % groups).to(tl.int32)  # the group of the program's first element
+            inner = inner.to(tl.int32)
+            groups = groups.to(tl.int32)
+            inv_inner = 1.0 / inner.to(tl.float32)
+            inv_groups = 1.0 / groups.to(tl.float32)
         if LR_ON_DEVICE:
             lr = tl.load(lr_ptr).to(tl.float32)
             decay_factor = 1.0 - lr * weight_decay
@@ -226,6 +245,12 @@ def fused_step_kernel(
             tm_now = _kernel_scale(stats_ptr, coef_ptr)
             kernel_on = tl.where(tm_now > 0, 1, 0)
             inv_tm_now = (1.0 / tl.where(tm_now > 0, tm_now, 1.0)).to(tl.float32)
+        # statistics: per-thread fp64 sums over the program's blocks (no cross-thread exchange per block),
+        # reduced across the program once at its end; a fixed order, so deterministic
+        acc_alive = tl.zeros([WORDS, 8], dtype=tl.float64)
+        acc_w = tl.zeros([WORDS, 8], dtype=tl.float64)
+        acc_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
+        acc_g = tl.zeros([WORDS, 8], dtype=tl.float64)
         for b in range(BLOCKS):
             local = group * BLOCKS + b
             if local < num_blocks:
@@ -240,50 +265,61 @@ def fused_step_kernel(
                 else:
                     words = tl.full([WORDS], -1, dtype=tl.int32)
                     live_count = 1
-                if live_count == 0:  # a dead block: its partials are zero
-                    if HAS_STATS:
-                        out = partials + (first_row + local) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
-                        tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
+                if live_count == 0:  # a dead block: nothing to do
+                    pass
                 elif full != 0:
-                    _step_block(
-                        local, numel, words, partials + (first_row + local) * NUM_PARTIALS, param_ptr, grad_ptr,
-                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, inner, groups, lr,
+                    part_alive, part_w, part_kernel, part_g = _step_block(
+                        local, numel, words, param_ptr, grad_ptr,
+                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
+                        group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
                         sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS, True,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
+                        True,
                     )  # fmt: skip
+                    acc_alive, acc_w, acc_kernel, acc_g = _add4(
+                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
+                    )
                 else:
-                    _step_block(
-                        local, numel, words, partials + (first_row + local) * NUM_PARTIALS, param_ptr, grad_ptr,
-                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, inner, groups, lr,
+                    part_alive, part_w, part_kernel, part_g = _step_block(
+                        local, numel, words, param_ptr, grad_ptr,
+                        state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
+                        group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
                         sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS, False,
+                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
+                        False,
                     )  # fmt: skip
-    elif HAS_STATS:  # a dead group (or a skipped step): the partials of its blocks are zero
-        locals_ = group * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
-        cols = tl.arange(0, NUM_PARTIALS)
-        out = partials + (first_row + locals_)[:, None] * NUM_PARTIALS + cols[None, :]
-        tl.store(out, tl.zeros([BLOCKS, NUM_PARTIALS], dtype=tl.float64), mask=(locals_ < num_blocks)[:, None])
+                    acc_alive, acc_w, acc_kernel, acc_g = _add4(
+                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
+                    )
+        if HAS_STATS:  # the program's partial row
+            out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
+            tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g))
+    elif HAS_STATS:  # a dead group (or a skipped step): its partials are zero
+        out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
+        tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
 
 
 @triton.jit
 def _step_block(
-    local, numel, words, out, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
-    shard_offset, inner, groups, lr, weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1,
-    one_minus_beta2, eps, decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
-    sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+    local, numel, words, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
+    shard_offset, group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
+    one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
+    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    PRUNE: tl.constexpr, ALIGNED: tl.constexpr, QUAD_STREAM: tl.constexpr, WORDS: tl.constexpr,
-    FULL: tl.constexpr,
+    WIDE_GROUPS: tl.constexpr, PRUNE: tl.constexpr, ALIGNED: tl.constexpr, QUAD_STREAM: tl.constexpr,
+    WORDS: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
-    """One block of WORDS * 32 elements with at least one live element; its partials go to ``out``.
+    """One block of WORDS * 32 elements with at least one live element. Returns the block's statistics
+    as [WORDS, 8] fp64 sums of four consecutive elements (alive, |w|, kernel terms, |g|; zeros unless
+    HAS_STATS): four consecutive elements are held by one thread, so these sums stay in registers.
 
     FULL: the block lies wholly inside the tensor and is not sparse; unmasked (vectorizable) loads
     and stores, a dead element is read and written back unchanged, so memory sees the same values
@@ -296,15 +332,30 @@ def _step_block(
     live = unpack_live(words, inside) if HAS_MASK else inside
     io = inside if FULL else live  # what loads and stores touch (FULL: everything, unmasked)
 
+    # every load of the block first: their addresses depend on nothing loaded, so all of them are in
+    # flight together (one memory round trip per block)
     w_raw = load_block(param_ptr, offs, io, ALIGNED, FULL)
-    g_raw = tl.where(live, load_block(grad_ptr, offs, io, ALIGNED, FULL).to(tl.float32), 0.0)
+    g_raw = load_block(grad_ptr, offs, io, ALIGNED, FULL)
+    if IS_ADAM:
+        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
+        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL)
+        if AMSGRAD:
+            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL)
+    elif HAS_MOMENTUM:
+        buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
+    g_raw = tl.where(live, g_raw.to(tl.float32), 0.0)
     w = tl.where(live, w_raw.to(tl.float32), 0.0)
     g = -g_raw if MAXIMIZE else g_raw
 
     # regularization gradient; terms whose per-tensor coefficient is zero are skipped by uniform branches
     r = tl.zeros([WORDS, 32], dtype=tl.float32)
     if HAS_GROUPS:
-        group = (global_offs // inner) % groups
+        if WIDE_GROUPS:  # a group run or a group count near 2**30: 64-bit arithmetic
+            group = (global_offs // inner) % groups
+        else:  # group_rem: offset of the block's first element in its run of `inner`, whose group is group_first
+            in_block = tl.arange(0, WORDS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            group = group_first + _div_small(group_rem + in_block, inner, inv_inner)
+            group = group - _div_small(group, groups, inv_groups) * groups
         r = r + tl.load(group_ptr + group, mask=live, other=0.0) * w
     if REGULARIZE:
         r = r + l2 * w
@@ -323,13 +374,10 @@ def _step_block(
             g = g + weight_decay * w
         if HAS_GROUPS or REGULARIZE:
             g = g + r
-        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
-        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL)
         weight = one_minus_beta1
         m = tl.where(weight < 0.5, m_old + weight * (g - m_old), g - (g - m_old) * (1.0 - weight))  # torch.lerp
         v = v_old * beta2 + one_minus_beta2 * (g * g)
         if AMSGRAD:
-            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL)
             vmax = tl.maximum(vmax_old, v)
             denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
         else:
@@ -340,7 +388,6 @@ def _step_block(
         if HAS_GROUPS or REGULARIZE:
             g = g + r
         if HAS_MOMENTUM:
-            buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
             buf = tl.where(step == 1.0, g, buf_old * momentum + one_minus_dampening * g)
             if NESTEROV:
                 g = g + momentum * buf
@@ -349,7 +396,8 @@ def _step_block(
         w = w - lr * g
     if REGULARIZE:
         if L1_PROX:
-            w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - lr * l1, 0.0)
+            if l1 != 0:  # uniform per tensor
+                w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - lr * l1, 0.0)
 
     # pruning decision on the updated weights
     keep = live
@@ -379,19 +427,50 @@ def _step_block(
             store_block(state3_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), io, ALIGNED, FULL)
     elif HAS_MOMENTUM:
         store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
-    if HAS_MASK:
+    if HAS_MASK and PRUNE != PRUNE_NONE:  # without a decision the mask words cannot change
         new_words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, :], axis=1)  # packed as unpack_live reads
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
+    part_alive = tl.zeros([WORDS, 8], dtype=tl.float64)
+    part_w = tl.zeros([WORDS, 8], dtype=tl.float64)
+    part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
+    part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
     if HAS_STATS:
         abs_w = tl.abs(w)
-        kernel = tl.zeros([WORDS, 32], dtype=tl.float32)
+        part_alive = _quad_sums(keep.to(tl.float64), WORDS)  # exact count
+        part_w = _quad_sums(abs_w.to(tl.float64), WORDS)
         if kernel_on != 0:
-            kernel = tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0)
-        tl.store(out + 0, tl.sum(keep.to(tl.int32)).to(tl.float64))  # exact count
-        tl.store(out + 1, tl.sum(abs_w.to(tl.float64)))
-        tl.store(out + 2, tl.sum(kernel.to(tl.float64)))
-        tl.store(out + 3, tl.sum(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64)))
+            part_kernel = _quad_sums(tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0).to(tl.float64), WORDS)
+        part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), WORDS)
+    return part_alive, part_w, part_kernel, part_g
+
+
+@triton.jit
+def _div_small(x, d, inv_d):
+    """x // d for int32 0 <= x and d > 0 with x + d < 2**31 and a quotient below 2**20: the fp32 estimate
+    (relative error a few 2**-24) is off by at most one, which one comparison corrects."""
+    q = (x.to(tl.float32) * inv_d).to(tl.int32)
+    r = x - q * d
+    return tl.where(r < 0, q - 1, tl.where(r >= d, q + 1, q))
+
+
+@triton.jit
+def _quad_sums(x, WORDS: tl.constexpr):
+    """[WORDS, 32] -> [WORDS, 8]: sums of four consecutive elements (one thread holds them)."""
+    return tl.sum(tl.reshape(x, [WORDS, 8, 4]), axis=2)
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _partial_row(alive, sum_w, sum_kernel, sum_g):
+    """The four fixed-order sums of a program's per-thread statistics, as one [4] row."""
+    i = tl.arange(0, NUM_PARTIALS)
+    a, b, c, d = tl.sum(alive), tl.sum(sum_w), tl.sum(sum_kernel), tl.sum(sum_g)
+    return tl.where(i == 0, a, tl.where(i == 1, b, tl.where(i == 2, c, d)))
 
 
 @triton.jit
@@ -427,7 +506,7 @@ def finish_step_kernel(
     HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Per tensor: step += 1 and stats = fixed-order sum of its blocks' partials (one program each)."""
+    """Per tensor: step += 1 and stats = fixed-order sum of its programs' partials (one program each)."""
     t = tl.program_id(0)
     advance = 1
     if HAS_FOUND_INF:

@@ -28,7 +28,7 @@ def test_kernels_lower_for_sm90_without_spills():
     # parameters at 4 elements per thread): at least one load per tensor read (w, g, states) and one
     # store per tensor written; unaligned tensors use none. Every switch combination must lower.
     streamed = {"sgd": (3, 2), "adamw": (5, 4)}  # (reads, writes) with momentum / amsgrad on
-    for report in reports[:6]:
+    for report in reports[:7]:
         assert not report["variant"].startswith("switch:")
         if report["variant"].endswith("unaligned"):
             assert report["vector_loads"] == report["vector_stores"] == 0, report
@@ -38,3 +38,41 @@ def test_kernels_lower_for_sm90_without_spills():
     forward, backward = named["masked weight forward bf16"], named["masked weight backward fp32"]
     assert forward["vector_loads"] >= 1 and forward["vector_stores"] >= 1, forward
     assert backward["vector_loads"] >= 2 and backward["vector_stores"] >= 1, backward
+
+
+# Issue time / memory floor of the fused step's cases, from the sm_90 SASS (method: tests/issue_time.py).
+# Cases still above their target fail strictly as expected failures, so meeting a target is noticed.
+NOT_MET = {"sgd fp32 event", "sgd bf16 event", "adamw bf16 event"}
+
+
+@pytest.fixture(scope="module")
+def issue_report():
+    if not CUOBJDUMP.exists():
+        pytest.skip("this Triton wheel ships no CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("issue_time.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--markdown"], capture_output=True, text=True, env=env, timeout=1800
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(result.stdout[result.stdout.index("\n|") :])  # the table, shown with -s and in CI logs on failure
+    return {row["case"]: row for row in map(json.loads, (s for s in result.stdout.splitlines() if s.startswith("{")))}
+
+
+def _cases():
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import issue_time
+    except ImportError:  # no Triton: the fixture skips
+        return []
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="above its target")) if name in NOT_MET else name
+        for name, *_ in issue_time.CASES
+    ]
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_issue_time_within_target_of_the_memory_floor(issue_report, case):
+    row = issue_report[case]
+    print(json.dumps({k: v for k, v in row.items() if k != "opcodes"}))
+    assert row["issue_over_floor"] <= row["target"], row

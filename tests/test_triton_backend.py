@@ -162,6 +162,8 @@ def _mask_disagreements(before, ref, out, prune):
 
 def _run_both(sizes, dtypes, algo, prune, seed=0, **kw):
     inputs = _inputs(sizes, dtypes, algo=algo, prune=prune, seed=seed, shard_offsets=kw.pop("shard_offsets", None))
+    if "group_inner" in kw:
+        inputs["group_inner"] = kw.pop("group_inner")
     ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
     _call(ref, "torch", algo=algo, prune=prune, **kw)
     _call(out, "triton", algo=algo, prune=prune, **kw)
@@ -213,6 +215,20 @@ def test_offsets_above_2_pow_32_without_allocating_them(offsets):
     # and the shard's draws really come from the high offsets: the same call at offset 0 differs
     plain, plain_out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3)[0:3:2]
     assert not all(torch.equal(a, b) for a, b in zip(out["mask_words"], plain_out["mask_words"]))
+
+
+@pytest.mark.parametrize(
+    "inner,offsets",
+    [
+        ([1, 7, 1000], [0, 2**32 + 3, 5]),  # runs shorter and longer than a block, odd shard offsets
+        ([3, 2**20 + 1, 333], [2**33 + 12, 2**31 - 7, 3 * 2**32]),
+        ([2**30, 5, 2**31 + 3], [2**33 + 9, 0, 2**40]),  # runs near 2**31: the 64-bit group index
+    ],
+    ids=["short-runs", "long-runs", "wide"],
+)
+def test_group_index_of_any_run_and_shard_offset(inner, offsets):
+    # j(i) = (i // inner) % groups on the unsharded index, with lam and group flags read at j
+    _run_both([100, 1500, 2100], [torch.float32] * 3, "sgd", "group", seed=8, shard_offsets=offsets, group_inner=inner)
 
 
 def test_many_tensors_one_call():
@@ -401,10 +417,13 @@ def test_bad_launch_shape_is_refused(bad):
 def test_statistics_of_many_block_tensors_are_reduced_in_segments(monkeypatch, algo):
     from sparsetrain.backends import triton_backend
 
-    # shrink the thresholds so that small tensors take the two-level reduction (odd segment tails too)
+    # shrink the thresholds so that small tensors take the two-level reduction (odd segment tails too);
+    # one block per program, so one partial row per block
     monkeypatch.setattr(triton_backend, "SEGMENT_THRESHOLD", 2)
     monkeypatch.setattr(triton_backend, "SEGMENT_ROWS", 2)
     triton_backend._plans.clear()
+    before = triton_backend.configure()
+    triton_backend.configure(blocks=1)
     try:
         inputs, ref, out = _run_both([5 * BLOCK + 9, 40, 3 * BLOCK], [torch.float32] * 3, algo, "stochastic", seed=15)
         plan = next(reversed(triton_backend._plans.values()))
@@ -414,6 +433,7 @@ def test_statistics_of_many_block_tensors_are_reduced_in_segments(monkeypatch, a
         _call(again, "triton", algo=algo, prune="stochastic")
         assert all(torch.equal(a, b) for a, b in zip(again["stats"], out["stats"]))
     finally:
+        triton_backend.configure(*before)
         triton_backend._plans.clear()
 
 

@@ -2,7 +2,7 @@
 
 One ``fused_step_kernel`` launch per parameter dtype present in the call (fp32, bf16, fp16), then
 one ``finish_step_kernel`` launch for all tensors (preceded by one ``reduce_partials_kernel``
-launch when a tensor has more than ``SEGMENT_THRESHOLD`` blocks and statistics are kept). The
+launch when a tensor has more than ``SEGMENT_THRESHOLD`` programs and statistics are kept). The
 per-tensor address table and the block map are built once per set of tensors and cached; when
 gradients move (a new allocation), only their row of the table is refreshed.
 """
@@ -20,7 +20,7 @@ from .. import contract
 from ..transfer import to_device
 
 FINISH_CHUNK = 256  # partial rows per loop iteration of a reduction program
-# A tensor with more blocks than this has its partials reduced first in segments of SEGMENT_ROWS
+# A tensor with more programs than this has its partials reduced first in segments of SEGMENT_ROWS
 # rows, one program per segment, so that no program walks more than a few thousand rows.
 SEGMENT_THRESHOLD = 4096
 SEGMENT_ROWS = 2048
@@ -125,18 +125,21 @@ class _Plan:
         self.table = table.to(device)
         self.num_tensors = num_tensors
         self.words, self.blocks = LaunchConfig.words, LaunchConfig.blocks
-        blocks = [max(1, math.ceil(n / (self.words * 32))) for n in numels]
-        first = [0] * num_tensors  # partial row of each tensor's first block
+        # the kernel's 32-bit group index needs 2 * max(inner, groups) + a program's span below 2**31
+        span = self.blocks * self.words * 32
+        self.wide_groups = 2 * max(max(inners), max(groups)) + span + 2 >= 2**31
+        # one program per BLOCKS consecutive blocks of a tensor, one row of partial statistics per program
+        programs = [math.ceil(max(1, math.ceil(n / (self.words * 32))) / self.blocks) for n in numels]
+        first = [0] * num_tensors  # partial row of each tensor's first program
         self.launches = []  # (param dtype, program -> tensor, program -> group index, number of programs)
         base = 0
         for dtype in sorted(set(dtypes), key=str):
             block_tensor, block_local = [], []
             for t in (t for t in range(num_tensors) if dtypes[t] == dtype):
                 first[t] = base
-                base += blocks[t]
-                groups = math.ceil(blocks[t] / self.blocks)
-                block_tensor += [t] * groups
-                block_local += list(range(groups))
+                base += programs[t]
+                block_tensor += [t] * programs[t]
+                block_local += list(range(programs[t]))
             self.launches.append(
                 (
                     dtype,
@@ -148,23 +151,23 @@ class _Plan:
         self.first_row = torch.tensor(first, dtype=torch.int32, device=device)
         self.partials = torch.empty(base * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device)
         self.segments = None  # (segment first rows, segment row counts, segment sums) when used
-        if max(blocks) > SEGMENT_THRESHOLD:
+        if max(programs) > SEGMENT_THRESHOLD:
             seg_first, seg_rows, tensor_first, tensor_count = [], [], [], []
             for t in range(num_tensors):
                 tensor_first.append(len(seg_first))
-                starts = range(first[t], first[t] + blocks[t], SEGMENT_ROWS)
+                starts = range(first[t], first[t] + programs[t], SEGMENT_ROWS)
                 seg_first += list(starts)
-                seg_rows += [min(SEGMENT_ROWS, first[t] + blocks[t] - start) for start in starts]
+                seg_rows += [min(SEGMENT_ROWS, first[t] + programs[t] - start) for start in starts]
                 tensor_count.append(len(starts))
             self.segments = (
                 torch.tensor(seg_first, dtype=torch.int32, device=device),
                 torch.tensor(seg_rows, dtype=torch.int32, device=device),
                 torch.empty(len(seg_first) * int(fs.NUM_PARTIALS), dtype=torch.float64, device=device),
             )
-            first, blocks = tensor_first, tensor_count
+            first, programs = tensor_first, tensor_count
         # what the finish launch sums per tensor: rows of the partials, or of the segment sums
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
-        self.num_partials = torch.tensor(blocks, dtype=torch.int32, device=device)
+        self.num_partials = torch.tensor(programs, dtype=torch.int32, device=device)
 
     def set_grad_ptrs(self, grad_ptrs: list[int], device: torch.device) -> None:
         """Gradients moved: refresh their row of the address table (no host sync) and the alignment."""
@@ -356,6 +359,7 @@ def _launch(
             LR_ON_DEVICE=lr_tensor is not None,
             ALIGNED=plan.aligned,
             QUAD_STREAM=plan.quad_stream,
+            WIDE_GROUPS=plan.wide_groups,
             WORDS=plan.words,
             BLOCKS=plan.blocks,
             num_warps=LaunchConfig.num_warps or AUTO_WARPS[bool(is_adam)],
