@@ -11,19 +11,15 @@ from below when the GPU work is shorter.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import types
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch  # noqa: E402
-from shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain.backends import triton_backend  # noqa: E402
+from sparsetrain.benchmarks.shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
 from sparsetrain.kernels import fused_step  # noqa: E402
 
 

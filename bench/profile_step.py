@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import resnet50_shapes  # noqa: E402
 from step_report import make, ours, tensor_shapes  # noqa: E402
+
+from sparsetrain.benchmarks.shapes import resnet50_shapes  # noqa: E402
 
 
 def main() -> int:

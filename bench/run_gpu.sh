@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU work in three device calls (each must finish within the device's 10-minute limit):
 #   bash bench/run_gpu.sh tests   # versions and backends, the whole test suite on CUDA (compiled kernels)
-#   bash bench/run_gpu.sh bench   # the benchmark report against the baselines
+#   bash bench/run_gpu.sh bench   # the benchmark report against the baselines (step_report.py)
+#   bash bench/run_gpu.sh kernels # `sparsetrain bench` at full sizes (every provider, case and the threshold)
+#   bash bench/run_gpu.sh e2e     # `sparsetrain bench e2e`: GPT-2 small and ResNet-50 training steps
 #   bash bench/run_gpu.sh sweep   # the fused step under each launch shape (words, warps, blocks)
 #   bash bench/run_gpu.sh profile # Nsight Compute on the main kernel (268M SGD, AdamW, 90% dead), and
 #                                 # compute-sanitizer memcheck on the Triton backend tests
-#   bash bench/run_gpu.sh         # tests, bench and sweep
+#   bash bench/run_gpu.sh         # tests, bench, kernels, e2e and sweep
 # Everything lands in $OUT (default bench/results); the report is rewritten after every row, so a
 # cut-off run keeps what finished. See bench/README.md.
 set -uo pipefail
@@ -31,6 +33,17 @@ if [[ "$STAGE" == all || "$STAGE" == tests ]]; then
 fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
     python3 bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+fi
+if [[ "$STAGE" == all || "$STAGE" == kernels ]]; then
+    # one model per invocation keeps each under the 10-minute budget of a device call
+    for model in "one tensor" "ResNet-50" "GPT-2-medium"; do
+        python3 -m sparsetrain.cli bench --no-progress --models "$model" \
+            --json "$OUT/kernels_${model// /_}.json" --md "$OUT/kernels_${model// /_}.md" \
+            --plot "$OUT/kernels_${model// /_}.png" 2>&1 | tee -a "$OUT/kernels_log.txt" | tail -5
+    done
+fi
+if [[ "$STAGE" == all || "$STAGE" == e2e ]]; then
+    python3 -m sparsetrain.cli bench e2e --no-progress --out "$OUT" 2>&1 | tee "$OUT/e2e_log.txt"
 fi
 if [[ "$STAGE" == all || "$STAGE" == sweep ]]; then
     python3 bench/step_report.py --sweep-only --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt"

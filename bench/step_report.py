@@ -25,12 +25,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
+import sparsetrain  # noqa: F401
+from sparsetrain.benchmarks import timing  # noqa: E402
+from sparsetrain.benchmarks.shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
+from sparsetrain.benchmarks.steps import (  # noqa: E402
+    compiled_pruning_step,
+    eager_pruning_step,
+    make,
+    make_masks,
+    sparsetrain_step,
+    torch_optim_step,
+)
 
-import sparsetrain  # noqa: E402
-
-LR, MOMENTUM, L2, TEMPERATURE = 0.01, 0.9, 1e-4, 1.0
 # bytes each element must move: fp32 SGD with momentum and a mask, AdamW; a dead element only its mask bit
 SGD_BYTES, ADAMW_BYTES, DEAD_BYTES = 20.25, 28.25, 1 / 8
 
@@ -42,114 +48,24 @@ def tensor_shapes(quick: bool) -> tuple[tuple[int], tuple[int, int]]:
 
 
 def bench(fn, warmup=25, rep=100) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    budget = timing.Budget(gpu_warmup_ms=warmup, gpu_rep_ms=rep)
+    return timing.time_ms(fn, torch.device("cuda"), budget)
 
 
 def copy_ceiling(device) -> float:
-    src = torch.empty(2**28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3)
+    return timing.copy_ceiling(device, 2**28)
 
 
-def make(shapes, device, dtype=torch.float32, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    params = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device, dtype=dtype, generator=gen)
-    return params
-
-
-# ----------------------------------------------------------------------------------- baselines
-def torch_fused(params, algo):
-    opt = (
-        torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, fused=True)
-        if algo == "sgd"
-        else torch.optim.AdamW(params, lr=LR, fused=True)
-    )
-    opt.step()
-    return opt.step
-
-
-def eager_pruning(params, algo):
-    """Pruning the way users write it today: foreach L2, torch's fused step, then mask + sampling."""
-    opt = (
-        torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, fused=True)
-        if algo == "sgd"
-        else torch.optim.AdamW(params, lr=LR, fused=True)
-    )
-    alive = [torch.ones_like(p, dtype=torch.bool) for p in params]
-    opt.step()
-
-    def step():
-        grads = [p.grad for p in params]
-        torch._foreach_add_(grads, params, alpha=L2)
-        opt.step()
-        for p, a in zip(params, alive):
-            scale = TEMPERATURE * p.abs().mean()
-            q = torch.clamp(1e-3 * torch.exp(-p.abs() / scale), max=1.0)
-            a &= torch.rand_like(p) >= q
-            p.mul_(a)
-            for buf in opt.state[p].values():
-                if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
-                    buf.mul_(a)
-
-    return step
-
-
-def compiled_pruning(params, algo):
-    """torch.compile of the same pruning step, SGD with momentum written functionally."""
-    bufs = [torch.zeros_like(p) for p in params]
-    alive = [torch.ones_like(p, dtype=torch.bool) for p in params]
-
-    @torch.compile
-    def step_fn(params, grads, bufs, alive):
-        for p, g, b, a in zip(params, grads, bufs, alive):
-            g = g + L2 * p
-            b.mul_(MOMENTUM).add_(g)
-            p.add_(b, alpha=-LR)
-            scale = TEMPERATURE * p.abs().mean()
-            q = torch.clamp(1e-3 * torch.exp(-p.abs() / scale), max=1.0)
-            a &= torch.rand_like(p) >= q
-            p.mul_(a)
-            b.mul_(a)
-
-    grads = [p.grad for p in params]
-    step_fn(params, grads, bufs, alive)
-    return lambda: step_fn(params, grads, bufs, alive)
-
-
-def ours(params, algo, *, dead_filter_fraction=0.0, dead_fraction=0.0, prune=True):
+def ours(params, algo, *, dead_filter_fraction=0.0, dead_fraction=0.0):
     """sparsetrain, triton backend: regularize + update + stochastic sampling + mask in one op call.
 
-    ``dead_filter_fraction`` prunes that fraction of each weight's rows (filters) before timing,
-    ``dead_fraction`` that fraction of its elements at random (unstructured)."""
-    opt = (
-        sparsetrain.optim.SGD(params, lr=LR, momentum=MOMENTUM, backend="triton")
-        if algo == "sgd"
-        else sparsetrain.optim.AdamW(params, lr=LR, backend="triton")
-    )
-    for p in params:
-        rows = p.shape[0] if p.dim() > 1 else 1
-        opt.enable_pruning(p, groups=rows)
-        opt.set_coefs(p, l2=L2, temperature=TEMPERATURE, prune_count=1e-3 * p.numel())
-        if dead_filter_fraction:
-            alive = torch.ones(rows, dtype=torch.bool, device=p.device)
-            alive[: int(rows * dead_filter_fraction)] = False
-            opt.set_mask(p, alive[:, None].expand(rows, p.numel() // rows).reshape(p.shape))
-        if dead_fraction:
-            gen = torch.Generator(device=p.device).manual_seed(1)
-            opt.set_mask(p, torch.rand(p.shape, device=p.device, generator=gen) >= dead_fraction)
-    opt.step()  # statistics for the first sampling event, launch plan built
-
-    def step():
-        if prune:
-            opt.schedule_pruning("stochastic")
-        opt.step()
-
-    return step
+    ``dead_filter_fraction`` prunes that fraction of each weight's rows (filters, chosen at random)
+    before timing, ``dead_fraction`` that fraction of its elements at random (unstructured)."""
+    if dead_filter_fraction:
+        masks = make_masks(params, dead_filter_fraction, "structured")
+    else:
+        masks = make_masks(params, dead_fraction, "unstructured")
+    return sparsetrain_step(params, algo, masks, backend="triton")
 
 
 # ------------------------------------------------------------------------------------ scenarios
@@ -230,10 +146,10 @@ def run(args, save) -> dict:
     for name, algo, shapes, bytes_per_elem in scenarios(args.quick):
         numel = sum(math.prod(s) for s in shapes)
         row = {"scenario": name, "elements": numel}
-        row["torch_fused_no_pruning_ms"] = bench(torch_fused(make(shapes, device), algo))
-        row["eager_pruning_ms"] = bench(eager_pruning(make(shapes, device), algo), warmup=5, rep=20)
+        row["torch_fused_no_pruning_ms"] = bench(torch_optim_step(make(shapes, device), algo))
+        row["eager_pruning_ms"] = bench(eager_pruning_step(make(shapes, device), algo), warmup=5, rep=20)
         if not args.skip_compile and algo == "sgd" and len(shapes) <= 200:
-            row["compiled_pruning_ms"] = bench(compiled_pruning(make(shapes, device), algo), warmup=5, rep=20)
+            row["compiled_pruning_ms"] = bench(compiled_pruning_step(make(shapes, device), algo), warmup=5, rep=20)
         row["sparsetrain_ms"] = bench(ours(make(shapes, device), algo))
         floor_ms = numel * bytes_per_elem / ceiling * 1e3
         row["floor_ms"] = floor_ms

@@ -1,4 +1,5 @@
-"""Command line: ``sparsetrain info`` (versions, device, backends) and ``sparsetrain demo`` (the main job).
+"""Command line: ``sparsetrain info`` (versions, device, backends), ``sparsetrain demo`` (the main job) and
+``sparsetrain bench`` (benchmarks).
 
 Also runs as ``python -m sparsetrain``. ``sparsetrain --version`` prints the version.
 """
@@ -94,6 +95,15 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs of every run, for quick checks (default: 30 for the MLPs, 12 for the CNNs)",
     )
+    from .benchmarks import command as bench_command
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: the fused step against its peers, or training steps end to end",
+        description=bench_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_command.add_arguments(bench)
     return top
 
 
@@ -108,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             print(info())
             status = 0
+        elif args.command == "bench":
+            from .benchmarks.command import run as run_bench
+
+            status = run_bench(args, " ".join(["sparsetrain", *(sys.argv[1:] if argv is None else argv)]))
         else:
             from .demo import run_demo
 

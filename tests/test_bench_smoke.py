@@ -1,7 +1,8 @@
-"""The GPU benchmark's step builders run (tiny sizes; CPU in CI): a device call must not be lost to a typo.
+"""The GPU benchmark script's fused step runs (tiny sizes; CPU in CI): a device call must not be lost to a typo.
 
-Times are not taken here; only that every peer and the sparsetrain step execute and that the
-report renders. Under TRITON_INTERPRET=1 the sparsetrain step runs the interpreted Triton kernels.
+Times are not taken here; only that the sparsetrain step executes and that the report renders
+(the peers it is compared with are tested in test_benchmarks.py). Under TRITON_INTERPRET=1 the
+sparsetrain step runs the interpreted Triton kernels.
 """
 
 import sys
@@ -19,21 +20,10 @@ SHAPES = [(8, 3, 3, 3), (8,), (40, 33)]
 
 
 @pytest.mark.parametrize("algo", ["sgd", "adamw"])
-def test_every_peer_and_the_fused_step_run(algo):
-    device = DEVICE
-    builders = [step_report.torch_fused, step_report.eager_pruning, step_report.ours]
-    for build in builders:
-        params = step_report.make(SHAPES, device)
-        before = [p.detach().clone() for p in params]
-        step = build(params, algo)
-        step()
-        assert any(not torch.equal(a, b) for a, b in zip(params, before)), build.__name__
-
-
-def test_compiled_peer_runs():
+def test_the_fused_step_runs(algo):
     params = step_report.make(SHAPES, DEVICE)
     before = [p.detach().clone() for p in params]
-    step_report.compiled_pruning(params, "sgd")()
+    step_report.ours(params, algo)()
     assert all(not torch.equal(a, b) for a, b in zip(params, before))
 
 
@@ -41,7 +31,8 @@ def test_structured_case_keeps_dead_filters_at_zero():
     params = step_report.make([(20, 7)], DEVICE)
     step = step_report.ours(params, "sgd", dead_filter_fraction=0.9)
     step()
-    assert torch.count_nonzero(params[0][:18]) == 0 and torch.count_nonzero(params[0][18:]) > 0
+    live_rows = torch.count_nonzero(params[0], dim=1) > 0
+    assert int(live_rows.sum()) == 2
 
 
 def test_unstructured_case_prunes_the_asked_fraction():
