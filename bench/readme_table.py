@@ -3,10 +3,11 @@
     python bench/readme_table.py            # rewrite the section between the markers in README.md
     python bench/readme_table.py --check    # exit 1 if README.md is not what the results give
 
-For each device type (GPU first, then CPU) the newest complete ``kernels_*.json`` and ``e2e_*.json``
-give one table each: the dense (0% sparsity) fp32 cases of the kernel benchmark with every
-provider's time, and the end-to-end step times with their ratio over dense. Every number in the
-section comes from a committed result file, named next to its table with the command that made it.
+For each device type (GPU first, then CPU) the newest complete ``kernels_*.json`` (all files of
+that day: a GPU run may write one per model) and ``e2e_*.json`` give one table each: the dense
+(0% sparsity) fp32 cases of the kernel benchmark with every provider's time, and the end-to-end
+step times with their ratio over dense. Every number in the section comes from a committed result
+file, named next to its table with the command that made it.
 """
 
 from __future__ import annotations
@@ -26,28 +27,37 @@ def _ms(ms: float) -> str:
     return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.2f} ms" if ms >= 1 else f"{ms:.3f} ms"
 
 
-def newest(kind: str) -> dict[str, tuple[Path, dict]]:
-    """device type -> (path, report) of the newest complete result of ``kind``."""
-    found: dict[str, tuple[Path, dict]] = {}
+def newest(kind: str) -> dict[str, list[tuple[Path, dict]]]:
+    """device type -> the complete results of ``kind`` from the newest day with any (a GPU run may be
+    split into one file per model), oldest first."""
+    found: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(RESULTS.glob(f"{kind}_*.json")):
         report = json.loads(path.read_text())
         if report.get("kind") != kind or not report.get("complete") or report.get("size") == "quick":
             continue
-        old = found.get(report["device_type"])
-        if old is None or report["date"] >= old[1]["date"]:
-            found[report["device_type"]] = (path, report)
+        found.setdefault(report["device_type"], []).append((path, report))
+    for device_type, results in found.items():
+        day = max(r["date"][:10] for _, r in results)
+        found[device_type] = sorted(((p, r) for p, r in results if r["date"][:10] == day), key=lambda pr: pr[1]["date"])
     return found
 
 
-def kernel_table(path: Path, report: dict) -> list[str]:
-    providers = list(report["providers"])
-    rows = [r for r in report["rows"] if not r["sparsity"] and r["dtype"] == "fp32"]
+def _source(path: Path, report: dict) -> str:
+    rel = path.relative_to(ROOT).as_posix()
+    return f"[`{rel}`]({rel}) (`{report['command']}`)"
+
+
+def kernel_table(results: list[tuple[Path, dict]]) -> list[str]:
+    first = results[0][1]
+    providers = list(dict.fromkeys(name for _, r in results for name in r["providers"]))
+    rows = [row for _, r in results for row in r["rows"] if not row["sparsity"] and row["dtype"] == "fp32"]
     cases = list(dict.fromkeys((r["model"], r["algo"]) for r in rows))
+    ceilings = ", ".join(f"{r['copy_ceiling_GBps']:.1f}" for _, r in results)
     lines = [
-        f"Kernel step, {report['device']} ({report['date'][:10]}; torch {report['torch']}; copy ceiling "
-        f"{report['copy_ceiling_GBps']:.1f} GB/s), from [`{path.relative_to(ROOT)}`]({path.relative_to(ROOT)}) "
-        f"(`{report['command']}`): one optimizer step with L2 + stochastic sampling + mask, fp32, dense masks; "
-        "the floor is the case's bytes at the copy ceiling; in brackets the fraction of the ceiling reached.",
+        f"Kernel step, {first['device']} ({first['date'][:10]}; torch {first['torch']}; copy ceiling {ceilings} GB/s), "
+        f"from {', '.join(_source(p, r) for p, r in results)}: one optimizer step with L2 + stochastic sampling + "
+        "mask, fp32, dense masks; the floor is the case's bytes at the copy ceiling; in brackets the fraction of "
+        "the ceiling reached. Sparse, bf16 and global-threshold rows: in the files.",
         "",
         "| case | " + " | ".join(providers) + " | floor |",
         "|---|" + "---|" * (len(providers) + 1),
@@ -57,17 +67,18 @@ def kernel_table(path: Path, report: dict) -> list[str]:
         case_rows = [r for r in rows if (r["model"], r["algo"]) == (model, algo)]
         for name in providers:
             row = next((r for r in case_rows if r["provider"] == name), None)
-            cells.append("-" if row is None or "ms" not in row else f"{_ms(row['ms'])} ({row['of_ceiling']:.0%})")
+            timed = row is not None and "ms" in row
+            cells.append(f"{_ms(row['ms'])} ({100 * row['of_ceiling']:.2g}%)" if timed else "-")
         lines.append(f"| {model}, {algo} | " + " | ".join(cells) + f" | {_ms(case_rows[0]['floor_ms'])} |")
     return lines
 
 
-def e2e_table(path: Path, report: dict) -> list[str]:
+def e2e_table(results: list[tuple[Path, dict]]) -> list[str]:
+    path, report = results[-1]
     modes = list(dict.fromkeys(r["mode"] for r in report["rows"]))
     lines = [
         f"Training step end to end, {report['device']} ({report['date'][:10]}; autocast {report['autocast']}), from "
-        f"[`{path.relative_to(ROOT)}`]({path.relative_to(ROOT)}) (`{report['command']}`): median ms per step, "
-        "ratio over dense in brackets.",
+        f"{_source(path, report)}: median ms per step, ratio over dense in brackets.",
         "",
         "| model | " + " | ".join(modes) + " |",
         "|---|" + "---|" * len(modes),
@@ -87,17 +98,16 @@ def section() -> str:
     kernels, e2e = newest("kernels"), newest("e2e")
     lines = [BEGIN, ""]
     if "cuda" not in kernels and "cuda" not in e2e:
-        lines += [
-            "No GPU result is committed yet: `bash bench/run_gpu.sh` on any CUDA machine records them "
-            "(`bench/README.md`). The CPU tables below show what runs where and how the step compares with "
-            "the eager and compiled pruning code on a CPU; they say nothing about GPU speed.",
-            "",
-        ]
+        text = "No GPU result is committed yet: `bash bench/run_gpu.sh` on any CUDA machine records them "
+        text += "(`bench/README.md`)."
+        if "cpu" in kernels or "cpu" in e2e:
+            text += " The CPU tables below (the CPU runs the torch reference backend) say nothing about GPU speed."
+        lines += [text, ""]
     for device_type in ("cuda", "cpu"):
         if device_type in kernels:
-            lines += kernel_table(*kernels[device_type]) + [""]
+            lines += kernel_table(kernels[device_type]) + [""]
         if device_type in e2e:
-            lines += e2e_table(*e2e[device_type]) + [""]
+            lines += e2e_table(e2e[device_type]) + [""]
     lines += [
         "Reproduce on any machine with `sparsetrain bench --out bench/results` and "
         "`sparsetrain bench e2e --out bench/results` (a GPU is used when visible), then "

@@ -189,3 +189,10 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
 def test_unknown_provider_is_refused_with_the_known_names():
     with pytest.raises(SystemExit, match="unknown provider.*torch.optim"):
         kernels.providers(CPU, ["nope"])
+
+
+def test_readme_performance_tables_are_generated_from_the_committed_results():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "readme_table.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
