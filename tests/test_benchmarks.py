@@ -38,7 +38,7 @@ def kernel_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--quick", "--device", "cpu", "--json", str(out / "k.json"), "--md", str(out / "k.md"),
             "--plot", str(out / "k.png")]  # fmt: skip
-    done = subprocess.run(_command() + args, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_command() + args, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "k.json").read_text()), done.stdout, out
 

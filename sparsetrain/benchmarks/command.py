@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kernels: compile every case (default: fp32 lists of at most 200 tensors)",
     )
     parser.add_argument("--no-select", action="store_true", help="kernels: skip the global-threshold table")
-    parser.add_argument("--steps", type=int, help="e2e: timed steps per mode (default 3 quick, 20 cpu, 30 full)")
+    parser.add_argument("--steps", type=int, help="e2e: timed steps per mode (default 2 quick, 20 cpu, 30 full)")
     parser.add_argument("--warmup", type=int, help="e2e: untimed steps first (default 1 quick, 3 otherwise)")
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown report")
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                              model_filter=_list(args.models), compile_all=args.compile_all, select=not args.no_select,
                              progress=progress, save=save)  # fmt: skip
     else:
-        steps = args.steps if args.steps is not None else {"quick": 3, "cpu": 20, "full": 30}[size]
+        steps = args.steps if args.steps is not None else {"quick": 2, "cpu": 20, "full": 30}[size]
         warmup = args.warmup if args.warmup is not None else (1 if size == "quick" else 3)
         if steps < 1 or warmup < 0:
             raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
