@@ -27,24 +27,33 @@ def _ms(ms: float) -> str:
     return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.2f} ms" if ms >= 1 else f"{ms:.3f} ms"
 
 
+def _pct(fraction: float) -> str:
+    pct = 100 * fraction
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
 def newest(kind: str) -> dict[str, list[tuple[Path, dict]]]:
     """device type -> the complete results of ``kind`` from the newest day with any (a GPU run may be
-    split into one file per model), oldest first."""
+    split into one file per model), oldest first; a run that was cut off counts only when no complete
+    one exists, and is marked as such."""
     found: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(RESULTS.glob(f"{kind}_*.json")):
         report = json.loads(path.read_text())
-        if report.get("kind") != kind or not report.get("complete") or report.get("size") == "quick":
+        if report.get("kind") != kind or report.get("size") == "quick" or not report.get("rows"):
             continue
         found.setdefault(report["device_type"], []).append((path, report))
     for device_type, results in found.items():
-        day = max(r["date"][:10] for _, r in results)
-        found[device_type] = sorted(((p, r) for p, r in results if r["date"][:10] == day), key=lambda pr: pr[1]["date"])
+        complete = [(p, r) for p, r in results if r.get("complete")] or results  # a cut-off run only if no other
+        day = max(r["date"][:10] for _, r in complete)
+        newest_day = [(p, r) for p, r in complete if r["date"][:10] == day]
+        found[device_type] = sorted(newest_day, key=lambda pr: pr[1]["date"])
     return found
 
 
 def _source(path: Path, report: dict) -> str:
     rel = path.relative_to(ROOT).as_posix()
-    return f"[`{rel}`]({rel}) (`{report['command']}`)"
+    cut = "" if report.get("complete") else "; **cut off before the end: only the cases that finished**"
+    return f"[`{rel}`]({rel}) (`{report['command']}`{cut})"
 
 
 def kernel_table(results: list[tuple[Path, dict]]) -> list[str]:
@@ -68,7 +77,7 @@ def kernel_table(results: list[tuple[Path, dict]]) -> list[str]:
         for name in providers:
             row = next((r for r in case_rows if r["provider"] == name), None)
             timed = row is not None and "ms" in row
-            cells.append(f"{_ms(row['ms'])} ({100 * row['of_ceiling']:.2g}%)" if timed else "-")
+            cells.append(f"{_ms(row['ms'])} ({_pct(row['of_ceiling'])})" if timed else "-")
         lines.append(f"| {model}, {algo} | " + " | ".join(cells) + f" | {_ms(case_rows[0]['floor_ms'])} |")
     return lines
 

@@ -34,16 +34,23 @@ fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
     python3 bench/step_report.py --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
 fi
+# charts only where matplotlib is installed (the tables and JSON never need it)
+has_plot() { python3 -c "import matplotlib" 2> /dev/null; }
+DAY="$(date -u +%F)"
 if [[ "$STAGE" == all || "$STAGE" == kernels ]]; then
     # one model per invocation keeps each under the 10-minute budget of a device call
     for model in "one tensor" "ResNet-50" "GPT-2-medium"; do
-        python3 -m sparsetrain.cli bench --no-progress --models "$model" \
-            --json "$OUT/kernels_${model// /_}.json" --md "$OUT/kernels_${model// /_}.md" \
-            --plot "$OUT/kernels_${model// /_}.png" 2>&1 | tee -a "$OUT/kernels_log.txt" | tail -5
+        stem="$OUT/kernels_gpu_${model// /_}_$DAY"
+        plot=(); has_plot && plot=(--plot "$stem.png")
+        python3 -m sparsetrain.cli bench --no-progress --models "$model" --json "$stem.json" --md "$stem.md" \
+            "${plot[@]}" 2>&1 | tee -a "$OUT/kernels_log.txt" | tail -5
     done
 fi
 if [[ "$STAGE" == all || "$STAGE" == e2e ]]; then
-    python3 -m sparsetrain.cli bench e2e --no-progress --out "$OUT" 2>&1 | tee "$OUT/e2e_log.txt"
+    stem="$OUT/e2e_gpu_$DAY"
+    plot=(); has_plot && plot=(--plot "$stem.png")
+    python3 -m sparsetrain.cli bench e2e --no-progress --json "$stem.json" --md "$stem.md" "${plot[@]}" 2>&1 \
+        | tee "$OUT/e2e_log.txt"
 fi
 if [[ "$STAGE" == all || "$STAGE" == sweep ]]; then
     python3 bench/step_report.py --sweep-only --out "$OUT" 2>&1 | tee "$OUT/sweep_log.txt"

@@ -363,7 +363,7 @@ def markdown(report: dict[str, Any]) -> str:
         speed = [f"x{r['speedup'][p]:.3g}" if p in r.get("speedup", {}) else "" for p in PEERS]
         lines.append(
             f"{prefix} {r['provider']} | {rep.fmt_ms(r['ms'])}{mark}{compile_note} | {r['GBps']:.3g} | "
-            f"{100 * r['of_ceiling']:.2g}% | " + " | ".join(speed) + " |"
+            f"{rep.fmt_pct(r['of_ceiling'])} | " + " | ".join(speed) + " |"
         )
     if report.get("select"):
         lines += [
