@@ -39,7 +39,7 @@ def newest(kind: str) -> dict[str, list[tuple[Path, dict]]]:
     found: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(RESULTS.glob(f"{kind}_*.json")):
         report = json.loads(path.read_text())
-        if report.get("kind") != kind or report.get("size") == "quick" or not report.get("rows"):
+        if report.get("kind") != kind or " --quick" in report["command"] or not report.get("rows"):
             continue
         found.setdefault(report["device_type"], []).append((path, report))
     for device_type, results in found.items():
