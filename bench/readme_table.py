@@ -53,6 +53,9 @@ def newest(kind: str) -> dict[str, list[tuple[Path, dict]]]:
 def _source(path: Path, report: dict) -> str:
     rel = path.relative_to(ROOT).as_posix()
     cut = "" if report.get("complete") else "; **cut off before the end: only the cases that finished**"
+    load = report.get("load_average")
+    if load and load > report.get("threads", 1):
+        cut += f"; **load average {load:.0f} on {report.get('threads')} threads when it started: a shared machine**"
     return f"[`{rel}`]({rel}) (`{report['command']}`{cut})"
 
 
