@@ -22,7 +22,7 @@ from . import masks as mask_format
 from .contract import COEF_L1, COEF_L2
 from .methods.base import Method
 from .optim.sgd import SGD
-from .pruner import DEFAULT_TYPES, Pruner, Target, select_targets
+from .pruner import DEFAULT_TYPES, Pruner, Target, resolve_targets
 
 WORDS_PER_BLOCK = 32  # 1024 elements per Triton program
 
@@ -228,17 +228,20 @@ class MaskedPruner(Pruner):
         record_every: int = 10,
         backend: str | None = None,
         seed: int = 0,
+        example_inputs=None,
+        coupled: bool = True,
     ) -> None:
-        chosen = select_targets(
+        self._resolved = resolve_targets(
             model,
+            method,
             include=include,
             exclude=exclude,
             types=types,
             ratios=ratios,
-            default_ratio=method.target,
-            structure=method.structure,
+            example_inputs=example_inputs,
+            coupled=coupled,
         )
-        params = [t.param for t in chosen] + [t.bias for t in chosen if t.bias is not None]
+        params = [t.param for t in self._resolved[0]]
         self._mask_optimizer = SGD(params, lr=0.0, backend=backend, seed=seed, skip_nonfinite=True)
         super().__init__(
             model,

@@ -1,7 +1,8 @@
 """Pruner: attaches a method to a model and a sparsetrain optimizer, two lines on top of a loop.
 
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    pruner = sparsetrain.Pruner(model, opt, sparsetrain.methods.GReg1(ratio=0.5, structure="filters"))
+    method = sparsetrain.methods.GReg1(target=0.5, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, example_inputs=x)
     ... loss.backward(); opt.step(); opt.zero_grad()   # unchanged
 
 The pruner hooks the optimizer's step (``register_step_pre_hook`` / ``register_step_post_hook``):
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .coupled import CoupledGroups, unwrap
 from .methods.base import Method, check_ratio
 from .metrics import History
 from .optim.base import FusedOptimizer
 from .selection import group_layout
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def default_types() -> tuple[type[nn.Module], ...]:
+    """:data:`DEFAULT_TYPES`, plus ``transformers``' ``Conv1D`` (GPT-2) when transformers is loaded."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return DEFAULT_TYPES + (conv1d,) if conv1d is not None else DEFAULT_TYPES
 
 
 @dataclass
@@ -40,7 +50,7 @@ class Target:
     structure: str | None
     groups: int
     inner: int
-    bias: Tensor | None  # structured filters: the bias is pruned with its filter
+    bias: Tensor | None = None  # unused: structured biases are targets of their own
 
 
 def select_targets(
@@ -59,6 +69,8 @@ def select_targets(
         for pattern in patterns or ():
             if not any(fnmatch.fnmatchcase(name, pattern) for name in modules if name):
                 raise ValueError(f"{label}: no module of the model matches {pattern!r} (modules: {_some(modules)})")
+    if types is DEFAULT_TYPES:
+        types = default_types()
     targets = []
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
@@ -77,20 +89,7 @@ def select_targets(
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}"
             ) from None
-        bias = getattr(module, "bias", None) if structure == "filters" else None
-        targets.append(
-            Target(
-                f"{name}.weight",
-                name,
-                module,
-                weight,
-                ratio,
-                structure,
-                groups,
-                inner,
-                bias if isinstance(bias, nn.Parameter) else None,
-            )
-        )
+        targets.append(Target(f"{name}.weight", name, module, weight, ratio, structure, groups, inner))
     if not targets:
         raise ValueError("no prunable weight was selected (check include / exclude / types)")
     return targets
@@ -99,6 +98,76 @@ def select_targets(
 def _some(modules: dict[str, nn.Module]) -> str:
     names = [n for n in modules if n]
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def resolve_targets(
+    model: nn.Module,
+    method: Method,
+    *,
+    include=None,
+    exclude=None,
+    types=DEFAULT_TYPES,
+    ratios=None,
+    example_inputs: Any = None,
+    coupled: bool = True,
+) -> tuple[list[Target], CoupledGroups | None]:
+    """The tensors ``method`` prunes and, for a structured method, their channel groups.
+
+    Structured methods prune coupled channel groups traced from ``example_inputs`` with
+    Torch-Pruning (:mod:`sparsetrain.coupled`); ``coupled=False`` prunes each layer's own filters
+    (or input channels) instead, without tracing. Every member tensor (weights, biases,
+    normalization affine entries, consumers' input slices) becomes a target.
+    """
+    structure = method.structure
+    if structure is None:
+        targets = select_targets(
+            model,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            default_ratio=method.target,
+            structure=None,
+        )
+        return targets, None
+    if coupled:
+        if types is DEFAULT_TYPES:  # transposed convolutions' filters too (a U-Net's upsampling)
+            types = default_types() + (nn.modules.conv._ConvTransposeNd,)
+        if include or exclude or ratios:
+            select_targets(
+                model, include=include, exclude=exclude, types=types, ratios=ratios, default_ratio=0.0, structure=None
+            )  # the same pattern checks and errors as unstructured pruning
+        if structure != "filters":
+            raise ValueError(
+                f"coupled structured pruning removes output channels (structure='filters' or 'neurons'), got "
+                f"{structure!r}; use coupled=False to prune each layer's input channels"
+            )
+        groups = CoupledGroups.trace(
+            model,
+            example_inputs,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            default_ratio=method.target,
+        )
+    else:
+        layers = select_targets(
+            model,
+            include=include,
+            exclude=exclude,
+            types=types,
+            ratios=ratios,
+            default_ratio=method.target,
+            structure=structure,
+        )
+        groups = CoupledGroups.per_layer(layers, structure)
+    modules = dict(unwrap(model).named_modules())
+    targets = [
+        Target(t.name, t.module_name, modules[t.module_name], t.param, method.target, structure, t.groups, t.inner)
+        for t in groups.tensors
+    ]
+    return targets, groups
 
 
 class Pruner:
@@ -121,11 +190,20 @@ class Pruner:
             ``weight`` is pruned; default ``None``: every module of ``types``.
         exclude: module-name patterns left out (default ``None``: none), e.g. ``["lm_head"]`` for an
             output layer tied to an embedding.
-        types: module classes pruned by default (default ``nn.Linear`` and ``nn.Conv1d/2d/3d``:
-            never biases, normalization layers or embeddings unless included by name).
+        types: module classes pruned by default (default ``nn.Linear`` and ``nn.Conv1d/2d/3d``, plus
+            transformers' ``Conv1D`` when transformers is loaded; never biases, normalization layers
+            or embeddings unless included by name).
         ratios: per-module-pattern target ratios overriding the method's ``target``
             (``{"classifier.*": 0.5}``); the last matching pattern wins.
         record_every: steps between two history records (default ``10``).
+        example_inputs: for structured methods (``structure="filters"``): inputs to trace the model
+            with Torch-Pruning (a tensor, a tuple of arguments or a dict of keyword arguments).
+            Pruning then works on coupled channel groups (:mod:`sparsetrain.coupled`): a channel
+            goes with its BatchNorm entries, every consumer's input slice and every layer tied to it
+            by a residual add or a concatenation. Layers that produce the model's outputs and
+            embedding tables are left out unless named in ``include``.
+        coupled: ``False`` prunes each structured layer's own filters (or input channels) without
+            tracing, as ``torch.nn.utils.prune.ln_structured`` selects (default ``True``).
 
     Raises:
         TypeError: ``optimizer`` is not a sparsetrain optimizer.
@@ -134,7 +212,9 @@ class Pruner:
             (all before anything is modified).
 
     Attributes:
-        targets (list[Target]): the pruned weights, in model order.
+        targets (list[Target]): the pruned tensors, in model order (structured: every member of
+            every channel group, biases and normalization entries included).
+        groups (CoupledGroups | None): the channel groups of a structured method.
         history (History): per-layer sparsity, dead outputs and inputs, and method scalars over steps.
         step_count (int): optimizer steps taken since the pruner was attached.
 
@@ -159,6 +239,8 @@ class Pruner:
         types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
         ratios: dict[str, float] | None = None,
         record_every: int = 10,
+        example_inputs: Any = None,
+        coupled: bool = True,
     ) -> None:
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
@@ -167,24 +249,21 @@ class Pruner:
                 "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         self.model, self.optimizer, self.method = model, optimizer, method
-        self.targets = select_targets(
+        resolved = getattr(self, "_resolved", None)
+        self.targets, self.groups = resolved or resolve_targets(
             model,
+            method,
             include=include,
             exclude=exclude,
             types=types,
             ratios=ratios,
-            default_ratio=method.target,
-            structure=method.structure,
+            example_inputs=example_inputs,
+            coupled=coupled,
         )
         owned = set(optimizer._param_index())
         for target in self.targets:  # everything is checked before the optimizer is touched
             if target.param not in owned:
                 raise ValueError(f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer")
-            if target.bias is not None and target.bias not in owned:
-                raise ValueError(
-                    f"{target.module_name}.bias {tuple(target.bias.shape)} is not a parameter of the optimizer "
-                    f"(structured {target.structure} pruning prunes a filter's bias with it)"
-                )
         if optimizer.pruner is not None:
             raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
         saved = optimizer.loaded_pruner_state
@@ -194,11 +273,12 @@ class Pruner:
         resumed = saved is not None or any("mask_words" in optimizer.state.get(t.param, {}) for t in self.targets)
         if not resumed:
             method.check(self.targets)
-        self.history = History(self.targets, every=record_every, weight_of=self.effective_weight)
+            if self.groups is not None:
+                method.check_groups(self.groups)
+        history_targets = [t for t in self.targets if t.param.dim() >= 2]
+        self.history = History(history_targets, every=record_every, weight_of=self.effective_weight)
         for target in self.targets:
             optimizer.enable_pruning(target.param, groups=target.groups, group_inner=target.inner)
-            if target.bias is not None:
-                optimizer.enable_pruning(target.bias, groups=target.groups, group_inner=1)
         optimizer.uses_groups = optimizer.uses_groups or method.uses_groups
         self.step_count = 0
         self._skipped = False
@@ -251,20 +331,17 @@ class Pruner:
         """The target's statistics of the last step (float64 ``[NUM_STATS]`` on its device)."""
         return self.optimizer.state[target.param]["stats"]
 
-    def group_coefs(self, target: Target) -> list[Tensor]:
-        """The group tables of the target's weight and, for structured filters, its bias."""
-        tables = [self.optimizer.state[target.param]["group_coefs"]]
-        if target.bias is not None:
-            tables.append(self.optimizer.state[target.bias]["group_coefs"])
-        return tables
+    def write_group_rows(self, row: int, per_group: list[Tensor], reduce: str = "sum") -> None:
+        """Write per-unit values (one vector per channel group) into every member tensor's group table."""
+        self.groups.write_rows(self.optimizer, row, per_group, reduce)
 
-    def set_group_mask(self, target: Target, alive_groups: Tensor) -> None:
-        """Prune the target's groups where ``alive_groups`` is False, now (weight, bias, states)."""
-        from .selection import expand_groups
+    def set_group_alive(self, alive: list[Tensor]) -> None:
+        """Prune, now, every member slice of the units where ``alive`` (one bool vector per group) is False."""
+        self.groups.set_alive(self.optimizer, alive)
 
-        self.optimizer.set_mask(target.param, expand_groups(alive_groups, target.param.shape, target.structure))
-        if target.bias is not None:
-            self.optimizer.set_mask(target.bias, alive_groups.reshape(target.bias.shape))
+    def alive_units(self) -> list[Tensor]:
+        """Per channel group, bool per unit: not pruned yet (empty for unstructured pruning)."""
+        return self.groups.alive_units(self.optimizer.mask) if self.groups is not None else []
 
     # -- public API
     def mask(self, name_or_param: str | Tensor) -> Tensor:

@@ -56,7 +56,7 @@ def test_oneshot_global_matches_global_unstructured():
 @pytest.mark.parametrize("norm", [1, 2])
 def test_oneshot_filters_match_ln_structured(norm):
     ours, ref = _twins(2)
-    pruner, _ = _attach(ours, methods.Magnitude(0.5, structure="filters", norm=norm))
+    pruner, _ = _attach(ours, methods.Magnitude(0.5, structure="filters", norm=norm), coupled=False)
     modules = dict(ref.named_modules())
     for name in LAYERS:
         prune.ln_structured(modules[name], "weight", amount=0.5, n=norm, dim=0)
@@ -128,8 +128,8 @@ def test_greg1_pick_grow_ceiling_stabilize_prune():
         expected_picks.append(set(torch.topk(scores, n, largest=False).indices.tolist()))
     method = methods.GReg1(0.6, update_interval=3, delta=0.1, ceiling=0.45, stabilize=4, mag_ratio_limit=1e9)
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, backend="torch")
-    pruner = sparsetrain.Pruner(model, opt, method)
-    assert [set(method.picked[t.name].tolist()) for t in pruner.targets] == expected_picks
+    pruner = sparsetrain.Pruner(model, opt, method, coupled=False)  # the official per-layer rule
+    assert [set(method.picked[name].tolist()) for name in ("0", "2")] == expected_picks
     x = torch.randn(3, 2, 9, 9)
     lam_seen = []
     for _ in range(30):
@@ -146,28 +146,28 @@ def test_greg1_pick_grow_ceiling_stabilize_prune():
     assert torch.allclose(lam_seen[12][picked], torch.full((len(picked),), 0.5))
     assert torch.allclose(lam_seen[16][picked], torch.full((len(picked),), 0.5))
     assert method.pruned_at == 17
-    for t, pick in zip(pruner.targets, expected_picks):
-        alive = pruner.mask(t.param)
+    for conv, pick in zip(convs, expected_picks):
+        alive = pruner.mask(conv.weight)
         dead_filters = {i for i in range(alive.shape[0]) if not alive[i].any()}
         assert dead_filters == pick
-        assert torch.all(t.param.detach()[sorted(pick)] == 0)
-        assert torch.all(t.bias.detach()[sorted(pick)] == 0)
-        assert torch.all(opt.state[t.param]["momentum_buffer"][sorted(pick)] == 0)
+        assert torch.all(conv.weight.detach()[sorted(pick)] == 0)
+        assert torch.all(conv.bias.detach()[sorted(pick)] == 0)
+        assert torch.all(opt.state[conv.weight]["momentum_buffer"][sorted(pick)] == 0)
 
 
 def test_greg1_magnitude_ratio_stop():
     model = _greg_model()
     method = methods.GReg1(0.5, update_interval=1, delta=0.5, ceiling=1e9, stabilize=0, mag_ratio_limit=3.0)
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.2, backend="torch")
-    pruner = sparsetrain.Pruner(model, opt, method)
+    sparsetrain.Pruner(model, opt, method, coupled=False)
     x = torch.randn(3, 2, 9, 9)
     for _ in range(200):
         _train(model, opt, 1, x)
         if method.phase == "pruned":
             break
     assert method.phase == "pruned"
-    for t in pruner.targets:
-        assert method.ema[t.name] >= 3.0 and method.lam[t.name] < 1e9
+    for name in ("0", "2"):
+        assert method.ema[name] >= 3.0 and method.lam[name] < 1e9
 
 
 def test_greg2_warmup_then_pick_and_kept_lam():
@@ -184,14 +184,14 @@ def test_greg2_warmup_then_pick_and_kept_lam():
         mag_ratio_limit=1e9,
     )
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, backend="torch")
-    pruner = sparsetrain.Pruner(model, opt, method)
+    sparsetrain.Pruner(model, opt, method, coupled=False)
     x = torch.randn(3, 2, 9, 9)
     table = opt.state[model[0].weight]["group_coefs"]
     _train(model, opt, 1, x)  # step 0: first warm update
     assert torch.allclose(table[contract.GROUP_LAM], torch.full((8,), 0.01))
     _train(model, opt, 4, x)  # steps 1-4: warm updates at 2, 4 -> 0.03 reached -> pick
     assert method.phase == "grow"
-    picked = method.picked[pruner.targets[0].name]
+    picked = method.picked["0"]
     kept = sorted(set(range(8)) - set(picked.tolist()))
     assert torch.allclose(table[contract.GROUP_LAM][kept], torch.full((len(kept),), -1e-4))
     assert torch.allclose(table[contract.GROUP_LAM][picked], torch.full((len(picked),), 0.03))

@@ -62,7 +62,12 @@ def test_default_targets_are_conv_and_linear_weights():
         ),
         (dict(exclude=["nope"]), methods.Magnitude(0.5), ValueError, "exclude: no module"),
         (dict(ratios={"3": 1.0}), methods.Magnitude(0.5), ValueError, r"ratios\['3'\] must be in \[0, 1\)"),
-        (dict(include=["1"]), methods.GReg1(0.5), ValueError, "module '1' .*needs a weight with at least 2 dims"),
+        (
+            dict(include=["1"], coupled=False),
+            methods.GReg1(0.5),
+            ValueError,
+            "module '1' .*needs a weight with at least 2 dims",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_training(kwargs, method, error, match):
@@ -77,7 +82,7 @@ def test_bad_configuration_fails_before_training(kwargs, method, error, match):
 def test_bad_ratio_and_exceeded_target_and_foreign_optimizer():
     with pytest.raises(ValueError, match=r"target must be in \[0, 1\)"):
         methods.StochasticMagnitude(1.2)
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"target must be in \[0, 1\)"):
         methods.GReg1(-0.1)
     model = _cnn()
     with torch.no_grad():
@@ -132,12 +137,16 @@ def test_resume_pruner_and_optimizer_bit_identical():
 def test_metrics_and_history():
     model = _cnn()
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
-    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), record_every=2)
+    method = methods.Magnitude(0.5, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, record_every=2, example_inputs=torch.randn(2, 1, 8, 8))
     _steps(model, opt, 4)
     metrics = pruner.metrics()
     assert metrics["0.weight"]["dead_outputs"] == pytest.approx(0.5)
     assert metrics["0.weight"]["weight_sparsity"] == pytest.approx(0.5)
-    assert metrics["3.weight"]["dead_inputs"] == 0.0  # filters of 3 pruned, not its inputs
+    assert metrics["1.bias"]["weight_sparsity"] == pytest.approx(0.5)  # BatchNorm shift goes with its filter
+    assert metrics["3.weight"]["dead_inputs"] == pytest.approx(0.5)  # coupled: 3's inputs are 0's filters
+    assert metrics["6.weight"]["dead_inputs"] == pytest.approx(0.5)  # the classifier's inputs, not its outputs
+    assert metrics["6.weight"]["dead_outputs"] == 0.0
     history = pruner.history.as_dict()
     assert history["step"] == [2, 4]
     assert history["layers"]["3.weight"]["dead_outputs"] == [0.5, 0.5]
@@ -148,10 +157,11 @@ def test_structured_export_is_smaller_and_equal():
 
     model = _cnn(3)
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["3"])
+    x = torch.randn(6, 1, 8, 8)
+    method = methods.Magnitude(0.5, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, include=["3"], example_inputs=x)
     _steps(model, opt, 5)
     model.eval()
-    x = torch.randn(6, 1, 8, 8)
     small = pruner.export(x)
     assert small[3].out_channels == 3 and small[6].in_features == 3 * 64
     with torch.no_grad():
@@ -164,10 +174,21 @@ def test_export_refuses_to_change_the_function():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Sigmoid(), nn.Linear(8, 3))
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
-    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["0"])
+    method = methods.Magnitude(0.5, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, include=["0"], coupled=False)  # sigmoid(0) = 0.5 still feeds 2
     with pytest.raises(RuntimeError, match="would change the model's outputs"):
         pruner.export(torch.randn(4, 6))
     assert pruner.export(torch.randn(4, 6), structured=False)[0].weight.shape == (8, 6)
+    # coupled (the default): the consumer's input slices are masked too, so the smaller model is exact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Sigmoid(), nn.Linear(8, 3))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), example_inputs=x)
+    small = pruner.export(x)
+    assert small[0].weight.shape == (4, 6) and small[2].weight.shape == (3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_masked_weight_op_and_gradient():

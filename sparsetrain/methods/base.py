@@ -11,6 +11,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..coupled import CoupledGroups
     from ..pruner import Pruner, Target
 
 
@@ -38,6 +39,9 @@ class Method:
 
     def check(self, targets: list[Target]) -> None:
         """Raise a clear error before training if the method cannot handle ``targets``."""
+
+    def check_groups(self, groups: CoupledGroups) -> None:
+        """Raise a clear error before training if the method cannot prune these channel groups."""
 
     def attach(self, pruner: Pruner) -> None:
         """Called once, after masks exist: set coefficients, pick groups."""

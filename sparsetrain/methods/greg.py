@@ -1,10 +1,13 @@
 """GReg-1 and GReg-2: growing L2 penalties on the groups to be pruned (Wang et al.).
 
-Rules, as the official code (MingSun-Tse/Regularization-Pruning) states them:
+Rules, as the official code (MingSun-Tse/Regularization-Pruning) states them, applied to coupled
+channel groups (:mod:`sparsetrain.coupled`; one "layer" = one channel group, one "group" = one of
+its channels with every slice that goes with it):
 
-* pick, per layer, the fraction ``ratio`` of groups with the smallest mean |w|:
-  ``n = min(ceil(ratio * G), G - 1)``; GReg-1 picks at the start;
-* every ``update_interval`` steps the picked groups' lam grows by ``delta``; a layer stops growing
+* pick, per channel group, the fraction ``target`` of channels with the smallest mean |w| over all
+  their member slices: ``n = min(ceil(target * G), G - 1)``; GReg-1 picks at the start;
+* every ``update_interval`` steps the picked channels' lam grows by ``delta`` (on every member
+  slice: producer rows and bias, norm entries, consumer input slices); a layer stops growing
   when lam exceeds ``ceiling`` or when the EMA (0.9 / 0.1) of mean|kept| / mean|picked| reaches
   ``mag_ratio_limit``;
 * once every layer has stopped, lam is held for ``stabilize`` steps, then the picked groups are
@@ -18,14 +21,37 @@ Kept groups get only ordinary weight decay. The penalty lam[j] * w is applied in
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 
 from ..contract import GROUP_LAM, GROUP_PRUNE
-from ..selection import group_scores
 from ..validation import integer, number
 from .base import Method, check_ratio
+
+
+def _target_from(target: float | None, ratio: float | None, cls: str) -> float:
+    """``target``, or the deprecated ``ratio`` spelling of it (one release)."""
+    if ratio is not None:
+        if target is not None:
+            raise TypeError(f"{cls}: give target= only (ratio= is its deprecated spelling)")
+        warnings.warn(f"{cls}(ratio=...) is deprecated; use target=", DeprecationWarning, stacklevel=3)
+        return check_ratio("ratio", ratio)
+    if target is None:
+        raise TypeError(f"{cls} needs target= (the fraction of each channel group's channels to prune)")
+    return check_ratio("target", target)
+
+
+def check_structure(structure: str, cls: str) -> str:
+    """ "filters" / "neurons" (output channels or features, whatever the weight layout) or "channels"."""
+    if structure == "neurons":
+        return "filters"
+    if structure not in ("filters", "channels"):
+        raise ValueError(
+            f"{cls} prunes groups: structure must be 'filters', 'neurons' or 'channels', got {structure!r}"
+        )
+    return structure
 
 
 class GReg1(Method):
@@ -33,8 +59,9 @@ class GReg1(Method):
 
     def __init__(
         self,
-        ratio: float,
+        target: float | None = None,
         *,
+        ratio: float | None = None,
         structure: str = "filters",
         update_interval: int = 5,
         delta: float = 1e-4,
@@ -43,9 +70,8 @@ class GReg1(Method):
         mag_ratio_limit: float = 1000.0,
         start: int = 0,
     ) -> None:
-        self.target = check_ratio("ratio", ratio)
-        if structure not in ("filters", "channels"):
-            raise ValueError(f"GReg prunes groups: structure must be 'filters' or 'channels', got {structure!r}")
+        self.target = _target_from(target, ratio, type(self).__name__)
+        structure = check_structure(structure, "GReg")
         self.structure = structure
         self.update_interval = integer("update_interval", update_interval, low=1)
         self.delta = number("delta", delta, low=0.0, strict_low=True)
@@ -62,60 +88,79 @@ class GReg1(Method):
         self.stabilize_left = stabilize
         self.pruned_at: int | None = None
 
+    @property
+    def ratio(self) -> float:
+        """Deprecated spelling of :attr:`target`."""
+        return self.target
+
     def check(self, targets) -> None:
-        for t in targets:
-            if t.groups < 2:
-                raise ValueError(f"{t.name} has {t.groups} {self.structure}; GReg needs at least 2 groups")
+        """Nothing to check per tensor: channel groups are checked when attached (at least 2 channels)."""
+
+    def check_groups(self, groups) -> None:
+        for g in groups.groups:
+            if g.size < 2:
+                raise ValueError(
+                    f"layer {g.name!r} has {g.size} channel; GReg needs at least 2 (exclude it: exclude=[{g.name!r}])"
+                )
 
     def attach(self, pruner) -> None:
         self.pick(pruner)
 
     # -- picking and growing
     def pick(self, pruner) -> None:
-        for t in pruner.targets:
-            scores = group_scores(t.param, self.structure, 1.0) / t.inner  # mean |w| per group
-            n = min(math.ceil(t.ratio * t.groups), t.groups - 1)
-            self.picked[t.name] = torch.topk(scores, n, largest=False).indices.cpu()
-            self.lam.setdefault(t.name, 0.0)
-            self.ema[t.name] = None
-            self.finished[t.name] = n == 0
+        scores = pruner.groups.scores(mean=True)  # mean |w| over all member slices of each channel
+        for g, score in zip(pruner.groups.groups, scores):
+            n = min(math.ceil(g.ratio * g.size), g.size - 1)
+            self.picked[g.name] = torch.topk(score, n, largest=False).indices.cpu()
+            self.lam.setdefault(g.name, 0.0)
+            self.ema[g.name] = None
+            self.finished[g.name] = n == 0
 
-    def _write_lam(self, pruner, t, picked_lam: float, kept_lam: float) -> None:
-        lam = torch.full((t.groups,), kept_lam, dtype=torch.float32)
-        lam[self.picked[t.name]] = picked_lam
-        pruner.optimizer.state[t.param]["group_coefs"][GROUP_LAM].copy_(lam)
+    def _per_unit(self, pruner, picked_value, kept_value) -> list[torch.Tensor]:
+        out = []
+        for g in pruner.groups.groups:
+            picked = picked_value[g.name] if isinstance(picked_value, dict) else picked_value
+            values = torch.full((g.size,), kept_value, dtype=torch.float32)
+            values[self.picked[g.name]] = picked
+            out.append(values)
+        return out
+
+    def _write_lam(self, pruner) -> None:
+        pruner.write_group_rows(GROUP_LAM, self._per_unit(pruner, self.lam, self.kept_lam()))
 
     def kept_lam(self) -> float:
         return 0.0
 
-    def _magnitude_ratio(self, t) -> float:
-        scores = group_scores(t.param, self.structure, 1.0)
-        picked = torch.zeros(t.groups, dtype=torch.bool)
-        picked[self.picked[t.name]] = True
-        picked = picked.to(scores.device)
-        kept_mean, picked_mean = scores[~picked].mean(), scores[picked].mean()
-        return float(kept_mean / picked_mean.clamp(min=1e-30))  # one host read per layer per update
+    def _magnitude_ratios(self, pruner) -> dict[str, float]:
+        out = {}
+        scores = pruner.groups.scores(mean=True)
+        for g, score in zip(pruner.groups.groups, scores):
+            picked = torch.zeros(g.size, dtype=torch.bool)
+            picked[self.picked[g.name]] = True
+            picked = picked.to(score.device)
+            if bool(picked.all()) or not bool(picked.any()):
+                continue
+            out[g.name] = (score[~picked].mean(), score[picked].mean().clamp(min=1e-30))
+        values = torch.stack([k / p for k, p in out.values()]).tolist() if out else []  # one host read per update
+        return dict(zip(out, values))
 
     def grow(self, pruner) -> None:
-        for t in pruner.targets:
-            name = t.name
+        ratios = self._magnitude_ratios(pruner)
+        for g in pruner.groups.groups:
+            name = g.name
             if self.finished[name]:
                 continue
             self.lam[name] += self.delta
-            self._write_lam(pruner, t, self.lam[name], self.kept_lam())
-            ratio = self._magnitude_ratio(t)
+            ratio = ratios.get(name, math.inf)
             self.ratio_now[name] = ratio
             self.ema[name] = ratio if self.ema[name] is None else 0.9 * self.ema[name] + 0.1 * ratio
             if self.lam[name] > self.ceiling or self.ema[name] >= self.mag_ratio_limit:
                 self.finished[name] = True
+        self._write_lam(pruner)
 
     def prune(self, pruner, step: int) -> None:
-        for t in pruner.targets:
-            flags = torch.zeros(t.groups, dtype=torch.float32)
-            flags[self.picked[t.name]] = 1.0
-            for table in pruner.group_coefs(t):
-                table[GROUP_PRUNE].copy_(flags)
-                table[GROUP_LAM].zero_()
+        pruner.write_group_rows(GROUP_PRUNE, self._per_unit(pruner, 1.0, 0.0), "max")
+        pruner.write_group_rows(GROUP_LAM, [torch.zeros(g.size) for g in pruner.groups.groups])
         pruner.optimizer.schedule_pruning("group")
         self.pruned_at = step
 
@@ -129,8 +174,7 @@ class GReg1(Method):
                 self.phase = "stabilize"
         elif self.phase == "stabilize":
             if (step - self.start) % self.update_interval == 0:  # keep the ratio's history going while lam is held
-                for t in pruner.targets:
-                    self.ratio_now[t.name] = self._magnitude_ratio(t)
+                self.ratio_now.update(self._magnitude_ratios(pruner))
             if self.stabilize_left <= 0:
                 self.prune(pruner, step)
                 self.phase = "pruned"
@@ -161,9 +205,15 @@ class GReg2(GReg1):
     """GReg-2: warm up lam on all groups, pick by magnitude, grow the picked, hold kept at ``kept_lam``."""
 
     def __init__(
-        self, ratio: float, *, delta_all: float = 1e-5, warm_ceiling: float = 0.01, kept_lam: float = -1e-4, **kw
+        self,
+        target: float | None = None,
+        *,
+        delta_all: float = 1e-5,
+        warm_ceiling: float = 0.01,
+        kept_lam: float = -1e-4,
+        **kw,
     ) -> None:
-        super().__init__(ratio, **kw)
+        super().__init__(target, **kw)
         self.delta_all = number("delta_all", delta_all, low=0.0, strict_low=True)
         self.warm_ceiling = number("warm_ceiling", warm_ceiling, low=0.0, strict_low=True)
         self._kept_lam = number("kept_lam", kept_lam)
@@ -171,8 +221,8 @@ class GReg2(GReg1):
         self.warm_lam = 0.0
 
     def attach(self, pruner) -> None:
-        for t in pruner.targets:
-            self.lam[t.name] = 0.0
+        for g in pruner.groups.groups:
+            self.lam[g.name] = 0.0
 
     def kept_lam(self) -> float:
         return self._kept_lam
@@ -182,13 +232,12 @@ class GReg2(GReg1):
             return super().before_step(pruner, step)
         if (step - self.start) % self.update_interval == 0:
             self.warm_lam += self.delta_all
-            for t in pruner.targets:
-                pruner.optimizer.state[t.param]["group_coefs"][GROUP_LAM].fill_(self.warm_lam)
+            pruner.write_group_rows(GROUP_LAM, [torch.full((g.size,), self.warm_lam) for g in pruner.groups.groups])
             if self.warm_lam >= self.warm_ceiling:
                 self.pick(pruner)
-                for t in pruner.targets:
-                    self.lam[t.name] = self.warm_lam
-                    self._write_lam(pruner, t, self.warm_lam, self._kept_lam)
+                for g in pruner.groups.groups:
+                    self.lam[g.name] = self.warm_lam
+                self._write_lam(pruner)
                 self.phase = "grow"
 
     def scalars(self) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """Magnitude pruning: the k smallest (or, with ``largest=True``, largest) weights or groups.
 
-Scope per layer or global; unstructured, or groups (filters / input channels) scored by their L1
-or L2 norm; one-shot or iterative on a linear or cubic schedule. One-shot pruning selects on the
+Scope per layer or global; unstructured, or channel groups (:mod:`sparsetrain.coupled`: each
+output channel with every slice that goes with it) scored by the L1 or L2 norm of all their
+member slices; one-shot or iterative on a linear or cubic schedule. One-shot pruning selects on the
 current weights and applies the masks at once, exactly as ``torch.nn.utils.prune`` selects
-(``l1_unstructured``, ``global_unstructured`` with ``L1Unstructured``, ``ln_structured`` on dim 0).
+(``l1_unstructured``, ``global_unstructured`` with ``L1Unstructured``, and, with the Pruner's
+``coupled=False``, ``ln_structured`` on dim 0).
 Iterative events compute thresholds (a global one by radix select, never by sorting everything)
 and hand the decision to the fused step, on the updated weights.
 """
@@ -17,9 +19,10 @@ import torch
 
 from .. import masks as mask_format
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
-from ..selection import group_scores, kth_smallest_abs, next_float32, prune_count
+from ..selection import kth_smallest_abs, next_float32, prune_count
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
+from .greg import check_structure
 from .schedules import check_schedule, sparsity_at
 
 
@@ -45,6 +48,8 @@ class Magnitude(Method):
         if largest and structure is not None:
             raise ValueError("largest=True is defined for unstructured pruning")
         check_schedule(schedule, start, end)
+        if structure is not None:
+            structure = check_structure(structure, "Magnitude")
         self.largest, self.scope, self.structure = largest, scope, structure
         self.norm = number("norm", norm, low=0.0, strict_low=True, finite=False)
         self.schedule, self.start, self.end = schedule, start, end
@@ -55,6 +60,17 @@ class Magnitude(Method):
     def check(self, targets) -> None:
         if self.structure is None and self.scope == "layer":
             warn_if_sparser(targets)
+
+    def check_groups(self, groups) -> None:
+        if self.structure is not None:
+            for g in groups.groups:
+                k = prune_count(g.ratio, g.size)
+                if k >= g.size:
+                    raise ValueError(
+                        f"target {g.ratio} would remove all {g.size} channels of layer {g.name!r} (and every layer "
+                        f"coupled to it: {', '.join(g.modules())}); lower it (ratios={{{g.name!r}: ...}}) or "
+                        f"exclude it (exclude=[{g.name!r}])"
+                    )
 
     def attach(self, pruner) -> None:
         if self.schedule == "oneshot" and self.start == 0:
@@ -67,13 +83,7 @@ class Magnitude(Method):
     def prune_now(self, pruner, level: float) -> None:
         """Select on the current weights and apply the masks immediately."""
         if self.structure is not None:
-            for t in pruner.targets:
-                scores = group_scores(t.param, self.structure, self.norm)
-                k = prune_count(level * t.ratio, scores.numel())
-                alive = torch.ones_like(scores, dtype=torch.bool)
-                if k:
-                    alive[torch.topk(scores, k, largest=False).indices] = False
-                pruner.set_group_mask(t, alive)
+            pruner.set_group_alive([flags == 0 for flags in self._group_flags(pruner, level)])
         elif self.scope == "layer":
             for t in pruner.targets:
                 k = prune_count(level * t.ratio, t.param.numel())
@@ -104,6 +114,17 @@ class Magnitude(Method):
             t.param.numel() - mask_format.alive_count(pruner.optimizer.state[t.param]["mask_words"]) for t in targets
         )
 
+    def _group_flags(self, pruner, level: float) -> list[torch.Tensor]:
+        """Per channel group, 1.0 on the ``level * ratio`` channels of smallest group norm."""
+        out = []
+        for g, scores in zip(pruner.groups.groups, pruner.groups.scores(self.norm)):
+            k = prune_count(level * g.ratio, g.size)
+            flags = torch.zeros_like(scores)
+            if k:
+                flags[torch.topk(scores, k, largest=False).indices] = 1.0
+            out.append(flags)
+        return out
+
     def _global_threshold(self, tensors, k: int, total: int) -> float:
         """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
         if self.largest:
@@ -121,14 +142,7 @@ class Magnitude(Method):
         level = self.level(step)
         opt = pruner.optimizer
         if self.structure is not None:
-            for t in pruner.targets:
-                scores = group_scores(t.param, self.structure, self.norm)
-                k = prune_count(level * t.ratio, scores.numel())
-                flags = torch.zeros_like(scores)
-                if k:
-                    flags[torch.topk(scores, k, largest=False).indices] = 1.0
-                for table in pruner.group_coefs(t):
-                    table[GROUP_PRUNE] = flags
+            pruner.write_group_rows(GROUP_PRUNE, self._group_flags(pruner, level), "max")
             opt.schedule_pruning("group")
         else:
             if self.scope == "global":

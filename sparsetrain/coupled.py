@@ -1,0 +1,494 @@
+"""Coupled structured groups: every parameter slice that must go with one channel, from Torch-Pruning.
+
+A *channel group* (:class:`ChannelGroup`) is one Torch-Pruning dependency group: the output channels
+of a root layer together with everything tied to them (the producing layers' rows and biases,
+BatchNorm / InstanceNorm affine entries, every consuming layer's input slice, all producers joined
+by a residual add, the slices of a concatenation, depthwise convolutions). Its *units* are the
+root's channels: unit ``u`` of a group is every slice Torch-Pruning would remove with root channel
+``u``. The graph comes from ``torch_pruning.DependencyGraph``; nothing here walks the model itself.
+
+Each member tensor is pruned along one or two dims (a middle convolution: its output dim belongs to
+its own group, its input dim to the producer's). The fused step sees a tensor's groups as
+``j(i) = (i // inner) % G``: with grouped dims ``lo <= hi``, ``inner = prod(shape[hi+1:])`` and
+``G = prod(shape[lo:hi+1])``, so a *slot* ``j`` is a position in dims ``lo..hi`` and its
+coefficient is the sum over those dims of the owning units' values (a flag: their maximum). A
+convolution grouped on both dims therefore carries an ``[2, out * in]`` table (1/(kh*kw) of its
+weight; as large as the weight for a linear layer).
+
+Scores (the rule every method uses): a unit's Lp score is the Lp norm of all its member slices
+(weights, biases, normalization entries) taken together; its mean |w| is their L1 norm over their
+element count. Layers that produce the model's outputs and embedding tables are not pruned
+structurally unless named in ``include``; layers matched by ``exclude`` are Torch-Pruning's
+``ignored_layers``: a group that would shrink one of them is left out whole.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .methods.base import check_ratio
+from .optional import require
+
+
+@dataclass
+class Member:
+    """One parameter slice of a channel group: positions along ``dim`` of ``name``, and their units."""
+
+    name: str  # parameter name in the model, e.g. "layer1.0.bn1.weight"
+    param: Tensor
+    dim: int
+    positions: Tensor  # int64 [k] positions along dim
+    units: Tensor  # int64 [k] the group's unit (root channel) each position goes with
+    scored: bool = True
+
+
+@dataclass
+class ChannelGroup:
+    """One coupled group: ``size`` units (the root layer's output channels) and all their members."""
+
+    name: str  # the root module's name
+    root: nn.Module
+    size: int
+    ratio: float
+    offset: int  # first global unit id
+    members: list[Member] = field(default_factory=list)
+    inputs: bool = False  # units are the root's input channels (uncoupled "channels" groups)
+
+    def modules(self) -> list[str]:
+        return sorted({m.name.rsplit(".", 1)[0] for m in self.members})
+
+
+@dataclass
+class TensorLayout:
+    """How one member tensor sees the groups: ``j(i) = (i // inner) % groups`` and the slot owners."""
+
+    name: str
+    param: Tensor
+    module_name: str
+    attr: str
+    groups: int
+    inner: int
+    slot_owner: list[Tensor]  # per grouped dim: int64 [groups], global unit id or the padding id
+
+
+class StructureError(ValueError):
+    """A structure that cannot be pruned as asked (raised before anything is modified)."""
+
+
+def conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer, weight ``[in, out]``) once transformers is loaded.
+
+    A model holding Conv1D layers has imported it; sparsetrain never imports transformers itself.
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _conv1d_pruner():
+    """Torch-Pruning pruning functions for GPT-2's ``Conv1D`` (output features are dim 1 of the weight)."""
+    tp = require("torch_pruning", "structured pruning")
+
+    class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            if hasattr(layer, "nx"):
+                layer.nx = len(keep)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.weight.shape[1]
+
+        def get_in_channels(self, layer):
+            return layer.weight.shape[0]
+
+    return Conv1DPruner()
+
+
+def flat_tensors(value: Any) -> list[Tensor]:
+    """Every tensor inside ``value`` (tensors, tuples, lists, dicts, ``ModelOutput``), in order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flat_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flat_tensors(v)]
+    if hasattr(value, "to_tuple"):
+        return flat_tensors(value.to_tuple())
+    return []
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(x)``, ``model(*args)`` or ``model(**kwargs)`` for a tensor, a tuple/list or a dict."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (the model itself otherwise)."""
+    inner = getattr(model, "module", None)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def build_graph(model: nn.Module, example_inputs: Any):
+    """Torch-Pruning's dependency graph of ``model`` (traced with autograd, also under ``torch.no_grad()``)."""
+    tp = require("torch_pruning", "structured pruning")
+
+    if example_inputs is None:
+        raise StructureError(
+            "structured pruning works on coupled channel groups traced from the model: pass example_inputs= "
+            "(a tensor, a tuple of arguments or a dict of keyword arguments); coupled=False prunes each "
+            "layer's own filters instead"
+        )
+    inputs = example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,)
+    customized = {}
+    conv1d = conv1d_type()
+    if conv1d is not None:
+        customized[conv1d] = _conv1d_pruner()
+    training = model.training
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                output_transform=lambda out: [t for t in flat_tensors(out) if t.grad_fn is not None],
+                customized_pruners=customized,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise StructureError(
+            f"Torch-Pruning could not trace the model ({type(exc).__name__}: {exc}); check example_inputs, "
+            "exclude= the layers it cannot follow, or prune unstructured (structure=None) or per layer (coupled=False)"
+        ) from exc
+    finally:
+        model.train(training)
+    return graph
+
+
+def _module_of_param(model: nn.Module) -> dict[int, tuple[str, str, str]]:
+    """id(param) -> (parameter name, module name, attribute)."""
+    out = {}
+    for name, p in model.named_parameters():
+        clean = name.replace(".parametrizations.", ".").replace(".original", "")
+        module_name, _, attr = clean.rpartition(".")
+        out[id(p)] = (clean, module_name, attr)
+    return out
+
+
+def _raw_param(module: nn.Module, attr: str) -> Tensor:
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and attr in parametrizations:
+        return parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def _slices(module: Any, fn_name: str, pruning_dim: int) -> list[tuple[str, int]] | str:
+    """The (attribute, dim) slices Torch-Pruning's ``fn_name`` removes from ``module``, or why it cannot be masked."""
+    conv1d = conv1d_type()
+    out = fn_name == "prune_out_channels"
+    if isinstance(module, nn.Parameter):
+        return [("", pruning_dim)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        bias = [("bias", 0)] if module.bias is not None else []
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            return [("weight", 0)] + bias  # depthwise: channel c is filter c
+        if module.groups > 1:
+            return f"grouped convolution (groups={module.groups}) is not supported as a coupled member"
+        if out:
+            return [("weight", 1 if module.transposed else 0)] + bias
+        return [("weight", 0 if module.transposed else 1)]
+    if isinstance(module, nn.Linear):
+        bias = [("bias", 0)] if module.bias is not None else []
+        return [("weight", 0)] + bias if out else [("weight", 1)]
+    if conv1d is not None and isinstance(module, conv1d):
+        return [("weight", 1), ("bias", 0)] if out else [("weight", 0)]
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return [("weight", 0), ("bias", 0)] if module.affine else []
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    if isinstance(module, nn.Embedding):
+        return [("weight", 1)]
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return (
+            f"{type(module).__name__} normalizes over these channels together: the smaller model would compute "
+            "different statistics than the masked one"
+        )
+    if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
+        return f"{type(module).__name__} is not a layer sparsetrain can mask as Torch-Pruning prunes it"
+    return []
+
+
+_ATTENTION_OPS = ("attention", "bmm", "matmul", "baddbmm")
+
+
+def _group_problem(graph, group, ignored: set[int], named: set[int]) -> str | None:
+    """Why this Torch-Pruning group cannot be pruned by default (None when it can)."""
+    tp = require("torch_pruning", "structured pruning")
+
+    for dep, _ in group:
+        target = dep.target
+        module = target.module
+        fn_out = graph.is_out_channel_pruning_fn(dep.handler)
+        if fn_out and id(module) in ignored and id(module) not in named:
+            return f"it would shrink {target.name}, which is excluded (Torch-Pruning ignored_layers)"
+        if fn_out and isinstance(module, nn.Embedding) and id(module) not in named:
+            return f"it would shrink the embedding table {target.name} (name it in include= to prune it)"
+        if fn_out and (not target.outputs or any(isinstance(o.module, tp.ops._OutputOp) for o in target.outputs)):
+            if not any(id(dep2.target.module) in named for dep2, _ in group):
+                return f"it changes the model's outputs (through {target.name}; name the layer in include= to prune it)"
+        if isinstance(module, tp.ops._ElementWiseOp) and any(k in target.name.lower() for k in _ATTENTION_OPS):
+            return (
+                f"its channels pass through attention ({target.name}), which Torch-Pruning does not split by head here"
+            )
+    return None
+
+
+class CoupledGroups:
+    """The channel groups of a model and the per-tensor slot layouts the fused step uses."""
+
+    def __init__(self, groups: list[ChannelGroup], skipped: dict[str, str]) -> None:
+        self.groups = groups
+        self.skipped = skipped
+        self.total_units = sum(g.size for g in groups)
+        self.tensors = self._layouts()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def trace(
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        types: tuple[type, ...] = (),
+        ratios: dict[str, float] | None = None,
+        default_ratio: float,
+    ) -> CoupledGroups:
+        """Channel groups rooted at the layers of ``types`` (or named by ``include``), from Torch-Pruning."""
+        model = unwrap(model)
+        graph = build_graph(model, example_inputs)
+        modules = dict(model.named_modules())
+        names = {id(m): n for n, m in modules.items()}
+        include, exclude = list(include or ()), list(exclude or ())
+        matches = lambda name, patterns: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+        ignored = {id(m) for n, m in modules.items() if n and matches(n, exclude)}
+        named = {id(m) for n, m in modules.items() if n and include and matches(n, include)}
+        params = _module_of_param(model)
+        covered: set[int] = set()
+        groups: list[ChannelGroup] = []
+        skipped: dict[str, str] = {}
+        offset = 0
+        for name, module in modules.items():
+            if not name or id(module) in covered or id(module) in ignored or module not in graph.module2node:
+                continue
+            chosen = id(module) in named if include else isinstance(module, tuple(types))
+            if not chosen:
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            channels = pruner.get_out_channels(module) if pruner is not None else None
+            if channels is None:
+                if id(module) in named:
+                    raise StructureError(f"layer {name!r} ({type(module).__name__}) has no output channels to prune")
+                continue
+            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            for dep, _ in tp_group:
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    covered.add(id(dep.target.module))
+            problem = _group_problem(graph, tp_group, ignored, named)
+            members: list[Member] | str = problem if problem else _members(tp_group, params, names)
+            if isinstance(members, str):
+                if id(module) in named:
+                    raise StructureError(
+                        f"layer {name!r} cannot be pruned structurally: {members}; exclude it (exclude=[{name!r}])"
+                    )
+                skipped[name] = members
+                continue
+            ratio = default_ratio
+            for pattern, value in (ratios or {}).items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    ratio = check_ratio(f"ratios[{pattern!r}]", value)
+            groups.append(ChannelGroup(name, module, channels, ratio, offset, members))
+            offset += channels
+        if not groups:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4])
+            raise StructureError(
+                "no layer can be pruned structurally (check include / exclude / types)"
+                + (f" ({reasons})" if reasons else "")
+            )
+        return cls(groups, skipped)
+
+    @classmethod
+    def per_layer(cls, targets: list[Any], structure: str) -> CoupledGroups:
+        """Uncoupled groups: each target layer's own filters (with their bias) or input channels."""
+        groups, offset = [], 0
+        for t in targets:
+            w = t.param
+            out_dim = 1 if isinstance(t.module, conv1d_type() or ()) or getattr(t.module, "transposed", False) else 0
+            dim = out_dim if structure == "filters" else 1 - out_dim
+            size = w.shape[dim]
+            units = torch.arange(size, device=w.device)
+            members = [Member(t.name, w, dim, units, units)]
+            bias = getattr(t.module, "bias", None)
+            if structure == "filters" and isinstance(bias, nn.Parameter):
+                members.append(Member(f"{t.module_name}.bias", bias, 0, units, units, scored=False))
+            groups.append(ChannelGroup(t.module_name, t.module, size, t.ratio, offset, members, dim != out_dim))
+            offset += size
+        return cls(groups, {})
+
+    def _layouts(self) -> list[TensorLayout]:
+        by_param: dict[int, dict[str, Any]] = {}
+        for g in self.groups:
+            for m in g.members:
+                entry = by_param.setdefault(id(m.param), {"member": m, "owners": {}})
+                owner = entry["owners"].setdefault(m.dim, torch.full((m.param.shape[m.dim],), -1, dtype=torch.int64))
+                positions, units = m.positions.cpu(), m.units.cpu() + g.offset
+                clash = (owner[positions] >= 0) & (owner[positions] != units)
+                if bool(clash.any()):
+                    raise StructureError(f"{m.name}: a slice belongs to two channel groups")
+                owner[positions] = units
+        layouts = []
+        for entry in by_param.values():
+            m, owners = entry["member"], entry["owners"]
+            shape = tuple(m.param.shape)
+            lo, hi = min(owners), max(owners)
+            groups_count = math.prod(shape[lo : hi + 1])
+            inner = math.prod(shape[hi + 1 :])
+            slot = torch.arange(groups_count)
+            slot_owner = []
+            for d, owner in sorted(owners.items()):
+                stride = math.prod(shape[d + 1 : hi + 1])
+                ids = owner[(slot // stride) % shape[d]]
+                slot_owner.append(torch.where(ids < 0, self.total_units, ids).to(m.param.device))
+            module_name, _, attr = m.name.rpartition(".")
+            layouts.append(TensorLayout(m.name, m.param, module_name, attr, groups_count, inner, slot_owner))
+        return layouts
+
+    # ------------------------------------------------------------------ per-unit values <-> tensors
+    def _padded(self, per_group: list[Tensor], device: torch.device, fill: float = 0.0) -> Tensor:
+        values = torch.cat([v.to(device=device, dtype=torch.float32).reshape(-1) for v in per_group])
+        return torch.cat([values, torch.full((1,), fill, device=device)])
+
+    def slot_values(self, layout: TensorLayout, per_group: list[Tensor], reduce: str) -> Tensor:
+        """Per-slot values of one tensor from per-unit values (``sum`` over its grouped dims, or ``max``)."""
+        padded = self._padded(per_group, layout.param.device)
+        parts = [padded[owner] for owner in layout.slot_owner]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part if reduce == "sum" else torch.maximum(out, part)
+        return out
+
+    def write_rows(self, optimizer: Any, row: int, per_group: list[Tensor], reduce: str = "sum") -> None:
+        """Write per-unit values into row ``row`` of every member tensor's group table."""
+        for layout in self.tensors:
+            optimizer.state[layout.param]["group_coefs"][row].copy_(self.slot_values(layout, per_group, reduce))
+
+    def expand(self, layout: TensorLayout, slot_values: Tensor) -> Tensor:
+        """A per-slot vector broadcast to the tensor's shape."""
+        param = layout.param
+        index = (torch.arange(param.numel(), device=param.device) // layout.inner) % layout.groups
+        return slot_values[index].reshape(param.shape)
+
+    def set_alive(self, optimizer: Any, alive: list[Tensor]) -> None:
+        """Prune, now, every member slice of the units where ``alive`` is False (weights and states)."""
+        dead = [(~a.bool()).float() for a in alive]
+        for layout in self.tensors:
+            flags = self.slot_values(layout, dead, "max")
+            optimizer.set_mask(layout.param, self.expand(layout, flags == 0))
+
+    def alive_units(self, mask_of) -> list[Tensor]:
+        """Per group, bool per unit: some member slice of it is still unmasked (``mask_of(param)`` -> bool)."""
+        alive = torch.zeros(self.total_units + 1, dtype=torch.bool)
+        for g in self.groups:
+            for m in g.members:
+                mask = mask_of(m.param).cpu()
+                live = mask.movedim(m.dim, 0).reshape(mask.shape[m.dim], -1).any(dim=1)
+                alive[m.units.cpu() + g.offset] |= live[m.positions.cpu()]
+        return [alive[g.offset : g.offset + g.size] for g in self.groups]
+
+    def scores(self, norm: float = 1.0, *, mean: bool = False) -> list[Tensor]:
+        """Per group, per unit: the Lp norm of all its scored member slices (``mean``: mean |w| instead)."""
+        device = self.groups[0].members[0].param.device
+        total = torch.zeros(self.total_units + 1, dtype=torch.float64, device=device)
+        count = torch.zeros_like(total)
+        p = 1.0 if mean else float(norm)
+        for g in self.groups:
+            for m in g.members:
+                if not m.scored:
+                    continue
+                w = m.param.detach().double().abs().movedim(m.dim, 0)
+                w = w.reshape(w.shape[0], -1)
+                index = (m.units + g.offset).to(device)
+                if math.isinf(p):  # max norm: the largest |w| over all member slices
+                    total.scatter_reduce_(0, index, w.amax(dim=1)[m.positions.to(device)], "amax")
+                    continue
+                per_position = (w.pow(p) if p != 1.0 else w).sum(dim=1)
+                total.index_add_(0, index, per_position[m.positions.to(device)])
+                count.index_add_(0, index, torch.full_like(index, w.shape[1], dtype=torch.float64))
+        values = total / count.clamp(min=1) if mean else (total if math.isinf(p) else total.pow(1.0 / p))
+        return [values[g.offset : g.offset + g.size].float() for g in self.groups]
+
+    def describe(self) -> str:
+        lines = [f"{len(self.groups)} channel groups, {self.total_units} units"]
+        for g in self.groups:
+            lines.append(f"  {g.name}: {g.size} channels, ratio {g.ratio}, members {', '.join(g.modules())}")
+        for name, reason in self.skipped.items():
+            lines.append(f"  skipped {name}: {reason}")
+        return "\n".join(lines)
+
+
+def _members(tp_group, params: dict[int, tuple[str, str, str]], names: dict[int, str]) -> list[Member] | str:
+    """The parameter slices of a Torch-Pruning group, or the reason one cannot be masked."""
+    members: dict[tuple[int, int], Member] = {}
+    for item in tp_group:
+        dep, idxs = item.dep, item.idxs
+        module = dep.target.module
+        fn_name = getattr(dep.handler, "__name__", "")
+        slices = _slices(module, fn_name, dep.target.pruning_dim)
+        if isinstance(slices, str):
+            return f"{names.get(id(module), dep.target.name)}: {slices}"
+        root_idxs = item.root_idxs
+        if any(r is None for r in root_idxs):
+            return f"{dep.target.name}: Torch-Pruning gives no root channel for some of its indices"
+        for attr, dim in slices:
+            param = module if attr == "" else _raw_param(module, attr)
+            if param is None:
+                continue
+            info = params.get(id(param))
+            if info is None:
+                return f"{dep.target.name}: a parameter of it is not a parameter of the model"
+            dim = dim % param.dim()
+            if idxs and (max(idxs) >= param.shape[dim] or len(idxs) != len(set(idxs))):
+                shape = tuple(param.shape)
+                return f"{info[0]}: Torch-Pruning maps the group to indices outside dim {dim} of shape {shape}"
+            positions = torch.tensor(list(idxs), dtype=torch.int64)
+            units = torch.tensor(list(root_idxs), dtype=torch.int64)
+            key = (id(param), dim)
+            if key in members:
+                old = members[key]
+                seen = set(old.positions.tolist())
+                fresh = [i for i, p in enumerate(positions.tolist()) if p not in seen]
+                old.positions = torch.cat([old.positions, positions[fresh]])
+                old.units = torch.cat([old.units, units[fresh]])
+            else:
+                members[key] = Member(info[0], param, dim, positions, units)
+    return list(members.values())
