@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> float:
     method = methods.GReg1(
         0.5, structure="filters", update_interval=1, delta=1.0 / grow_steps, ceiling=1.0, stabilize=max(1, steps // 10)
     )
-    pruner = sparsetrain.Pruner(model, opt, method, include=["*.conv1"])
+    # coupled channel groups, traced from example inputs: a pruned channel takes its BatchNorm entries,
+    # the consumers' input slices and, through residual adds, every convolution tied to it
+    pruner = sparsetrain.Pruner(model, opt, method, example_inputs=x_train[:2])
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
