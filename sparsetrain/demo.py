@@ -197,6 +197,30 @@ def run_cnn(data: Data, backend: str | None, epochs: int) -> dict:
     }
 
 
+def cnn_row(dense_cnn: dict, greg: dict, data: Data, example: torch.Tensor) -> dict:
+    """The table row of the residual CNN: accuracies, sparsity, channels removed, exported size."""
+    device = example.device
+    exported_cnn = greg["pruner"].export(example)
+    dense_cnn_size = size_report(cnn().to(device), example)
+    cnn_size = size_report(exported_cnn, example)
+    alive = greg["pruner"].alive_units()
+    channels = sum(a.numel() for a in alive)
+    removed = channels - sum(int(a.sum()) for a in alive)
+    return {
+        "model": "ResNet-style CNN (BatchNorm, residual adds), GReg-1 (coupled filters)",
+        "backend": greg["pruner"].optimizer.backend,
+        "dense_acc": dense_cnn["accuracy"],
+        "pruned_acc": greg["accuracy"],
+        "exported_acc": accuracy(exported_cnn, data.x_test, data.y_test),
+        "weight_sparsity": weight_sparsity(greg["pruner"]),
+        "nodes_removed": removed / channels,
+        "nodes": f"{removed}/{channels} channels",
+        "params": f"{dense_cnn_size['params']} -> {cnn_size['params']}",
+        "nonzero_params": cnn_size["nonzero_params"],
+        "macs": f"{dense_cnn_size['macs']} -> {cnn_size['macs']}",
+    }
+
+
 def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | None = None) -> int:
     from .plots import plot_greg, plot_node_dynamics, plot_sparsity
 
@@ -236,27 +260,7 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
                 "macs": f"{dense_size['macs']} -> {size['macs']}",
             }
         )
-    exported_cnn = greg["pruner"].export(example)
-    dense_cnn_size = size_report(cnn().to(device), example)
-    cnn_size = size_report(exported_cnn, example)
-    alive = greg["pruner"].alive_units()
-    channels = sum(a.numel() for a in alive)
-    removed = channels - sum(int(a.sum()) for a in alive)
-    rows.append(
-        {
-            "model": "ResNet-style CNN (BatchNorm, residual adds), GReg-1 (coupled filters)",
-            "backend": greg["pruner"].optimizer.backend,
-            "dense_acc": dense_cnn["accuracy"],
-            "pruned_acc": greg["accuracy"],
-            "exported_acc": accuracy(exported_cnn, data.x_test, data.y_test),
-            "weight_sparsity": weight_sparsity(greg["pruner"]),
-            "nodes_removed": removed / channels,
-            "nodes": f"{removed}/{channels} channels",
-            "params": f"{dense_cnn_size['params']} -> {cnn_size['params']}",
-            "nonzero_params": cnn_size["nonzero_params"],
-            "macs": f"{dense_cnn_size['macs']} -> {cnn_size['macs']}",
-        }
-    )
+    rows.append(cnn_row(dense_cnn, greg, data, example))
 
     table = _markdown(rows)
     print(table)
