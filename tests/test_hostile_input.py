@@ -221,7 +221,7 @@ def test_pruner_whose_bias_is_not_in_the_optimizer_changes_nothing():
     opt = sparsetrain.optim.SGD([model[0].weight, model[2].weight, model[2].bias], lr=0.1, backend="torch")
     snap = Snapshot(opt, model=model)
     with pytest.raises(ValueError, match=r"0\.bias \(6,\) is not a parameter of the optimizer"):
-        sparsetrain.Pruner(model, opt, Magnitude(0.5, structure="filters"))
+        sparsetrain.Pruner(model, opt, Magnitude(0.5, structure="filters"), example_inputs=torch.randn(1, 3, 8, 8))
     snap.unchanged()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
