@@ -44,8 +44,15 @@ def info() -> str:
     for name in backends.BACKENDS:
         usable, reason = backends.availability(name)
         lines.append(f"  {name:<7} {'usable' if usable else 'not usable: ' + reason}")
-    auto = "cuda tensors -> " + next(b for b in ("cuda", "triton", "torch") if backends.availability(b)[0])
-    lines.append(f"  auto    cpu tensors -> torch; {auto}")
+    auto = "; ".join(
+        f"{kind} tensors -> " + backends.resolve("auto", torch.device(kind)) for kind in backends.AUTO_ORDER
+    )
+    lines.append(f"  auto    {auto}")
+    from .backends import native
+
+    lines.append(f"native build: {native.build_status()}")
+    if native.available()[0]:
+        lines.append(f"native drivers: {native.build_info()}")
     if backends.availability("triton")[0]:
         from .backends import triton_backend as tb
 

@@ -9,7 +9,7 @@ from conftest import DEVICE, triton_usable
 from helpers import to_device
 
 import sparsetrain
-from sparsetrain import contract, masks, ops
+from sparsetrain import backends, contract, masks, ops
 
 
 def _pruning_args(params, prune, groups, backend="torch"):
@@ -120,7 +120,11 @@ def test_cli_info_lists_every_backend_with_reason():
     out = result.stdout
     assert f"sparsetrain {sparsetrain.__version__}" in out and "torch " in out
     assert "  torch   usable" in out
-    assert "  cuda    not usable: the CUDA extension sparsetrain._C is not built" in out
+    native_usable, native_reason = backends.availability("native")
+    if native_usable:
+        assert "  native  usable" in out and "native build: built: cpu driver" in out
+    else:
+        assert f"  native  not usable: {native_reason}" in out
     assert "  triton  " in out
     if triton_usable()[0]:  # the subprocess inherits TRITON_INTERPRET from the test set-up
         assert "triton launch: blocks of 1024 elements, 8 per program, 4 (SGD) / 8 (Adam) warps" in out

@@ -94,12 +94,19 @@ def test_bad_params_are_rejected():
 
 
 def test_unusable_backend_names_the_reason(monkeypatch):
+    from sparsetrain import backends
+
+    reason = "the extension sparsetrain._C is not available (not built: no C++ compiler)"
+    usable = backends.availability
+    monkeypatch.setattr(backends, "availability", lambda name: (False, reason) if name == "native" else usable(name))
     params = make_params([(3,)])
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not usable here: .*not built"):
-        sparsetrain.optim.SGD(params, lr=0.1, backend="cuda")
-    monkeypatch.setenv("SPARSETRAIN_BACKEND", "cuda")
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not usable here"):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'native' is not usable here: .*not built: no C\+\+"):
+        sparsetrain.optim.SGD(params, lr=0.1, backend="native")
+    monkeypatch.setenv("SPARSETRAIN_BACKEND", "native")
+    with pytest.raises(BackendUnavailableError, match="backend 'native' is not usable here"):
         sparsetrain.optim.Adam(params)
+    monkeypatch.setenv("SPARSETRAIN_BACKEND", "auto")  # auto falls back to the reference
+    assert sparsetrain.optim.Adam(params).backend is None and backends.resolve(None, params[0].device) == "torch"
 
 
 def test_sparse_grad_and_mixed_devices_modify_nothing():

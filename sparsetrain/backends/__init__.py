@@ -15,14 +15,14 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "native")
 _MODULES = {
     "torch": "sparsetrain.backends.torch_ref",
     "triton": "sparsetrain.backends.triton_backend",
-    "cuda": "sparsetrain.backends.cuda_backend",
+    "native": "sparsetrain.backends.native",
 }
-# Preference of backend="auto" for tensors on a CUDA device; CPU tensors always use "torch".
-_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+# Preference of backend="auto": the first usable backend that runs tensors on that device type.
+AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("native", "torch")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -55,23 +55,28 @@ def resolve(requested: str | None, device: torch.device) -> str:
     """The backend to use for tensors on ``device``.
 
     ``requested`` ``None`` reads ``SPARSETRAIN_BACKEND`` (default ``"auto"``). ``"auto"`` picks
-    the first usable of cuda, triton, torch on CUDA devices and torch elsewhere; every backend
+    the first usable of native, triton, torch on CUDA devices, of native, torch on CPU, and torch
+    elsewhere; every backend
     computes the same function, so the choice never changes results beyond rounding. An
     explicit backend that is not usable raises :class:`BackendUnavailableError` with the reason.
     """
     name = requested if requested is not None else os.environ.get("SPARSETRAIN_BACKEND", "auto")
     check_name(name)
     if name == "auto":
-        if device.type != "cuda":
-            return "torch"
-        return next(b for b in _AUTO_ORDER_CUDA if availability(b)[0])
-    usable, reason = availability(name)
+        return next(b for b in AUTO_ORDER.get(device.type, ("torch",)) if runs_on(b, device)[0])
+    usable, reason = runs_on(name, device)
     if not usable:
         raise BackendUnavailableError(f"backend {name!r} is not usable here: {reason}")
-    if name == "cuda" and device.type != "cuda":
-        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailableError(
             f"backend 'triton' needs CUDA tensors (got {device}); CPU tensors run only under TRITON_INTERPRET=1"
         )
     return name
+
+
+def runs_on(name: str, device: torch.device) -> tuple[bool, str]:
+    """(usable, reason) for backend ``name`` on tensors of ``device`` (the native build may lack CUDA)."""
+    usable, reason = availability(name)
+    if usable and name == "native":
+        return module(name).supports(device)
+    return usable, reason

@@ -1,0 +1,147 @@
+"""The native backend: the C++ drivers of ``csrc/``, compiled at install into ``sparsetrain._C``.
+
+One header (``csrc/element.h``) holds the per-element contract; the CPU driver (a fused pass over
+all tensors of a call with ``at::parallel_for``) and the CUDA driver (one multi-tensor kernel launch)
+use it and register themselves as the CPU and CUDA implementations of
+``torch.ops.sparsetrain_native.sgd_step_`` / ``adam_step_``. ``setup.py`` builds the CPU driver
+whenever a C++ compiler and torch are present at install, and adds the CUDA driver for a CUDA
+build of torch with a CUDA toolkit; what was built (or why nothing was) is reported by
+:func:`available` and :func:`build_info`, and printed by ``sparsetrain info``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from importlib import resources
+
+import torch
+from torch import Tensor
+
+from ..contract import PRUNE_MODES
+
+_PRUNE_INDEX = {mode: index for index, mode in enumerate(PRUNE_MODES)}
+
+
+def build_status() -> str:
+    """What the install built: ``"built: ..."`` or ``"not built: <reason>"`` (from ``setup.py``)."""
+    try:
+        return resources.files("sparsetrain").joinpath("_native_build.txt").read_text().strip()
+    except (FileNotFoundError, OSError):
+        return "not built: this installation has no build record (installed without running setup.py's build)"
+
+
+@cache
+def _load() -> tuple[bool, str]:
+    try:
+        importlib.import_module("sparsetrain._C")
+    except ImportError as exc:
+        status = build_status()
+        reason = status if status.startswith("not built") else f"{status}, but importing it failed: {exc}"
+        return False, f"the extension sparsetrain._C is not available ({reason})"
+    return True, ""
+
+
+def available() -> tuple[bool, str]:
+    return _load()
+
+
+def build_info() -> str:
+    """``"cpu"`` or ``"cpu,cuda:<TORCH_CUDA_ARCH_LIST>"``; empty when the extension is not available."""
+    if not _load()[0]:
+        return ""
+    return torch.ops.sparsetrain_native.build_info()
+
+
+def supports(device: torch.device) -> tuple[bool, str]:
+    """Whether the built drivers cover tensors on ``device`` (and why not)."""
+    usable, reason = _load()
+    if not usable:
+        return False, reason
+    if device.type == "cpu":
+        return True, ""
+    if device.type == "cuda":
+        if "cuda" in build_info():
+            return True, ""
+        return False, f"sparsetrain._C was built without its CUDA driver ({build_status()})"
+    return False, f"the native backend has no driver for {device.type} tensors"
+
+
+def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
+    return [x if x.is_contiguous() else x.contiguous() for x in tensors]
+
+
+def sgd_step(
+    params,
+    grads,
+    momentum_buffers,
+    steps,
+    *,
+    mask_words,
+    stats,
+    tensor_coefs,
+    group_coefs,
+    group_inner,
+    shard_offsets,
+    seeds,
+    found_inf,
+    lr,
+    lr_tensor,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    prune,
+    regularize,
+    l1_proximal,
+) -> None:
+    """Fused SGD step on the native drivers (same function as the torch reference)."""
+    if not params:
+        return
+    torch.ops.sparsetrain_native.sgd_step_(
+        params, _contiguous(grads), momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
+        list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
+        float(momentum), float(dampening), bool(nesterov), bool(maximize), _PRUNE_INDEX[prune], bool(regularize),
+        bool(l1_proximal),
+    )  # fmt: skip
+
+
+def adam_step(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    *,
+    mask_words,
+    stats,
+    tensor_coefs,
+    group_coefs,
+    group_inner,
+    shard_offsets,
+    seeds,
+    found_inf,
+    lr,
+    lr_tensor,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    prune,
+    regularize,
+    l1_proximal,
+) -> None:
+    """Fused Adam / AdamW step on the native drivers (same function as the torch reference)."""
+    if not params:
+        return
+    torch.ops.sparsetrain_native.adam_step_(
+        params, _contiguous(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, mask_words,
+        stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),
+        lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
+        bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
+    )  # fmt: skip

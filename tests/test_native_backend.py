@@ -1,0 +1,210 @@
+"""The native backend (csrc/, CPU driver here; CUDA driver on a GPU) computes the torch reference's function.
+
+The cases are the Triton backend's agreement suite (same inputs, same comparisons: fp32 relative
+error at most 1e-6, bf16 / fp16 two units in the last place, masks exact outside the tie band),
+run against backend="native", plus what is particular to the C++ drivers: results independent of
+the thread count, tensors split over many chunks, dead words left untouched, and bad input refused
+before anything is modified.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import clone_params, make_params, max_rel_err, set_grads
+from test_triton_backend import BLOCK, SIZES, _call, _compare, _inputs, _mask_disagreements, _set_alive
+
+import sparsetrain
+from sparsetrain import backends, contract, masks
+
+pytestmark = pytest.mark.skipif(
+    not backends.runs_on("native", DEVICE)[0], reason=f"native backend: {backends.runs_on('native', DEVICE)[1]}"
+)
+
+CHUNK = 2048 * 32  # elements per chunk of the CPU driver (csrc/cpu_driver.cpp)
+
+
+def _run_both(sizes, dtypes, algo, prune, seed=0, **kw):
+    inputs = _inputs(sizes, dtypes, algo=algo, prune=prune, seed=seed, shard_offsets=kw.pop("shard_offsets", None))
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune=prune, **kw)
+    _call(out, "native", algo=algo, prune=prune, **kw)
+    assert _mask_disagreements(inputs, ref, out, prune) == 0
+    _compare(ref, out)
+    return inputs, ref, out
+
+
+@pytest.mark.parametrize("prune", contract.PRUNE_MODES)
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_all_prune_modes_fp32(algo, prune):
+    inputs, ref, out = _run_both(SIZES, [torch.float32] * len(SIZES), algo, prune, seed=len(algo) * 10 + len(prune))
+    newly_pruned = sum(
+        masks.alive_count(a) - masks.alive_count(b) for a, b in zip(inputs["mask_words"], out["mask_words"])
+    )
+    assert (newly_pruned > 0) == (prune != "none")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(algo="sgd", momentum=0.0),
+        dict(algo="sgd", maximize=True, l1_proximal=False),
+        dict(algo="adam", decoupled=False, maximize=True),
+        dict(algo="sgd", regularize=False),
+        dict(algo="adam", lr_tensor=torch.tensor(0.02, device=DEVICE)),
+        dict(algo="sgd", lr_tensor=torch.tensor(0.03, device=DEVICE)),
+    ],
+)
+def test_optimizer_variants(variant):
+    variant = dict(variant)
+    _run_both([33, BLOCK + 1], [torch.float32] * 2, variant.pop("algo"), "low", seed=5, **variant)
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_mixed_dtypes_in_one_call(algo):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]
+    _run_both([31, 1000, 2049, 1, 97], dtypes, algo, "stochastic", seed=11)
+
+
+def test_offsets_above_2_pow_32_and_not_multiples_of_4():
+    offsets = [2**32 + 7, 2**33 - 5, 3 * 2**32 + 2]
+    out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3, shard_offsets=offsets)[2]
+    plain_out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3)[2]
+    assert not all(torch.equal(a, b) for a, b in zip(out["mask_words"], plain_out["mask_words"]))
+
+
+def test_many_tensors_one_call():
+    gen = torch.Generator().manual_seed(4)
+    sizes = torch.randint(1, 700, (40,), generator=gen).tolist()
+    _run_both(sizes, [torch.float32] * len(sizes), "sgd", "stochastic", seed=4)
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_tensors_over_many_chunks_same_for_1_and_2_threads(algo):
+    sizes = [2 * CHUNK + 4099, 77, CHUNK]
+    inputs = _inputs(sizes, [torch.float32] * 3, algo=algo, prune="stochastic", seed=21)
+    ref = copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic")
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = copy.deepcopy(inputs)
+            _call(x, "native", algo=algo, prune="stochastic")
+            outs.append(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert _mask_disagreements(inputs, ref, outs[0], "stochastic") == 0
+    _compare(ref, outs[0])
+    for key in ("params", "mask_words", "stats", "steps"):  # bit for bit, statistics included
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][key], outs[1][key])), key
+    for a, b in zip(outs[0]["state_lists"], outs[1]["state_lists"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_dead_elements_are_left_as_they_were(algo):
+    n = 3 * BLOCK + 70
+    inputs = _inputs([n], [torch.float32], algo=algo, prune="stochastic", seed=12)
+    gen = torch.Generator().manual_seed(19)
+    alive = (torch.rand(n, generator=gen) < 0.6).to(DEVICE)
+    alive[:BLOCK] = False
+    _set_alive(inputs, 0, alive)
+    dead = ~alive
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic")
+    poison = torch.tensor([float("nan"), 7.0, -float("inf")], device=DEVICE).repeat(n // 3 + 1)[:n]
+    out["params"][0][dead] = poison[dead]
+    out["grads"][0][dead] = poison[dead]
+    for states in out["state_lists"]:
+        states[0][dead] = poison[dead]
+    _call(out, "native", algo=algo, prune="stochastic")
+    bits = lambda x: x[dead].view(torch.int32)  # noqa: E731  (bit for bit: NaN included)
+    assert torch.equal(bits(out["params"][0]), bits(poison))
+    for states in out["state_lists"]:
+        assert torch.equal(bits(states[0]), bits(poison))
+    live = ~dead
+    torch.testing.assert_close(out["params"][0][live], ref["params"][0][live], rtol=1e-6, atol=1e-7)
+    assert torch.equal(out["mask_words"][0], ref["mask_words"][0])
+    torch.testing.assert_close(out["stats"][0], ref["stats"][0], rtol=1e-6, atol=1e-9)
+
+
+def test_found_inf_skips_everything():
+    inputs = _inputs([BLOCK + 3, 40], [torch.float32] * 2, algo="sgd", prune="stochastic", seed=6)
+    x = copy.deepcopy(inputs)
+    from sparsetrain.backends import native
+
+    native.sgd_step(
+        x["params"], x["grads"], x["state_lists"][0], x["steps"], mask_words=x["mask_words"], stats=x["stats"],
+        tensor_coefs=x["tensor_coefs"], group_coefs=x["group_coefs"], group_inner=x["group_inner"],
+        shard_offsets=[], seeds=x["seeds"], found_inf=torch.tensor(True, device=DEVICE), lr=0.1, lr_tensor=None,
+        weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, prune="stochastic",
+        regularize=True, l1_proximal=True,
+    )  # fmt: skip
+    for key in ("params", "mask_words", "stats", "steps"):
+        assert all(torch.equal(a, b) for a, b in zip(inputs[key], x[key]))
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda x: x["grads"].pop(), "grads has 1 tensors, expected 2"),
+        (lambda x: x["stats"].__setitem__(1, x["stats"][1].float()), r"stats\[1\] has dtype Float"),
+        (lambda x: x["mask_words"].__setitem__(0, x["mask_words"][0][:-1]), r"mask_words\[0\] has"),
+        (lambda x: x["state_lists"][0].__setitem__(1, x["state_lists"][0][1][:5]), "optimizer state"),
+        (lambda x: x["params"].__setitem__(1, x["params"][1].double()), r"params\[1\] has dtype Double"),
+    ],
+)
+def test_bad_input_names_the_problem_and_modifies_nothing(spoil, message):
+    inputs = _inputs([BLOCK + 3, 40], [torch.float32] * 2, algo="sgd", prune="low", seed=8)
+    x = copy.deepcopy(inputs)
+    spoil(x)
+    before = copy.deepcopy(x)
+    with pytest.raises(RuntimeError, match=message):
+        _call(x, "native", algo="sgd", prune="low")
+    for key in ("params", "mask_words", "stats", "steps"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], x[key]))
+    for a, b in zip(before["state_lists"][0], x["state_lists"][0]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_optimizer_on_native_backend_matches_torch_optim(name):
+    kwargs = {
+        "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3, nesterov=False),
+        "Adam": dict(lr=1e-2, weight_decay=1e-2, amsgrad=True),
+        "AdamW": dict(lr=1e-2, weight_decay=0.1, maximize=True),
+    }[name]
+    ours = make_params([(1025, 3), (33,), (5, 7), (300, 70)], device=DEVICE)
+    ref = clone_params(ours)
+    opt = getattr(sparsetrain.optim, name)(ours, backend="native", **kwargs)
+    ref_opt = getattr(torch.optim, name)(ref, **kwargs)
+    for step in range(50):
+        set_grads([ours, ref], step, none_every=3 if step % 2 else 0)
+        opt.step()
+        ref_opt.step()
+    assert opt.backend == "native"
+    assert max_rel_err(ours, ref) <= 1e-6
+
+
+def test_without_the_extension_info_says_why_and_auto_uses_the_reference():
+    code = (
+        "import sys; sys.modules['sparsetrain._C'] = None\n"  # as if the install had not built it
+        "import torch, sparsetrain\n"
+        "from sparsetrain import backends\n"
+        "from sparsetrain.cli import info\n"
+        "print(backends.resolve('auto', torch.device('cpu')))\n"
+        "print(info())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "torch"
+    assert any(
+        line.startswith("  native  not usable: the extension sparsetrain._C is not available (") for line in lines
+    )
+    assert any(line.startswith("native build: ") for line in lines)
