@@ -25,7 +25,7 @@ from setuptools.command.build_ext import build_ext
 
 STATUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparsetrain", "_native_build.txt")
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--fmad=false", "-Xptxas=-v", "-lineinfo"]
 
 

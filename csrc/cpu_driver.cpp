@@ -20,7 +20,9 @@ namespace sparsetrain {
 namespace {
 
 constexpr int64_t CHUNK_WORDS = 2048;
-constexpr int LANES = 8;  // independent fp64 accumulators per statistic (fixed order, vectorizable)
+constexpr int LANES = 8;
+constexpr int BLOCK_WORDS = 8;  // words handled together: the element loops run over 256 elements
+constexpr int BLOCK = BLOCK_WORDS * 32;  // independent fp64 accumulators per statistic (fixed order, vectorizable)
 
 struct Partials {
   double v[NUM_PARTIALS];
@@ -57,7 +59,7 @@ inline void uniforms32(uint64_t seed, uint64_t first, float* u) {
 // Words [word_begin, word_end) of one tensor. ADAM and PRUNE are compile-time so that the element
 // loop has no switch in it; the remaining flags are loop-invariant.
 template <typename T, bool ADAM, int PRUNE>
-Partials run_chunk(Flags f, const TensorScalars& s, const TensorJob& job, int64_t word_begin, int64_t word_end) {
+__attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, const TensorScalars& s, const TensorJob& job, int64_t word_begin, int64_t word_end) {
   f.adam = ADAM;
   f.prune = PRUNE;
   T* param = static_cast<T*>(job.param);
@@ -66,77 +68,105 @@ Partials run_chunk(Flags f, const TensorScalars& s, const TensorJob& job, int64_
   const bool kernel_on = f.has_stats && s.kernel_on;
   int64_t alive = 0;
   double sum_w[LANES] = {}, sum_kernel[LANES] = {}, sum_g[LANES] = {};
-  for (int64_t word = word_begin; word < word_end; ++word) {
-    const int64_t base = word * 32;
-    const int n = static_cast<int>(std::min<int64_t>(32, job.numel - base));
-    uint32_t bits = f.has_mask ? static_cast<uint32_t>(job.mask[word]) : 0xffffffffu;
-    if (n < 32) bits &= (1u << n) - 1u;
-    if (bits == 0) continue;  // a dead word: its elements are neither read nor written
-    float w[32], g[32], st[3][32], lam[32], u[32];
-    bool live[32], flagged[32], keep[32];
-    for (int k = 0; k < 32; ++k) {
-      live[k] = (bits >> k) & 1u;
-      w[k] = 0.0f;
-      g[k] = 0.0f;
-      lam[k] = 0.0f;
-      u[k] = 0.0f;
-      flagged[k] = false;
+  for (int64_t block = word_begin; block < word_end; block += BLOCK_WORDS) {
+    const int words = static_cast<int>(std::min<int64_t>(BLOCK_WORDS, word_end - block));
+    const int64_t base = block * 32;
+    const int n = static_cast<int>(std::min<int64_t>(BLOCK, job.numel - base));
+    uint32_t bits[BLOCK_WORDS] = {};
+    uint32_t any = 0;
+    for (int i = 0; i < words; ++i) {
+      bits[i] = f.has_mask ? static_cast<uint32_t>(job.mask[block + i]) : 0xffffffffu;
+      const int inside = n - 32 * i;  // elements of word i inside the tensor
+      if (inside < 32) bits[i] &= inside > 0 ? (1u << inside) - 1u : 0u;
+      any |= bits[i];
+    }
+    if (any == 0) continue;  // dead words: their elements are neither read nor written
+    // per-element flags as int32 (bool arrays keep GCC from vectorizing the selects); a tail block
+    // zero-fills past the end so that every loop runs over the whole block
+    alignas(64) float w[BLOCK], g[BLOCK], st[3][BLOCK], lam[BLOCK], u[BLOCK], nw[BLOCK];
+    alignas(64) int32_t live[BLOCK], flagged[BLOCK], keep[BLOCK];
+    for (int k = 0; k < BLOCK; ++k) live[k] = static_cast<int32_t>((bits[k / 32] >> (k % 32)) & 1u);
+    if (n < BLOCK) {
+      for (int k = n; k < BLOCK; ++k) w[k] = g[k] = st[0][k] = st[1][k] = st[2][k] = 0.0f;
     }
     for (int k = 0; k < n; ++k) {
       w[k] = static_cast<float>(param[base + k]);
       g[k] = static_cast<float>(grad[base + k]);
     }
     for (int i = 0; i < 3; ++i) {
-      for (int k = 0; k < 32; ++k) st[i][k] = 0.0f;
       if (job.state[i] != nullptr) {
         for (int k = 0; k < n; ++k) st[i][k] = job.state[i][base + k];
+      } else if (n == BLOCK) {
+        for (int k = 0; k < BLOCK; ++k) st[i][k] = 0.0f;
       }
     }
     if (f.has_groups) {
-      for (int k = 0; k < n; ++k) {
-        const int64_t j = group_index(job.shard_offset + base + k, job.inner, job.groups);
+      for (int k = 0; k < BLOCK; ++k) {
+        const int64_t j = group_index(job.shard_offset + base + std::min(k, n - 1), job.inner, job.groups);
         lam[k] = job.group[j];
-        flagged[k] = job.group[job.groups + j] != 0.0f;
+        flagged[k] = job.group[job.groups + j] != 0.0f ? 1 : 0;
+      }
+    } else {
+      for (int k = 0; k < BLOCK; ++k) {
+        lam[k] = 0.0f;
+        flagged[k] = 0;
       }
     }
-    if (draw) uniforms32(job.seed, static_cast<uint64_t>(job.shard_offset + base), u);
-    float nw[32], ns[3][32];
-    for (int k = 0; k < 32; ++k) {
+    if (draw) {
+      for (int i = 0; i < BLOCK / 32; ++i) uniforms32(job.seed, static_cast<uint64_t>(job.shard_offset + base + 32 * i), u + 32 * i);
+    } else {
+      for (int k = 0; k < BLOCK; ++k) u[k] = 0.0f;
+    }
+#pragma omp simd
+    for (int k = 0; k < BLOCK; ++k) {
       float wk = w[k], a = st[0][k], b = st[1][k], c = st[2][k];
-      keep[k] = step_element(f, s, wk, g[k], a, b, c, lam[k], flagged[k], u[k]) && live[k];
+      keep[k] = static_cast<int32_t>(step_element<PRUNE>(f, s, wk, g[k], a, b, c, lam[k], flagged[k] != 0, u[k])) & live[k];
       nw[k] = wk;
-      ns[0][k] = a;
-      ns[1][k] = b;
-      ns[2][k] = c;
+      st[0][k] = a;
+      st[1][k] = b;
+      st[2][k] = c;
     }
     // writes: live elements get their new values (zero when pruned now), dead ones keep theirs
-    for (int k = 0; k < n; ++k) {
-      if (live[k]) param[base + k] = static_cast<T>(nw[k]);
+#pragma omp simd
+    for (int k = 0; k < n; ++k) {  // unconditional stores of selects: vectorizable
+      const T raw = param[base + k];
+      param[base + k] = live[k] != 0 ? static_cast<T>(nw[k]) : raw;
     }
     for (int i = 0; i < 3; ++i) {
-      if (job.state[i] == nullptr) continue;
+      float* state = job.state[i];
+      if (state == nullptr) continue;
+#pragma omp simd
       for (int k = 0; k < n; ++k) {
-        if (live[k]) job.state[i][base + k] = ns[i][k];
+        const float raw = state[base + k];
+        state[base + k] = live[k] != 0 ? st[i][k] : raw;
       }
     }
-    uint32_t keep_bits = 0;
-    for (int k = 0; k < 32; ++k) keep_bits |= static_cast<uint32_t>(keep[k]) << k;
-    if (f.has_mask) job.mask[word] = static_cast<int32_t>(keep_bits);
-    if (f.has_stats) {
+    for (int i = 0; i < words; ++i) {
+      uint32_t keep_bits = 0;
+      for (int k = 0; k < 32; ++k) keep_bits |= static_cast<uint32_t>(keep[32 * i + k]) << k;
+      if (f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(keep_bits);
       alive += __builtin_popcount(keep_bits);
-      for (int k = 0; k < 32; k += LANES) {
+    }
+    if (f.has_stats) {  // float terms selected first (one vector width), then added in fp64
+      alignas(64) float abs_w[BLOCK], abs_g[BLOCK], kernel[BLOCK];
+#pragma omp simd
+      for (int k = 0; k < BLOCK; ++k) {
+        abs_w[k] = keep[k] != 0 ? fabs_(nw[k]) : 0.0f;
+        abs_g[k] = keep[k] != 0 ? fabs_(g[k]) : 0.0f;
+      }
+      for (int k = 0; k < BLOCK; k += LANES) {
+#pragma omp simd
         for (int j = 0; j < LANES; ++j) {
-          const bool on = keep[k + j];
-          sum_w[j] += on ? static_cast<double>(fabs_(nw[k + j])) : 0.0;
-          sum_g[j] += on ? static_cast<double>(fabs_(g[k + j])) : 0.0;
+          sum_w[j] += static_cast<double>(abs_w[k + j]);
+          sum_g[j] += static_cast<double>(abs_g[k + j]);
         }
       }
       if (kernel_on) {
-        for (int k = 0; k < 32; k += LANES) {
-          for (int j = 0; j < LANES; ++j) {
-            const float term = kernel_term(s, nw[k + j]);
-            sum_kernel[j] += keep[k + j] ? static_cast<double>(term) : 0.0;
-          }
+#pragma omp simd
+        for (int k = 0; k < BLOCK; ++k) kernel[k] = keep[k] != 0 ? kernel_term(s, nw[k]) : 0.0f;
+        for (int k = 0; k < BLOCK; k += LANES) {
+#pragma omp simd
+          for (int j = 0; j < LANES; ++j) sum_kernel[j] += static_cast<double>(kernel[k + j]);
         }
       }
     }

@@ -57,6 +57,18 @@ ST_HD float fmax_(float a, float b) { return a > b ? a : b; }  // NaN in a gives
 ST_HD float fmin_(float a, float b) { return a < b ? a : b; }  // callers pass finite bounds as b
 ST_HD float sign_(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
+// c ? a : b, for conditions that are the same for every element (flags, per-tensor scalars). On the
+// host it is a bit blend: GCC does not vectorize a float select on a loop-invariant bool, and this
+// keeps the CPU driver's element loops vectorizable. Both sides are evaluated; the result is exact.
+ST_HD float select_(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_float((float_bits(a) & m) | (float_bits(b) & ~m));
+#endif
+}
+
 // exp(x) in fp32: Cody-Waite reduction by ln 2 (the high part has 12 significant bits, so n * LN2_HI
 // is exact for |n| < 2^12), a degree-6 polynomial on |r| <= ln2 / 2 (Cephes expf), and the scale by
 // 2^n in two steps so that results in the subnormal range are formed too. Within 2 ulp of the
@@ -190,7 +202,10 @@ ST_HD TensorScalars prepare_tensor(const Flags& f, const Hyper& h, double lr_val
   s.step = step_before + 1.0f;
   s.first = s.step == 1.0f;
   // decoupled decay factor: fp64 from a Python lr, fp32 from an lr tensor (as the reference does)
-  s.decay_factor = lr_on_device ? 1.0f - s.lr * s.weight_decay : static_cast<float>(1.0 - lr_value * h.weight_decay);
+  s.decay_factor = 1.0f;
+  if (f.adam && f.decoupled && h.weight_decay != 0.0) {
+    s.decay_factor = lr_on_device ? 1.0f - s.lr * s.weight_decay : static_cast<float>(1.0 - lr_value * h.weight_decay);
+  }
   if (f.adam) {
     const double step = static_cast<double>(s.step);
     const double bias_correction1 = 1.0 - pow(h.beta1, step);
@@ -236,90 +251,74 @@ ST_HD int64_t group_index(int64_t global_index, int64_t inner, int64_t groups) {
 
 // r = lam[j]*w + l2*w [+ l1*sign(w) unless proximal] + sd*w*max(0, 1 - |g|/(beta*gbar)), in this order.
 ST_HD float regularization(const Flags& f, const TensorScalars& s, float w, float g_raw, float lam) {
-  float r = 0.0f;
-  if (f.has_groups) r = r + lam * w;
-  if (f.regularize) {
-    r = r + s.l2 * w;
-    if (!f.l1_proximal) r = r + s.l1 * sign_(w);
-    if (s.sd != 0.0f) r = r + s.sd * w * fmax_(1.0f - fabs_(g_raw) / s.sd_scale, 0.0f);
-  }
-  return r;
+  float r = select_(f.has_groups, lam * w, 0.0f);
+  r = select_(f.regularize, r + s.l2 * w, r);
+  r = select_(f.regularize && !f.l1_proximal, r + s.l1 * sign_(w), r);
+  const float relevance = fmax_(1.0f - fabs_(g_raw) / s.sd_scale, 0.0f);
+  return select_(f.regularize && s.sd != 0.0f, r + s.sd * w * relevance, r);
 }
 
 ST_HD float proximal_l1(float w, float shrink) { return sign_(w) * fmax_(fabs_(w) - shrink, 0.0f); }
 
 // torch.lerp(start, end, weight) with a scalar weight, as ATen computes it.
 ST_HD float lerp_(float start, float end, float weight) {
-  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+  return select_(weight < 0.5f, start + weight * (end - start), end - (end - start) * (1.0f - weight));
 }
 
 // SGD: g' = g + wd*w + r; buf = g' on the first step, else momentum*buf + (1-dampening)*g';
 // w -= lr * (g' + momentum*buf if nesterov else buf). Returns the updated w.
 ST_HD float sgd_update(const Flags& f, const TensorScalars& s, float w, float g, float r, float& buf) {
-  if (s.weight_decay != 0.0f) g = g + s.weight_decay * w;
-  if (f.regularize || f.has_groups) g = g + r;
-  if (f.momentum) {
-    buf = s.first ? g : buf * s.momentum + s.one_minus_dampening * g;
-    g = f.nesterov ? g + s.momentum * buf : buf;
-  }
+  g = select_(s.weight_decay != 0.0f, g + s.weight_decay * w, g);
+  g = select_(f.regularize || f.has_groups, g + r, g);
+  const float next = select_(s.first, g, buf * s.momentum + s.one_minus_dampening * g);
+  buf = select_(f.momentum, next, buf);
+  g = select_(f.momentum, select_(f.nesterov, g + s.momentum * next, next), g);
   return w - s.lr * g;
 }
 
 // Adam / AdamW with torch.optim's single-tensor order of operations.
 ST_HD float adam_update(const Flags& f, const TensorScalars& s, float w, float g, float r, float& m, float& v,
                         float& vmax) {
-  if (s.weight_decay != 0.0f) {
-    if (f.decoupled) {
-      w = w * s.decay_factor;
-    } else {
-      g = g + s.weight_decay * w;
-    }
-  }
-  if (f.regularize || f.has_groups) g = g + r;
+  w = w * s.decay_factor;  // 1 unless decoupled weight decay is on (w * 1 == w, NaN included)
+  g = select_(s.weight_decay != 0.0f && !f.decoupled, g + s.weight_decay * w, g);
+  g = select_(f.regularize || f.has_groups, g + r, g);
   m = lerp_(m, g, s.one_minus_beta1);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
-  float second = v;
-  if (f.amsgrad) {
-    vmax = fmax_(v, vmax);
-    second = vmax;
-  }
-  const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
+  vmax = select_(f.amsgrad, fmax_(v, vmax), vmax);
+  const float denom = sqrtf(select_(f.amsgrad, vmax, v)) / s.bias_correction2_sqrt + s.eps;
   return w - s.step_size * m / denom;
 }
 
-// The pruning decision on the updated weight of a live element: true = keep.
+// The pruning decision on the updated weight of a live element: true = keep. PRUNE is the mode when
+// known at compile time (the CPU driver: no switch inside its vectorized loops), -1 to read f.prune.
+template <int PRUNE = -1>
 ST_HD bool keep_element(const Flags& f, const TensorScalars& s, float w, float u, bool group_flagged) {
-  switch (f.prune) {
-    case PRUNE_STOCHASTIC:
-      return !(s.sample && u < fmin_(s.sample_c * exp_(-fabs_(w) / s.tm), 1.0f));
-    case PRUNE_LOW:
-      return !(fabs_(w) < s.threshold);
-    case PRUNE_HIGH:
-      return !(fabs_(w) > s.threshold);
-    case PRUNE_GROUP:
-      return !group_flagged;
-    default:
-      return true;
+  const int prune = PRUNE >= 0 ? PRUNE : f.prune;
+  if (prune == PRUNE_STOCHASTIC) {
+    const float q = fmin_(s.sample_c * exp_(-fabs_(w) / s.tm), 1.0f);
+    return !(s.sample & (u < q));
   }
+  if (prune == PRUNE_LOW) return !(fabs_(w) < s.threshold);
+  if (prune == PRUNE_HIGH) return !(fabs_(w) > s.threshold);
+  if (prune == PRUNE_GROUP) return !group_flagged;
+  return true;
 }
 
 // One live element, all of it: regularize, update, proximal L1, decide, mask. w and the states are
 // updated in place (zero when pruned now); returns whether the element stays alive. u is this
 // element's uniform (read only by stochastic pruning), lam / group_flagged its group's values.
+template <int PRUNE = -1>
 ST_HD bool step_element(const Flags& f, const TensorScalars& s, float& w, float g_raw, float& s1, float& s2,
                         float& s3, float lam, bool group_flagged, float u) {
-  const float g = f.maximize ? -g_raw : g_raw;
+  const float g = select_(f.maximize, -g_raw, g_raw);
   const float r = regularization(f, s, w, g_raw, lam);
   float nw = f.adam ? adam_update(f, s, w, g, r, s1, s2, s3) : sgd_update(f, s, w, g, r, s1);
-  if (f.regularize && f.l1_proximal) nw = proximal_l1(nw, s.l1_shrink);
-  const bool keep = keep_element(f, s, nw, u, group_flagged);
-  if (!keep) {
-    nw = 0.0f;
-    s1 = 0.0f;
-    s2 = 0.0f;
-    s3 = 0.0f;
-  }
-  w = nw;
+  nw = select_(f.regularize && f.l1_proximal, proximal_l1(nw, s.l1_shrink), nw);
+  const bool keep = keep_element<PRUNE>(f, s, nw, u, group_flagged);
+  w = keep ? nw : 0.0f;
+  s1 = keep ? s1 : 0.0f;
+  s2 = keep ? s2 : 0.0f;
+  s3 = keep ? s3 : 0.0f;
   return keep;
 }
 

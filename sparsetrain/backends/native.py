@@ -67,6 +67,12 @@ def supports(device: torch.device) -> tuple[bool, str]:
     return False, f"the native backend has no driver for {device.type} tensors"
 
 
+def _require() -> None:
+    usable, reason = _load()
+    if not usable:
+        raise RuntimeError(reason)
+
+
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return [x if x.is_contiguous() else x.contiguous() for x in tensors]
 
@@ -99,6 +105,7 @@ def sgd_step(
     """Fused SGD step on the native drivers (same function as the torch reference)."""
     if not params:
         return
+    _require()
     torch.ops.sparsetrain_native.sgd_step_(
         params, _contiguous(grads), momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
         list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
@@ -139,6 +146,7 @@ def adam_step(
     """Fused Adam / AdamW step on the native drivers (same function as the torch reference)."""
     if not params:
         return
+    _require()
     torch.ops.sparsetrain_native.adam_step_(
         params, _contiguous(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, mask_words,
         stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),

@@ -1,0 +1,209 @@
+"""CPU timings of the native backend's fused step against torch.optim (foreach) and the torch reference.
+
+A list of fp32 tensors (the first ResNet-50 shapes up to about 10M elements) takes, per thread count:
+
+* torch.optim.SGD(foreach=True), momentum 0.9 + weight decay, no pruning at all;
+* the native SGD step with momentum + L2 + a 50%-sparse mask and statistics, no pruning event;
+* the same step with a stochastic sampling event (Philox draws and the decision on every live weight);
+* torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask + statistics), without and
+  with a sampling event;
+* the torch reference backend on the same SGD / AdamW steps (one measurement each: it is slow).
+
+Median wall time of repeated steps after a warm-up. Prints a markdown report (machine, versions,
+date, command); ``--out`` writes it to a file.
+
+    python bench/native_cpu.py [--elements 10000000] [--threads 1 2] [--out bench/results/....md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import resnet50_shapes  # noqa: E402
+
+from sparsetrain import contract, masks, philox  # noqa: E402
+from sparsetrain.backends import module  # noqa: E402
+
+
+def _shapes(elements: int) -> list[tuple[int, ...]]:
+    out, total = [], 0
+    for shape in resnet50_shapes():
+        n = 1
+        for d in shape:
+            n *= d
+        if total + n > elements and out:
+            break
+        out.append(shape)
+        total += n
+    return out
+
+
+def _inputs(shapes, algo: str):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    alive = [torch.rand(p.numel(), generator=gen) < 0.5 for p in params]
+    for p, a in zip(params, alive):
+        p.view(-1).mul_(a)
+    n_states = 1 if algo == "sgd" else 2
+    states = [[torch.zeros_like(p) for p in params] for _ in range(n_states)]
+    stats, coefs = [], []
+    for p, a in zip(params, alive):
+        w = p.double().abs().view(-1)
+        tm = 0.5 * float(w.sum()) / max(1, int(a.sum()))
+        stats.append(
+            torch.tensor([a.sum(), w.sum(), (torch.exp(-w / tm) * a).sum(), 0.1 * a.sum(), tm], dtype=torch.float64)
+        )
+        c = torch.zeros(contract.NUM_COEFS)
+        c[contract.COEF_L2] = 1e-4
+        c[contract.COEF_PRUNE_COUNT] = 0.01 * p.numel()
+        c[contract.COEF_TEMPERATURE] = 0.5
+        coefs.append(c)
+    return dict(
+        params=params,
+        grads=grads,
+        states=states,
+        steps=[torch.tensor(5.0) for _ in params],
+        mask_words=[masks.pack(a) for a in alive],
+        stats=stats,
+        tensor_coefs=coefs,
+        seeds=torch.tensor([philox.event_seed(1, t, 3) for t in range(len(params))], dtype=torch.int64),
+    )
+
+
+def _fused(x, backend: str, algo: str, prune: str) -> None:
+    common = dict(
+        mask_words=x["mask_words"],
+        stats=x["stats"],
+        tensor_coefs=x["tensor_coefs"],
+        group_coefs=[],
+        group_inner=[],
+        shard_offsets=[],
+        seeds=x["seeds"],
+        found_inf=None,
+        lr=0.01,
+        lr_tensor=None,
+        prune=prune,
+        regularize=True,
+        l1_proximal=True,
+    )
+    mod = module(backend)
+    if algo == "sgd":
+        mod.sgd_step(
+            x["params"], x["grads"], x["states"][0], x["steps"], weight_decay=0.0, momentum=0.9, dampening=0.0,
+            nesterov=False, maximize=False, **common,
+        )  # fmt: skip
+    else:
+        mod.adam_step(
+            x["params"], x["grads"], x["states"][0], x["states"][1], [], x["steps"], beta1=0.9, beta2=0.999,
+            eps=1e-8, weight_decay=1e-2, decoupled=True, amsgrad=False, maximize=False, **common,
+        )  # fmt: skip
+
+
+def _time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def _torch_optim(shapes, name: str):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 0.1
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=1e-2, foreach=True)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--elements", type=int, default=10_000_000)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    shapes = _shapes(args.elements)
+    total = sum(torch.Size(s).numel() for s in shapes)
+    base = {algo: _inputs(shapes, algo) for algo in ("sgd", "adam")}
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        row = {"threads": threads}
+        sgd = _torch_optim(shapes, "SGD")
+        row["torch.optim.SGD foreach"] = _time(sgd.step, args.reps)
+        adamw = _torch_optim(shapes, "AdamW")
+        row["torch.optim.AdamW foreach"] = _time(adamw.step, args.reps)
+        for algo, label in (("sgd", "SGD"), ("adam", "AdamW")):
+            for prune, kind in (("none", "non-event"), ("stochastic", "sampling event")):
+                x = copy.deepcopy(base[algo])
+                row[f"native {label} {kind}"] = _time(lambda x=x, a=algo, p=prune: _fused(x, "native", a, p), args.reps)
+                if args.reference:
+                    x = copy.deepcopy(base[algo])
+                    row[f"torch reference {label} {kind}"] = _time(
+                        lambda x=x, a=algo, p=prune: _fused(x, "torch", a, p), 1, warmup=0
+                    )
+        rows.append(row)
+    keys = list(rows[0].keys())[1:]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Native backend on CPU: fused step vs torch.optim (foreach)",
+        "",
+        f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads available to torch; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit or 'n/a'}",
+        f"Command: python bench/native_cpu.py {' '.join(sys.argv[1:])}".rstrip(),
+        "",
+        f"{len(shapes)} fp32 tensors (first ResNet-50 shapes), {total / 1e6:.2f}M elements; masks 50% alive; "
+        f"median of {args.reps} steps after 2 warm-up steps (torch reference: one step). Milliseconds per step.",
+        "",
+        "| case | " + " | ".join(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{r[key]:.1f}" for r in rows) + " |")
+    lines.append("")
+    for r in rows:
+        t = r["threads"]
+        lines.append(
+            f"- {t} thread(s): native SGD non-event / torch.optim.SGD = "
+            f"{r['native SGD non-event'] / r['torch.optim.SGD foreach']:.2f}; SGD event / non-event = "
+            f"{r['native SGD sampling event'] / r['native SGD non-event']:.2f}; native AdamW non-event / "
+            f"torch.optim.AdamW = {r['native AdamW non-event'] / r['torch.optim.AdamW foreach']:.2f}; "
+            f"AdamW event / non-event = {r['native AdamW sampling event'] / r['native AdamW non-event']:.2f}"
+        )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
