@@ -100,7 +100,7 @@ def native_extension():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-        status = f"built: cpu driver only ({cuda_reason}; torch {torch.__version__})"
+        status = f"built: cpu driver only ({cuda_reason})"
 
     class BuildNative(cpp_extension.BuildExtension):
         def run(self) -> None:

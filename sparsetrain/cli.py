@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--backend",
         default=None,
-        choices=["auto", "torch", "triton", "cuda"],
+        choices=["auto", "torch", "triton", "native"],
         help="backend of the fused optimizers (default: SPARSETRAIN_BACKEND or auto)",
     )
     demo.add_argument(

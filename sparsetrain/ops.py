@@ -90,7 +90,7 @@ def sgd_step_(
             on the updated weights of every masked tensor of the call.
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
-        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (a resolved name, not ``"auto"``).
+        backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
     """
     backends.module(backend).sgd_step(
         params,
@@ -195,7 +195,7 @@ def adam_step_(
             on the updated weights of every masked tensor of the call.
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
-        backend: ``"torch"``, ``"triton"`` or ``"cuda"`` (a resolved name, not ``"auto"``).
+        backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
     """
     backends.module(backend).adam_step(
         params,

@@ -44,16 +44,20 @@ CASES = (
 )
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("name,kwargs", CASES)
-def test_matches_torch_optim_50_steps(name, kwargs):
+def test_matches_torch_optim_50_steps(name, kwargs, backend):
+    if not sparsetrain.backends.runs_on(backend, torch.device("cpu"))[0]:
+        pytest.skip(sparsetrain.backends.runs_on(backend, torch.device("cpu"))[1])
     ours_params = make_params(SHAPES)
     ref_params = clone_params(ours_params)
-    ours = getattr(sparsetrain.optim, name)(ours_params, **kwargs)
+    ours = getattr(sparsetrain.optim, name)(ours_params, backend=backend, **kwargs)
     ref = getattr(torch.optim, name)(ref_params, **kwargs)
     for step in range(50):
         set_grads([ours_params, ref_params], step, none_every=5)
         ours.step()
         ref.step()
+    assert ours.backend == backend
     assert max_rel_err(ours_params, ref_params) <= 1e-6
 
 

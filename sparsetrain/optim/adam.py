@@ -36,7 +36,7 @@ class Adam(FusedOptimizer):
             makes Adam behave as AdamW, as in ``torch.optim``.
 
     Keyword Args:
-        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
             environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
             CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
@@ -154,7 +154,7 @@ class AdamW(Adam):
             makes Adam behave as AdamW, as in ``torch.optim``.
 
     Keyword Args:
-        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
             environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
             CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.

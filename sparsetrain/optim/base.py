@@ -51,7 +51,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     Options shared by all of them (keywords):
 
     * ``backend``: ``"auto"`` (default, or env ``SPARSETRAIN_BACKEND``), ``"torch"``, ``"triton"``,
-      ``"cuda"``; an explicit backend that cannot run raises the reason at construction.
+      ``"native"``; an explicit backend that cannot run raises the reason at construction.
     * ``skip_nonfinite``: skip the whole step (weights, states, masks, step counts) when any gradient
       holds inf/NaN, detected on the device without a host sync per tensor.
     * ``seed``: base seed of the pruning random stream (saved in the state_dict).

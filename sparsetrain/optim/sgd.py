@@ -35,7 +35,7 @@ class SGD(FusedOptimizer):
         maximize: maximize the objective instead of minimizing it (default ``False``).
 
     Keyword Args:
-        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``. Default ``None``: the
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
             environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
             CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
