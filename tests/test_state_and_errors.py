@@ -106,7 +106,7 @@ def test_unusable_backend_names_the_reason(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="backend 'native' is not usable here"):
         sparsetrain.optim.Adam(params)
     monkeypatch.setenv("SPARSETRAIN_BACKEND", "auto")  # auto falls back to the reference
-    assert sparsetrain.optim.Adam(params).backend is None and backends.resolve(None, params[0].device) == "torch"
+    assert sparsetrain.optim.Adam(params).backend == "torch" == backends.resolve(None, params[0].device)
 
 
 def test_sparse_grad_and_mixed_devices_modify_nothing():
