@@ -15,8 +15,12 @@ exported models), writes it as JSON and Markdown, and saves the dynamics plots a
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +60,14 @@ def mlp() -> nn.Module:
     """LeNet-300-100. Hidden layers have no bias, so a node whose incoming weights are all zero
     outputs exactly zero and can be removed from the exported model without changing it."""
     return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 300, bias=False),
-        nn.ReLU(),
-        nn.Linear(300, 100, bias=False),
-        nn.ReLU(),
-        nn.Linear(100, 10),
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(784, 300, bias=False),
+            relu1=nn.ReLU(),
+            fc2=nn.Linear(300, 100, bias=False),
+            relu2=nn.ReLU(),
+            fc3=nn.Linear(100, 10),
+        )
     )
 
 
@@ -161,7 +167,7 @@ def run_mlp(data: Data, backend: str | None, epochs: int, decay: str) -> dict:
         temperature=0.1,
         **coefficient,
     )
-    pruner = sparsetrain.Pruner(model, opt, method, ratios={"5": 0.8}, record_every=10)
+    pruner = sparsetrain.Pruner(model, opt, method, ratios={"fc3": 0.8}, record_every=10)
     train(model, opt, data, epochs, label=f"MLP stochastic+{decay.upper()}")
     return {
         "model": model,
@@ -237,6 +243,8 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
     runs = {decay: run_mlp(data, backend, mlp_epochs, decay) for decay in ("l2", "l1")}
     dense_cnn = run_dense(cnn, data, backend, cnn_epochs, "CNN dense", lr=0.02, momentum=0.9, weight_decay=5e-4)
     greg = run_cnn(data, backend, cnn_epochs)
+    for label, run in [*((f"MLP, StochasticMagnitude + {d.upper()}", r) for d, r in runs.items()), ("CNN", greg)]:
+        print(f"\n{label}: per layer after training\n{run['pruner'].summary(data.x_test[:16])}\n")
 
     rows = []
     example = data.x_test[:16]
@@ -264,8 +272,9 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
 
     table = _markdown(rows)
     print(table)
-    (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    run_info = provenance(device, rows[0]["backend"], epochs, time.perf_counter() - started)
+    (out_dir / "results.md").write_text(_provenance_markdown(run_info) + "\n\n" + table + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"run": run_info, "rows": rows}, indent=2))
     histories = {decay: run["pruner"].history.as_dict() for decay, run in runs.items()}
     plots = [
         plot_node_dynamics(histories, out_dir / "node_dynamics_l1_vs_l2.png"),
@@ -276,6 +285,33 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
     print("plots: " + ", ".join(str(p) for p in plots))
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def provenance(device: torch.device, backend: str, epochs: int | None, seconds: float) -> dict:
+    """Where and how the results were made: device, versions, date, command and duration."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+    command = "sparsetrain demo" + (f" --epochs {epochs}" if epochs else "")
+    return {
+        "device": name,
+        "backend": backend,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sparsetrain": sparsetrain.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": command,
+        "seconds": round(seconds),
+    }
+
+
+def _provenance_markdown(run: dict) -> str:
+    return (
+        f"Device: {run['device']}; backend {run['backend']}. Python {run['python']}, torch {run['torch']}, "
+        f"sparsetrain {run['sparsetrain']}. {run['date']}. Command: `{run['command']}` "
+        f"({run['seconds']} s, training and export, plots excluded)."
+    )
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -38,12 +38,15 @@ class _Styles:
         i = self.index
         self.index += 1
         every = max(1, length // MARKERS_PER_CURVE)
+        if every == 1 and length >= 6:  # short series: every other point, alternating between series
+            every = 2
+        offset = (i * every) // self.total if every > 2 else i % every
         return {
             "color": next(self.colors),
             "linestyle": linestyle or LINESTYLES[i % len(LINESTYLES)],
             "marker": MARKERS[i % len(MARKERS)],
-            "markevery": (min(length - 1, (i * every) // self.total) if length else 0, every),
-            "markersize": 5,
+            "markevery": (min(max(length - 1, 0), offset), every),
+            "markersize": 7 - 2 * (i % 2),  # a marker drawn over an equal one leaves a ring visible
             "linewidth": 1.6,
         }
 
@@ -71,6 +74,7 @@ def plot_node_dynamics(histories: dict[str, dict], path: Path) -> Path:
             style = styles.next(len(history["step"]), linestyle)
             style["color"] = colors.setdefault(name, style["color"])
             style["marker"] = markers.setdefault(name, style["marker"])
+            style["fillstyle"] = "full" if run_index == 0 else "none"  # runs: filled vs hollow markers
             label = f"{layer_label(name)} ({run.upper()})"
             axes[0].plot(history["step"], [100 * v for v in series["dead_outputs"]], label=label, **style)
             axes[1].plot(history["step"], [100 * v for v in series["weight_sparsity"]], label=label, **style)
@@ -132,7 +136,14 @@ def plot_greg(history: dict, path: Path, pruned_at: int | None = None) -> Path:
         for ax in axes:
             ax.axvline(pruned_at, color="gray", linestyle=":", label=f"picked groups pruned (step {pruned_at})")
     axes[0].set(title="lam on the picked groups", xlabel="step", ylabel="lam")
-    axes[1].set(title="mean|kept| / mean|picked|", xlabel="step", ylabel="ratio (log scale)", yscale="log")
+    ratios = [v for k in keys if k.startswith("mag_ratio/") for v in history["scalars"][k] if v == v and v > 0]
+    wide = bool(ratios) and max(ratios) > 10 * min(ratios)  # log scale only when the ratio spans a decade
+    axes[1].set(
+        title="mean|kept| / mean|picked|",
+        xlabel="step",
+        ylabel="ratio (log scale)" if wide else "ratio",
+        yscale="log" if wide else "linear",
+    )
     fig.suptitle("GReg: growing penalty on the groups to prune")
     return _save(fig, axes, path, legend_axis=axes[1])
 

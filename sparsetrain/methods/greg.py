@@ -55,6 +55,45 @@ def check_structure(structure: str, cls: str) -> str:
 
 
 class GReg1(Method):
+    """GReg-1: grow an L2 penalty on the groups picked for pruning, then prune them.
+
+    Wang, Qin, Zhang and Fu, "Neural Pruning via Growing Regularization" (ICLR 2021,
+    arXiv:2012.09243), with the rules and defaults of the authors' official code:
+
+    1. at the start, per layer, pick the fraction ``ratio`` of groups with the smallest mean
+       ``|w|``: ``n = min(ceil(ratio * G), G - 1)``;
+    2. every ``update_interval`` steps the picked groups' penalty ``lam`` grows by ``delta``; the
+       fused step adds ``lam[j] * w`` to the gradient of every element of a picked group ``j``
+       (kept groups get only the optimizer's weight decay). A layer stops growing when
+       ``lam > ceiling`` or when the EMA (0.9 / 0.1) of ``mean|kept| / mean|picked|`` reaches
+       ``mag_ratio_limit``;
+    3. once every layer has stopped, ``lam`` is held for ``stabilize`` steps;
+    4. then the picked groups are pruned (weights, bias, optimizer state) and training continues
+       with the masks; :meth:`sparsetrain.Pruner.export` gives a physically smaller model.
+
+    Args:
+        ratio: fraction of each layer's groups to prune, in ``[0, 1)`` (at least one group is
+            always kept); the target ratio that the other methods call ``target``.
+        structure: ``"filters"`` (default: output filters / nodes, with their bias) or
+            ``"channels"`` (input channels).
+        update_interval: steps between two penalty updates (default ``5``; the paper uses 10 on
+            CIFAR).
+        delta: penalty increment per update (default ``1e-4``; short runs need larger values).
+        ceiling: the penalty above which a layer stops growing (default ``1.0``).
+        stabilize: steps the final penalty is held before pruning (default ``1000``).
+        mag_ratio_limit: magnitude ratio at which a layer stops growing (default ``1000``).
+        start: the first step of the method (default ``0``).
+
+    Attributes:
+        phase: ``"grow"``, ``"stabilize"`` or ``"pruned"`` (GReg-2 starts with ``"warm"``).
+        pruned_at: the step at which the picked groups were pruned (``None`` before).
+
+    Raises:
+        ValueError: ``ratio`` outside ``[0, 1)``, an unknown ``structure``, ``update_interval < 1``,
+            ``delta <= 0``, ``ceiling <= 0`` or ``stabilize < 0``; at ``Pruner`` creation, a layer
+            with fewer than 2 groups.
+    """
+
     uses_groups = True
 
     def __init__(
@@ -202,7 +241,26 @@ class GReg1(Method):
 
 
 class GReg2(GReg1):
-    """GReg-2: warm up lam on all groups, pick by magnitude, grow the picked, hold kept at ``kept_lam``."""
+    """GReg-2: warm a penalty up on all groups, pick by magnitude, then grow it on the picked.
+
+    Wang et al., "Neural Pruning via Growing Regularization" (ICLR 2021), GReg-2 with the official
+    code's rules: ``lam`` grows on *all* groups by ``delta_all`` every ``update_interval`` steps
+    until ``warm_ceiling``, so that the magnitudes come to reflect the groups' importance; then the
+    groups are picked by magnitude as in :class:`GReg1`, the picked ones' ``lam`` grows as in
+    GReg-1 and the kept ones are held at ``kept_lam`` (a small negative value lets them grow).
+
+    Args:
+        ratio: fraction of each layer's groups to prune, in ``[0, 1)``.
+        delta_all: increment of the warm-up penalty on all groups (default ``1e-5``).
+        warm_ceiling: warm-up penalty at which the groups are picked (default ``0.01``).
+        kept_lam: penalty of the kept groups after picking (default ``-1e-4``).
+
+    The other keyword arguments are :class:`GReg1`'s (``structure``, ``update_interval``,
+    ``delta``, ``ceiling``, ``stabilize``, ``mag_ratio_limit``, ``start``).
+
+    Raises:
+        ValueError: as :class:`GReg1`, and ``delta_all <= 0`` or ``warm_ceiling <= 0``.
+    """
 
     def __init__(
         self,

@@ -27,6 +27,52 @@ from .schedules import check_schedule, sparsity_at
 
 
 class Magnitude(Method):
+    """Magnitude pruning: the smallest (or largest) weights or groups, one-shot or on a schedule.
+
+    Classic magnitude pruning, and with ``largest=True`` the pruning of *large* weights studied by
+    Bartoldson et al., "Enhancing the Regularization Effect of Weight Pruning in Artificial Neural
+    Networks" (2018). At each pruning event the ``k`` smallest (or largest) alive weights of a
+    layer, or of all pruned layers together (``scope="global"``), or the ``k`` groups of smallest
+    L1 / L2 norm (``structure``), are pruned, with ``k`` set by the schedule:
+    ``k = round(sparsity_at(step) * target * size)``.
+
+    One-shot pruning (``schedule="oneshot"``) selects on the current weights and masks at once,
+    exactly as ``torch.nn.utils.prune`` selects (``l1_unstructured``, ``global_unstructured``
+    with ``L1Unstructured``, ``ln_structured`` on dim 0); with ``start=0`` it happens when the
+    ``Pruner`` is created. Iterative events compute thresholds on the host (a global one by a
+    multi-tensor radix select, never by sorting all weights) and leave the decision to the fused
+    step, on the updated weights.
+
+    Args:
+        target: fraction pruned at the end, in ``[0, 1)``: per layer, or over all pruned weights
+            with ``scope="global"``.
+        largest: prune the largest magnitudes instead of the smallest (default ``False``;
+            unstructured only).
+        scope: ``"layer"`` (default; each layer to its own target) or ``"global"`` (one threshold
+            over all pruned weights; unstructured only).
+        structure: ``None`` (default, unstructured), ``"filters"`` (output rows / filters, with
+            their bias) or ``"channels"`` (input channels).
+        norm: the group norm's order for structured pruning (default ``1.0``: L1; ``2.0``: L2).
+        schedule: ``"oneshot"`` (default), ``"linear"`` or ``"cubic"``.
+        start: step of the one-shot event, or first step of the schedule (default ``0``).
+        end: step at which an iterative schedule reaches ``target`` (default ``0``; must be
+            ``> start`` for ``"linear"`` / ``"cubic"``).
+        interval: steps between iterative events (default ``100``).
+
+    Raises:
+        ValueError: ``ratio`` outside ``[0, 1)``, an unknown ``scope`` or schedule, structured
+            pruning with ``scope="global"`` or ``largest=True``, ``end <= start`` for an iterative
+            schedule; at ``Pruner`` creation, an unstructured tensor already sparser than its
+            target.
+
+    Example:
+        ```python
+        methods.Magnitude(0.5)                                        # one-shot, per layer, now
+        methods.Magnitude(0.9, scope="global", schedule="cubic", start=1000, end=20_000, interval=500)
+        methods.Magnitude(0.3, structure="filters", norm=2.0)        # one-shot L2 filter pruning
+        ```
+    """
+
     def __init__(
         self,
         target: float,
