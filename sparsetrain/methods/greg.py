@@ -60,8 +60,8 @@ class GReg1(Method):
     Wang, Qin, Zhang and Fu, "Neural Pruning via Growing Regularization" (ICLR 2021,
     arXiv:2012.09243), with the rules and defaults of the authors' official code:
 
-    1. at the start, per layer, pick the fraction ``ratio`` of groups with the smallest mean
-       ``|w|``: ``n = min(ceil(ratio * G), G - 1)``;
+    1. at the start, per layer (per coupled channel group), pick the fraction ``target`` of groups
+       with the smallest mean ``|w|``: ``n = min(ceil(target * G), G - 1)``;
     2. every ``update_interval`` steps the picked groups' penalty ``lam`` grows by ``delta``; the
        fused step adds ``lam[j] * w`` to the gradient of every element of a picked group ``j``
        (kept groups get only the optimizer's weight decay). A layer stops growing when
@@ -72,10 +72,10 @@ class GReg1(Method):
        with the masks; :meth:`sparsetrain.Pruner.export` gives a physically smaller model.
 
     Args:
-        ratio: fraction of each layer's groups to prune, in ``[0, 1)`` (at least one group is
-            always kept); the target ratio that the other methods call ``target``.
-        structure: ``"filters"`` (default: output filters / nodes, with their bias) or
-            ``"channels"`` (input channels).
+        target: fraction of each layer's groups to prune, in ``[0, 1)`` (at least one group is
+            always kept). ``ratio`` is its deprecated spelling.
+        structure: ``"filters"`` (default; alias ``"neurons"``: output channels / features, as
+            coupled channel groups) or ``"channels"`` (input channels).
         update_interval: steps between two penalty updates (default ``5``; the paper uses 10 on
             CIFAR).
         delta: penalty increment per update (default ``1e-4``; short runs need larger values).
@@ -89,7 +89,7 @@ class GReg1(Method):
         pruned_at: the step at which the picked groups were pruned (``None`` before).
 
     Raises:
-        ValueError: ``ratio`` outside ``[0, 1)``, an unknown ``structure``, ``update_interval < 1``,
+        ValueError: ``target`` outside ``[0, 1)``, an unknown ``structure``, ``update_interval < 1``,
             ``delta <= 0``, ``ceiling <= 0`` or ``stabilize < 0``; at ``Pruner`` creation, a layer
             with fewer than 2 groups.
     """
@@ -250,13 +250,14 @@ class GReg2(GReg1):
     GReg-1 and the kept ones are held at ``kept_lam`` (a small negative value lets them grow).
 
     Args:
-        ratio: fraction of each layer's groups to prune, in ``[0, 1)``.
+        target: fraction of each layer's groups to prune, in ``[0, 1)``.
         delta_all: increment of the warm-up penalty on all groups (default ``1e-5``).
         warm_ceiling: warm-up penalty at which the groups are picked (default ``0.01``).
         kept_lam: penalty of the kept groups after picking (default ``-1e-4``).
 
     The other keyword arguments are :class:`GReg1`'s (``structure``, ``update_interval``,
-    ``delta``, ``ceiling``, ``stabilize``, ``mag_ratio_limit``, ``start``).
+    ``delta``, ``ceiling``, ``stabilize``, ``mag_ratio_limit``, ``start``; ``ratio`` is the
+    deprecated spelling of ``target``).
 
     Raises:
         ValueError: as :class:`GReg1`, and ``delta_all <= 0`` or ``warm_ceiling <= 0``.

@@ -38,10 +38,10 @@ class Magnitude(Method):
 
     One-shot pruning (``schedule="oneshot"``) selects on the current weights and masks at once,
     exactly as ``torch.nn.utils.prune`` selects (``l1_unstructured``, ``global_unstructured``
-    with ``L1Unstructured``, ``ln_structured`` on dim 0); with ``start=0`` it happens when the
-    ``Pruner`` is created. Iterative events compute thresholds on the host (a global one by a
-    multi-tensor radix select, never by sorting all weights) and leave the decision to the fused
-    step, on the updated weights.
+    with ``L1Unstructured`` and, with the Pruner's ``coupled=False``, ``ln_structured`` on dim 0);
+    with ``start=0`` it happens when the ``Pruner`` is created. Iterative events compute
+    thresholds on the host (a global one by a multi-tensor radix select, never by sorting all
+    weights) and leave the decision to the fused step, on the updated weights.
 
     Args:
         target: fraction pruned at the end, in ``[0, 1)``: per layer, or over all pruned weights
@@ -50,17 +50,18 @@ class Magnitude(Method):
             unstructured only).
         scope: ``"layer"`` (default; each layer to its own target) or ``"global"`` (one threshold
             over all pruned weights; unstructured only).
-        structure: ``None`` (default, unstructured), ``"filters"`` (output rows / filters, with
-            their bias) or ``"channels"`` (input channels).
+        structure: ``None`` (default, unstructured), ``"filters"`` (or its alias ``"neurons"``:
+            output channels / features, pruned as coupled channel groups with every slice that goes
+            with them) or ``"channels"`` (input channels).
         norm: the group norm's order for structured pruning (default ``1.0``: L1; ``2.0``: L2).
         schedule: ``"oneshot"`` (default), ``"linear"`` or ``"cubic"``.
         start: step of the one-shot event, or first step of the schedule (default ``0``).
         end: step at which an iterative schedule reaches ``target`` (default ``0``; must be
             ``> start`` for ``"linear"`` / ``"cubic"``).
-        interval: steps between iterative events (default ``100``).
+        interval: steps between iterative events (default ``100``; at least 1).
 
     Raises:
-        ValueError: ``ratio`` outside ``[0, 1)``, an unknown ``scope`` or schedule, structured
+        ValueError: ``target`` outside ``[0, 1)``, an unknown ``scope`` or schedule, structured
             pruning with ``scope="global"`` or ``largest=True``, ``end <= start`` for an iterative
             schedule; at ``Pruner`` creation, an unstructured tensor already sparser than its
             target.
