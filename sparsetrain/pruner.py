@@ -27,6 +27,7 @@ from .methods.base import Method, check_ratio
 from .metrics import History
 from .optim.base import FusedOptimizer
 from .selection import group_layout
+from .validation import integer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -195,7 +196,9 @@ class Pruner:
             or embeddings unless included by name).
         ratios: per-module-pattern target ratios overriding the method's ``target``
             (``{"classifier.*": 0.5}``); the last matching pattern wins.
-        record_every: steps between two history records (default ``10``).
+        record_every: steps between two history records (default ``10``). The history is bounded
+            (:data:`sparsetrain.metrics.HISTORY_LIMIT` records: when full, every other record is
+            dropped and the interval doubles), so neither it nor the state_dict grows with the run.
         example_inputs: for structured methods (``structure="filters"``): inputs to trace the model
             with Torch-Pruning (a tensor, a tuple of arguments or a dict of keyword arguments).
             Pruning then works on coupled channel groups (:mod:`sparsetrain.coupled`): a channel
@@ -420,6 +423,20 @@ class Pruner:
         """Step count, method schedule and history (a copy). Also saved in the optimizer's state_dict."""
         return self.schedule_state_dict()
 
+    def check_state_dict(self, state: Any) -> None:
+        """Raise a clear error if ``state`` does not fit this pruner; nothing is changed."""
+        if not isinstance(state, dict) or not {"step_count", "method", "history"} <= state.keys():
+            raise ValueError("pruner state must be a dict with 'step_count', 'method' and 'history'")
+        integer("pruner state: step_count", state["step_count"], low=0)
+        method_state = state["method"]
+        expected = set(self.method.state_dict())
+        if not isinstance(method_state, dict) or not set(method_state) <= expected:
+            got = sorted(method_state) if isinstance(method_state, dict) else type(method_state).__name__
+            raise ValueError(
+                f"pruner state: the {type(self.method).__name__} state has {got}; expected some of {sorted(expected)}"
+            )
+        self.history.check_state_dict(state["history"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (same targets)."""
         self.load_schedule_state_dict(state)
@@ -438,6 +455,7 @@ class Pruner:
     def load_schedule_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`schedule_state_dict` returned (same targets)."""
         self._check_names(state)
+        self.check_state_dict(state)  # checked whole first: nothing changes if it does not fit
         state = copy.deepcopy(state)
         self.step_count = state["step_count"]
         self.method.load_state_dict(state["method"])

@@ -32,6 +32,7 @@ from torch import Tensor
 from . import contract
 from . import masks as mask_format
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 PRUNING_KEYS = ("mask_words", "stats", "coefs", "group_coefs", "group_inner")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # param-group keys a saved group may lack (older state_dicts): the optimizer's defaults fill them
@@ -61,6 +62,8 @@ def number(name: str, value: Any, *, low: float | None = None, high: float | Non
     value = float(value)
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name} must be a finite number, got {value}")
+    if finite and abs(value) > FLOAT32_MAX:  # the kernels compute in float32
+        raise ValueError(f"{name} must be a finite float32 number (magnitude at most {FLOAT32_MAX:.4g}), got {value}")
     if low is not None and (value < low or (strict_low and value == low)):
         raise ValueError(f"{name} must be {'>' if strict_low else '>='} {low}, got {value}")
     if high is not None and (value > high or (strict_high and value == high)):

@@ -28,6 +28,16 @@ _MODULES = {
 AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("torch",)}
 
 
+class TensorList(list):
+    """A list of tensors an optimizer owns and keeps across steps.
+
+    A backend may cache work per list (the Triton backend's plan: address table, block map); it
+    holds such a list only weakly, so the cache entry goes when the optimizer drops the list.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 

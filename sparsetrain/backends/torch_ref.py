@@ -141,11 +141,10 @@ def _apply(pruning: _Pruning, t: int, param: Tensor, update) -> None:
     w = param.detach().reshape(-1).float()
     new_w, g_raw, states = update(w, alive)
     new_alive = pruning.decide(t, new_w, alive)
-    keep = new_alive.to(new_w.dtype)
-    new_w = new_w * keep
+    dead = ~new_alive
+    new_w = new_w.masked_fill(dead, 0.0)  # exactly +0.0, whatever the value (inf * 0 would be NaN, -w * 0 is -0.0)
     for state in states:
-        flat = state.view(-1)
-        flat.mul_(keep)
+        state.view(-1).masked_fill_(dead, 0.0)
     param.detach().copy_(new_w.view_as(param).to(param.dtype))
     pruning.finish(t, new_w, g_raw, new_alive)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -18,13 +19,15 @@ from torch import Tensor
 
 from .. import contract
 from ..transfer import to_device
+from . import TensorList
 
 FINISH_CHUNK = 256  # partial rows per loop iteration of a reduction program
 # A tensor with more programs than this has its partials reduced first in segments of SEGMENT_ROWS
 # rows, one program per segment, so that no program walks more than a few thousand rows.
 SEGMENT_THRESHOLD = 4096
 SEGMENT_ROWS = 2048
-_PLAN_CACHE_SIZE = 16
+_PLAN_CACHE_SIZE = 16  # plans kept for plain (not optimizer-owned) lists
+_LOG_BETAS_SIZE = 8
 _PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # -> tl.<name>
 
 
@@ -177,7 +180,7 @@ class _Plan:
 
 
 _plans: OrderedDict[int, _Plan] = OrderedDict()
-_log_betas: dict[tuple, Tensor] = {}
+_log_betas: OrderedDict[tuple, Tensor] = OrderedDict()
 _dummies: dict[torch.device, Tensor] = {}
 _configure_from_env()
 
@@ -216,7 +219,7 @@ def _plan(
     plan = _plans.get(id(params))
     if (
         plan is not None
-        and all(a is b or (not a and not b) for a, b in zip(plan.static, static))
+        and all(_same(a, b) for a, b in zip(plan.static, static))
         and plan.param_ptrs == [p.data_ptr() for p in params]
         and plan.layout == (list(group_inner), list(shard_offsets))
     ):
@@ -250,11 +253,50 @@ def _plan(
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
     shard = list(shard_offsets) if shard_offsets else [0] * num
     plan = _Plan(device, columns, numels, inners, groups, shard, [p.dtype for p in params])
-    plan.static, plan.numels, plan.layout = static, numels, (list(group_inner), list(shard_offsets))
-    _plans[id(params)] = plan
-    if len(_plans) > _PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
+    plan.numels, plan.layout = numels, (list(group_inner), list(shard_offsets))
+    _remember(plan, params, static)
     return plan
+
+
+def _same(record, x) -> bool:
+    """Whether a plan's record of a list (the list, or a weak reference to it) is ``x``; empty lists match."""
+    kept = record() if isinstance(record, weakref.ref) else record
+    return kept is x or (not kept and not x)
+
+
+def _remember(plan: _Plan, params, static) -> None:
+    """Cache ``plan``: weakly for optimizer-owned lists (it goes with them), else in a small LRU.
+
+    Caches never keep tensors alive: a plan holds the optimizer's lists (:class:`TensorList`)
+    weakly; plans for plain lists (direct op calls) are kept for the last ``_PLAN_CACHE_SIZE``.
+    """
+    key = id(params)
+    plan.owned = isinstance(params, TensorList)
+    if plan.owned:
+        plan.static = [weakref.ref(x) if isinstance(x, TensorList) else x for x in static]
+        # dropped with the list (a dead list's id cannot be reused before this callback runs)
+        plan.owner = weakref.ref(params, lambda _ref, key=key: _plans.pop(key, None))
+    else:
+        plan.static = static
+    _plans[key] = plan
+    _plans.move_to_end(key)
+    plain = [k for k, p in _plans.items() if not p.owned]
+    for k in plain[: max(0, len(plain) - _PLAN_CACHE_SIZE)]:
+        del _plans[k]
+
+
+def _log_beta_table(device: torch.device, beta1: float, beta2: float) -> Tensor:
+    """log(beta1), log(beta2) in fp64 on ``device`` (-inf for 0), from an LRU of ``_LOG_BETAS_SIZE``
+    entries: beta schedules (OneCycleLR cycles beta1 every step) do not grow it."""
+    key = (device, beta1, beta2)
+    table = _log_betas.get(key)
+    if table is None:
+        logs = [math.log(b) if b > 0 else -math.inf for b in (beta1, beta2)]
+        table = _log_betas[key] = torch.tensor(logs, dtype=torch.float64, device=device)
+        while len(_log_betas) > _LOG_BETAS_SIZE:
+            _log_betas.popitem(last=False)
+    _log_betas.move_to_end(key)
+    return table
 
 
 def _launch(
@@ -311,16 +353,7 @@ def _launch(
     found = found_inf.to(torch.int32) if found_inf is not None else dummy
     seeds_arg = seeds if prune == "stochastic" else dummy
     lr_ptr = lr_tensor.to(torch.float32) if lr_tensor is not None else dummy
-    beta_key = (device, scalars["beta1"], scalars["beta2"])
-    if beta_key not in _log_betas:
-        _log_betas[beta_key] = torch.tensor(
-            [
-                math.log(scalars["beta1"]) if scalars["beta1"] > 0 else -math.inf,
-                math.log(scalars["beta2"]) if scalars["beta2"] > 0 else -math.inf,
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
+    log_betas = _log_beta_table(device, scalars["beta1"], scalars["beta2"])
     for dtype, block_tensor, block_local, num_programs in plan.launches:
         fs.fused_step_kernel[(num_programs,)](
             plan.table,
@@ -341,7 +374,7 @@ def _launch(
             1.0 - scalars["beta2"],
             scalars["eps"],
             1.0 - lr * scalars["weight_decay"],
-            _log_betas[beta_key],
+            log_betas,
             PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtype]),
             IS_ADAM=is_adam,
             HAS_MOMENTUM=bool(flags.get("has_momentum")),

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import backends, contract, philox, validation
 from .. import masks as mask_format
 from ..transfer import to_device
-from . import compat, compiled, events
+from . import compat, compiled, dead, events
 
 STATE_FORMAT = 1
 
@@ -43,6 +43,7 @@ class _Call:
     where: list[str]  # "parameter i of param group j", for error messages
     indices: np.ndarray  # int64 positions in the optimizer's parameter order (seed derivation)
     lists: dict[str, Any]
+    versions: list[int] | None = None  # parameters' version counters after the last step (masked calls)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -280,7 +281,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     calls.append(
                         _Call(
                             group,
-                            params,
+                            backends.TensorList(params),
                             masked,
                             where[masked],
                             np.array([index[p] for p in params], dtype=np.int64),
@@ -292,13 +293,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _static_lists(self, group: dict[str, Any], params: list[Tensor], masked: bool) -> dict[str, Any]:
         states = [self.state[p] for p in params]
         use_groups = masked and self.uses_groups
-        lists = {name: [s[name] for s in states] for name in self._algo_states(group)}
-        lists["step"] = [s["step"] for s in states]
+        owned = backends.TensorList  # backends cache per list and hold these weakly
+        lists = {name: owned(s[name] for s in states) for name in self._algo_states(group)}
+        lists["step"] = owned(s["step"] for s in states)
         lists["pruning"] = {
-            "mask_words": [s["mask_words"] for s in states] if masked else [],
-            "stats": [s["stats"] for s in states] if masked else [],
-            "tensor_coefs": [s["coefs"] for s in states] if masked else [],
-            "group_coefs": [s["group_coefs"] for s in states] if use_groups else [],
+            "mask_words": owned(s["mask_words"] for s in states) if masked else [],
+            "stats": owned(s["stats"] for s in states) if masked else [],
+            "tensor_coefs": owned(s["coefs"] for s in states) if masked else [],
+            "group_coefs": owned(s["group_coefs"] for s in states) if use_groups else [],
             "group_inner": [s["group_inner"] for s in states] if use_groups else [],
             "shard_offsets": [],
         }
@@ -381,7 +383,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "l1_proximal": self.l1_proximal,
                     "backend": backend,
                 }
+                if call.masked:
+                    dead.rezero_written(call.params, call.versions, self.state)
                 self._launch(call, call_grads, common)
+                if call.masked:
+                    call.versions = dead.versions(call.params)
         if prune != "none":
             events.decide_without_gradient(self, prune)
         if prune == "stochastic":
@@ -426,6 +432,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             state_dict["sparsetrain"]["format"] = STATE_FORMAT
         new_groups = validation.state_dict(self, state_dict, STATE_FORMAT)
         meta = state_dict["sparsetrain"]
+        if self.pruner is not None and meta.get("pruner") is not None:
+            self.pruner.check_state_dict(meta["pruner"])
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]], params))
         buffers = self._algo_state_names()

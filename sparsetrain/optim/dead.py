@@ -1,0 +1,39 @@
+"""Dead weights stay exactly +0.0, whatever is written into them between steps, on every backend.
+
+A fused step never reads a dead (pruned) weight: the Triton kernel skips dead blocks and writes a
+dead element back as it was read. A write from outside the optimizer (loading a dense checkpoint
+into the model, ``fill_``, ``copy_``, another optimizer) would therefore survive on one backend and
+not on another. Before each step the optimizer compares each masked parameter's version counter
+(``Tensor._version``, bumped by every in-place write through autograd-visible tensors) with the
+value it recorded after its last step, and zeroes the dead elements of the tensors that were
+written since. A steady training loop pays one integer read per masked tensor per step.
+
+Writes through ``.data`` or raw pointers bypass the version counter and are not detected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import masks as mask_format
+
+
+def versions(params: list[Tensor]) -> list[int]:
+    return [p._version for p in params]
+
+
+def rezero_written(params: list[Tensor], recorded: list[int] | None, state: Any) -> None:
+    """Zero (+0.0) the dead elements of every tensor of ``params`` written since ``recorded``."""
+    if torch.compiler.is_compiling():
+        return
+    now = versions(params)
+    if now == recorded:
+        return
+    with torch.no_grad():
+        for index, p in enumerate(params):
+            if recorded is None or now[index] != recorded[index]:
+                alive = mask_format.unpack(state[p]["mask_words"], p.numel(), p.shape)
+                p.masked_fill_(~alive, 0.0)
