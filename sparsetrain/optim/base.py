@@ -246,6 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         presence = tuple(p.grad is not None for g in self.param_groups for p in g["params"])
         key = (self._layout_version, presence, self.uses_groups, tuple(self._algo_states(g) for g in self.param_groups))
+        key += (torch.compiler.is_compiling(),)  # traced steps get plain lists (dynamo cannot pass TensorList)
         if key != self._calls_key:
             self._calls_cache = self._build_calls()
             self._calls_key = key
@@ -281,7 +282,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     calls.append(
                         _Call(
                             group,
-                            backends.TensorList(params),
+                            self._owned_list()(params),
                             masked,
                             where[masked],
                             np.array([index[p] for p in params], dtype=np.int64),
@@ -290,10 +291,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
         return calls
 
+    @staticmethod
+    def _owned_list() -> type:
+        """The list type of the calls' tensor lists: backends cache per list and hold these weakly."""
+        return list if torch.compiler.is_compiling() else backends.TensorList
+
     def _static_lists(self, group: dict[str, Any], params: list[Tensor], masked: bool) -> dict[str, Any]:
         states = [self.state[p] for p in params]
         use_groups = masked and self.uses_groups
-        owned = backends.TensorList  # backends cache per list and hold these weakly
+        owned = self._owned_list()
         lists = {name: owned(s[name] for s in states) for name in self._algo_states(group)}
         lists["step"] = owned(s["step"] for s in states)
         lists["pruning"] = {
