@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .coupled import CoupledGroups, unwrap
 from .methods.base import Method, check_ratio
 from .metrics import History
@@ -305,6 +307,9 @@ class Pruner:
 
     def _pre_step(self, closure: bool = False) -> bool:
         """Run the schedule for this step unless the step will be skipped (returned)."""
+        sync = self.sync
+        if sync is not None and self.method.needs_stats(self.step_count):
+            sync.request_stats(self.optimizer)  # summed across ranks with the step's first collective
         if not closure and self.optimizer.nonfinite_grads():
             return True  # a skipped step changes nothing: the schedule waits for the next step that runs
         self.method.before_step(self, self.step_count)
@@ -330,8 +335,18 @@ class Pruner:
         """The target's per-tensor coefficients (float32 ``[NUM_COEFS]`` in the optimizer state; writable)."""
         return self.optimizer.state[target.param]["coefs"]
 
+    @property
+    def sync(self) -> distributed.ShardSync | None:
+        """Cross-rank bookkeeping when the parameters are DTensor shards (FSDP2), else None."""
+        return distributed.sync_of(self.optimizer)
+
     def stats(self, target: Target) -> Tensor:
-        """The target's statistics of the last step (float64 ``[NUM_STATS]`` on its device)."""
+        """The target's statistics of the last step (float64 ``[NUM_STATS]`` on its device).
+
+        With DTensor shards they are summed across ranks first when a step requested it.
+        """
+        if self.sync is not None:
+            self.sync.flush()
         return self.optimizer.state[target.param]["stats"]
 
     def write_group_rows(self, row: int, per_group: list[Tensor], reduce: str = "sum") -> None:
@@ -473,12 +488,12 @@ def layer_metrics(target: Target, weight: Tensor | None = None) -> dict[str, Ten
 
     ``weight``: the weight as the model uses it (default the parameter).
     """
-    w = (target.param if weight is None else weight).detach()
+    w = distributed.local(target.param if weight is None else weight).detach()  # FSDP2: the rank's shard
     zero = w == 0
-    rows = zero.reshape(w.shape[0], -1).all(dim=1)
+    rows = zero.reshape(w.shape[0], math.prod(w.shape[1:])).all(dim=1)  # an FSDP2 shard may have no rows
     out = {"weight_sparsity": zero.float().mean(), "dead_outputs": rows.float().mean()}
     if w.dim() >= 2:
-        out["dead_inputs"] = zero.transpose(0, 1).reshape(w.shape[1], -1).all(dim=1).float().mean()
+        out["dead_inputs"] = zero.transpose(0, 1).reshape(w.shape[1], -1 if w.numel() else 0).all(dim=1).float().mean()
     else:
         out["dead_inputs"] = torch.zeros((), device=w.device)
     return out

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import contract
 from . import masks as mask_format
+from .distributed import local
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 PRUNING_KEYS = ("mask_words", "stats", "coefs", "group_coefs", "group_inner")
@@ -163,8 +164,8 @@ def step_tensors(calls: list[Any], backend: str) -> None:
     """
     triton = backend == "triton"
     for call in calls:
-        for label, p in zip(call.where, call.params):
-            g = p.grad
+        for label, source in zip(call.where, call.sources):
+            p, g = local(source), local(source.grad)  # FSDP2: the rank's shards
             if g.layout != torch.strided:
                 raise RuntimeError(
                     f"{label} ({describe(p)}) has a {'sparse' if g.is_sparse else str(g.layout)} gradient; "
@@ -245,7 +246,12 @@ def _tensor(label: str, field: str, value: Any, dtype: torch.dtype, shape: tuple
 
 
 def param_state(label: str, p: Tensor, saved: Any, buffers: tuple[str, ...]) -> None:
-    """One parameter's saved state: known keys, the dtypes and shapes every backend reads, sane values."""
+    """One parameter's saved state: known keys, the dtypes and shapes every backend reads, sane values.
+
+    For a DTensor parameter, buffers and mask words are those of the local shard and the statistics
+    may be global sums (at most the full tensor's element count alive).
+    """
+    total, p = p.numel(), local(p)
     if not isinstance(saved, Mapping):
         raise TypeError(f"{label}: its state must be a dict, got {type(saved).__name__}")
     allowed = {"step", *buffers, *PRUNING_KEYS}
@@ -282,8 +288,8 @@ def param_state(label: str, p: Tensor, saved: Any, buffers: tuple[str, ...]) -> 
             raise ValueError(f"{label}: state 'mask_words' has bits set past the tensor's {numel} elements")
     stats = _tensor(label, "stats", saved["stats"], torch.float64, (contract.NUM_STATS,))
     values = stats.tolist()
-    if not all(math.isfinite(v) and v >= 0 for v in values) or values[contract.STAT_ALIVE] > numel:
-        raise ValueError(f"{label}: state 'stats' holds {values}: negative, non-finite or more alive than {numel}")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or values[contract.STAT_ALIVE] > total:
+        raise ValueError(f"{label}: state 'stats' holds {values}: negative, non-finite or more alive than {total}")
     coefs = _tensor(label, "coefs", saved["coefs"], torch.float32, (contract.NUM_COEFS,))
     for name in COEF_NAMES:
         coefficient(name, coefs[getattr(contract, f"COEF_{name.upper()}")], label)

@@ -163,3 +163,20 @@ def test_capturable_needs_a_device_side_backend_and_keeps_lr_on_device():
         opt.step()
         ref.step()
     torch.testing.assert_close(params[0], ref_params[0], rtol=1e-6, atol=1e-7)
+
+
+def test_set_mask_leaves_statistics_of_a_parameter_shaped_like_them_alone():
+    """A parameter with as many elements as the stats vector: set_mask multiplied the stats by the mask."""
+    from sparsetrain.contract import NUM_STATS, STAT_SUM_ABS_G
+
+    param = torch.nn.Parameter(torch.randn(NUM_STATS))
+    opt = sparsetrain.optim.SGD([param], lr=0.1, momentum=0.9)
+    opt.enable_pruning(param)
+    param.grad = torch.randn(NUM_STATS)
+    opt.step()
+    before = opt.state[param]["stats"][STAT_SUM_ABS_G].clone()
+    alive = torch.ones(NUM_STATS, dtype=torch.bool)
+    alive[STAT_SUM_ABS_G] = False
+    opt.set_mask(param, alive)
+    torch.testing.assert_close(opt.state[param]["stats"][STAT_SUM_ABS_G], before)
+    assert opt.state[param]["momentum_buffer"][STAT_SUM_ABS_G] == 0

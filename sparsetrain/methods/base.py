@@ -52,6 +52,14 @@ class Method:
     def after_step(self, pruner: Pruner, step: int) -> None:
         """Called after optimizer step ``step``."""
 
+    def needs_stats(self, step: int) -> bool:
+        """Whether step ``step`` reads the previous step's statistics beyond what the optimizer knows.
+
+        Only consulted for sharded (FSDP2) parameters, where statistics are summed across ranks
+        before such a step and never otherwise.
+        """
+        return False
+
     def scalars(self) -> dict[str, float]:
         """Method-specific scalars recorded in the history (e.g. GReg's lam)."""
         return {}

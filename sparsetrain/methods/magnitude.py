@@ -19,7 +19,8 @@ import torch
 
 from .. import masks as mask_format
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
-from ..selection import kth_smallest_abs, next_float32, prune_count
+from ..distributed import full
+from ..selection import kth_smallest_abs_many, next_float32, prune_count
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
 from .greg import check_structure
@@ -135,8 +136,8 @@ class Magnitude(Method):
             for t in pruner.targets:
                 k = prune_count(level * t.ratio, t.param.numel())
                 alive = torch.ones(t.param.numel(), dtype=torch.bool, device=t.param.device)
-                if k:
-                    magnitudes = t.param.detach().abs().reshape(-1)
+                if k:  # one-shot, exact ties as torch.nn.utils.prune: a sharded weight is gathered once
+                    magnitudes = full(t.param).detach().abs().reshape(-1)
                     alive[torch.topk(magnitudes, k, largest=self.largest).indices] = False
                 pruner.optimizer.set_mask(t.param, alive.reshape(t.param.shape))
         else:
@@ -144,7 +145,7 @@ class Magnitude(Method):
             total = sum(x.numel() for x in tensors)
             k = prune_count(level * self.target, total)
             if k:
-                threshold = self._global_threshold(tensors, k, total)
+                threshold = self._global_threshold(tensors, k, total, pruner.sync)
                 for t in pruner.targets:
                     magnitudes = t.param.detach().abs()
                     dead = magnitudes > threshold if self.largest else magnitudes < threshold
@@ -172,11 +173,16 @@ class Magnitude(Method):
             out.append(flags)
         return out
 
-    def _global_threshold(self, tensors, k: int, total: int) -> float:
+    def _global_threshold(self, tensors, k: int, total: int, sync=None) -> float:
         """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
+        return self._thresholds([tensors], [k], [total], sync)[0]
+
+    def _thresholds(self, selections, ks, totals, sync) -> list[float]:
+        """:meth:`_global_threshold` of several selections with one radix select (one collective per pass)."""
         if self.largest:
-            return next_float32(kth_smallest_abs(tensors, total - k + 1), 0.0)
-        return next_float32(kth_smallest_abs(tensors, k), math.inf)
+            values = kth_smallest_abs_many(selections, [n - k + 1 for k, n in zip(ks, totals)], sync=sync)
+            return [next_float32(v, 0.0) for v in values]
+        return [next_float32(v, math.inf) for v in kth_smallest_abs_many(selections, ks, sync=sync)]
 
     # ---------------------------------------------------------------- iterative (fused decision)
     def before_step(self, pruner, step: int) -> None:
@@ -196,18 +202,23 @@ class Magnitude(Method):
                 tensors = [t.param for t in pruner.targets]
                 total = sum(x.numel() for x in tensors)
                 k = prune_count(level * self.target, total) - self._dead_largest(pruner, pruner.targets)
-                threshold = self._global_threshold(tensors, k, total) if k > 0 else (math.inf if self.largest else 0.0)
+                none = math.inf if self.largest else 0.0
+                threshold = self._global_threshold(tensors, k, total, pruner.sync) if k > 0 else none
                 thresholds = [threshold] * len(pruner.targets)
             else:
-                thresholds = []
-                for t in pruner.targets:
-                    k = prune_count(level * t.ratio, t.param.numel()) - self._dead_largest(pruner, [t])
-                    k = max(k, 0)
-                    thresholds.append(
-                        self._global_threshold([t.param], k, t.param.numel())
-                        if k
-                        else (math.inf if self.largest else 0.0)
-                    )
+                counts = [
+                    max(prune_count(level * t.ratio, t.param.numel()) - self._dead_largest(pruner, [t]), 0)
+                    for t in pruner.targets
+                ]
+                chosen = [(t, k) for t, k in zip(pruner.targets, counts) if k]
+                values = self._thresholds(
+                    [[t.param] for t, _ in chosen],
+                    [k for _, k in chosen],
+                    [t.param.numel() for t, _ in chosen],
+                    pruner.sync,
+                )
+                found = {t.name: v for (t, _), v in zip(chosen, values)}
+                thresholds = [found.get(t.name, math.inf if self.largest else 0.0) for t in pruner.targets]
             for t, threshold in zip(pruner.targets, thresholds):
                 pruner.coefs(t)[COEF_THRESHOLD] = threshold
             opt.schedule_pruning("high" if self.largest else "low")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from ..contract import COEF_THRESHOLD
-from ..selection import kth_smallest_abs, next_float32, prune_count
+from ..selection import kth_smallest_abs_many, next_float32, prune_count
 from ..validation import integer, number
 from .base import Method, check_ratio
 from .schedules import check_schedule, sparsity_at
@@ -75,13 +75,19 @@ class SelectiveDecay(Method):
         for t in pruner.targets:
             pruner.optimizer.set_coefs(t.param, sd=self.sd, sd_beta=self.beta)
 
+    def needs_stats(self, step: int) -> bool:
+        """The decay term reads the previous step's mean |g| at every step."""
+        return self.sd > 0
+
     def before_step(self, pruner, step: int) -> None:
         """At an event: set each tensor's magnitude threshold and schedule a ``"low"`` decision."""
         if not (self.start < step <= self.end and (step - self.start) % self.interval == 0):
             return
         level = sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
+        counts = [prune_count(level * t.ratio, t.param.numel()) for t in pruner.targets]
+        chosen = [(t, k) for t, k in zip(pruner.targets, counts) if k]
+        values = kth_smallest_abs_many([[t.param] for t, _ in chosen], [k for _, k in chosen], sync=pruner.sync)
+        kth = {t.name: v for (t, _), v in zip(chosen, values)}
         for t in pruner.targets:
-            k = prune_count(level * t.ratio, t.param.numel())
-            threshold = next_float32(kth_smallest_abs([t.param], k), math.inf) if k else 0.0
-            pruner.coefs(t)[COEF_THRESHOLD] = threshold
+            pruner.coefs(t)[COEF_THRESHOLD] = next_float32(kth[t.name], math.inf) if t.name in kth else 0.0
         pruner.optimizer.schedule_pruning("low")

@@ -105,6 +105,10 @@ class StochasticMagnitude(Method):
         """Whether optimizer step ``step`` (0-based) takes a sampling decision."""
         return self.start <= step <= self.end and (step - self.start) % self.interval == 0
 
+    def needs_stats(self, step: int) -> bool:
+        """An event reads the previous step's kernel sum, and that step's scale ``T * m`` reads the one before."""
+        return self.is_event(step) or self.is_event(step + 1)
+
     def level(self, step: int) -> float:
         """Fraction of each target's ratio scheduled at ``step``."""
         return sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import backends, contract, philox, validation
+from .. import backends, contract, distributed, philox, validation
 from .. import masks as mask_format
 from ..transfer import to_device
 from . import compat, compiled, dead, events
@@ -38,7 +38,8 @@ class _Call:
     """One fused-op call: tensors of one param group, all masked or all unmasked, and their state lists."""
 
     group: dict[str, Any]
-    params: list[Tensor]
+    params: list[Tensor]  # what the op steps: the tensors, or their local shards (FSDP2)
+    sources: list[Tensor]  # the parameters themselves (their .grad is read)
     masked: bool
     where: list[str]  # "parameter i of param group j", for error messages
     indices: np.ndarray  # int64 positions in the optimizer's parameter order (seed derivation)
@@ -92,6 +93,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.base_seed = int(seed) & philox.MASK63
         self.prune_events = 0
         self.regularize = False  # set when any per-tensor l2 / l1 / selective-decay coefficient is used
+        self.uses_sd = False  # selective decay reads the previous step's statistics every step
+        self.shard_sync: distributed.ShardSync | None = None  # set when parameters are DTensor shards (FSDP2)
         self.uses_groups = False  # set when per-group lam or group pruning is used
         self._pending_prune = "none"
         self._found_inf_cache: Tensor | None = None
@@ -133,6 +136,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         self._layout_version += 1
         group = self.param_groups[-1]
+        distributed.attach(self, group["params"])
         for p in group["params"]:
             self._init_state(p, group)
 
@@ -146,7 +150,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for name in self._algo_states(group):
             if name not in state:
-                state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state[name] = torch.zeros(distributed.local(p).shape, dtype=torch.float32, device=p.device)
 
     def _param_index(self) -> dict[Tensor, int]:
         return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -156,7 +160,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Give ``param`` a mask (all alive), statistics, coefficients and ``groups`` groups.
 
         Element ``i`` belongs to group ``(i // group_inner) % groups``; ``group_inner`` defaults
-        to ``numel // groups`` (contiguous groups, e.g. output filters).
+        to ``numel // groups`` (contiguous groups, e.g. output filters). For a DTensor shard, ``i``
+        indexes the full tensor and the mask and statistics cover the local shard.
         """
         label = validation.owned(self, param, "enable_pruning")
         numel = param.numel()
@@ -165,45 +170,59 @@ class FusedOptimizer(torch.optim.Optimizer):
         if "mask_words" in state:
             return
         device = param.device
+        shard = distributed.local(param).detach()
         with torch.no_grad():
             stats = torch.zeros(contract.NUM_STATS, dtype=torch.float64, device=device)
-            stats[contract.STAT_ALIVE] = numel
-            stats[contract.STAT_SUM_ABS_W] = param.detach().double().abs().sum()
-        state["mask_words"] = mask_format.full(numel, device)
+            stats[contract.STAT_ALIVE] = shard.numel()
+            stats[contract.STAT_SUM_ABS_W] = shard.double().abs().sum()
+        state["mask_words"] = mask_format.full(shard.numel(), device)
         state["stats"] = stats
         state["coefs"] = torch.zeros(contract.NUM_COEFS, dtype=torch.float32, device=device)
         state["group_coefs"] = torch.zeros(2, groups, dtype=torch.float32, device=device)
         state["group_inner"] = int(inner)
         self._layout_version += 1
+        if self.shard_sync is not None:
+            self.shard_sync.stepped()
 
     def set_mask(self, param: Tensor, alive: Tensor) -> None:
         """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state).
 
         Pruned weights and their states become exactly +0.0, whatever they held (inf and NaN included).
+        For a DTensor parameter ``alive`` may be a DTensor laid out like it, or a plain tensor of the
+        full shape (each rank takes its rows).
         """
         label = validation.owned(self, param, "set_mask")
         validation.mask_for(label, param, alive)
         state = self.state[param]
         if "mask_words" not in state:
             self.enable_pruning(param)
-        alive = alive.to(device=param.device)
+        shard = distributed.local(param)
+        alive = distributed.local_part(alive, param).to(device=param.device)
         with torch.no_grad():
-            keep = alive & self.mask(param)
+            keep = alive & distributed.local(self.mask(param))
             state["mask_words"].copy_(mask_format.pack(keep))
             dead = ~keep
-            param.masked_fill_(dead, 0.0)
-            for value in state.values():
-                if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                    value.masked_fill_(dead, 0.0)
+            shard.masked_fill_(dead, 0.0)
+            for name in self._algo_state_names():  # by name: stats or coefs may have the parameter's shape
+                if name in state:
+                    state[name].masked_fill_(dead, 0.0)
             state["stats"][contract.STAT_ALIVE] = keep.sum()
-            state["stats"][contract.STAT_SUM_ABS_W] = param.double().abs().sum()
+            state["stats"][contract.STAT_SUM_ABS_W] = shard.double().abs().sum()
+        if self.shard_sync is not None:
+            self.shard_sync.stepped()
 
     def mask(self, param: Tensor) -> Tensor:
-        """``param``'s mask as a bool tensor of its shape (all True when pruning is not enabled)."""
+        """``param``'s mask as a bool tensor of its shape (all True when pruning is not enabled).
+
+        For a DTensor parameter the mask is a DTensor laid out like it (``.full_tensor()`` gathers it).
+        """
         state = self.state.get(param, {})
+        shard = distributed.local(param)
         if "mask_words" not in state:
-            return torch.ones_like(param, dtype=torch.bool)
-        return mask_format.unpack(state["mask_words"], param.numel(), param.shape)
+            alive = torch.ones_like(shard, dtype=torch.bool)
+        else:
+            alive = mask_format.unpack(state["mask_words"], shard.numel(), shard.shape)
+        return distributed.like(alive, param)
 
     def set_coefs(self, param: Tensor, **values: float) -> None:
         """Set per-tensor coefficients by name: l2, l1, sd, sd_beta, threshold, prune_count, temperature.
@@ -219,6 +238,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             coefs[getattr(contract, f"COEF_{name.upper()}")] = value
             if name in ("l2", "l1", "sd") and value != 0:
                 self.regularize = True
+                self.uses_sd = self.uses_sd or name == "sd"
 
     def schedule_pruning(self, mode: str) -> None:
         """Make the next :meth:`step` take a pruning decision of ``mode`` on every masked tensor."""
@@ -282,7 +302,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     calls.append(
                         _Call(
                             group,
-                            self._owned_list()(params),
+                            self._owned_list()(distributed.local(p) for p in params),
+                            params,
                             masked,
                             where[masked],
                             np.array([index[p] for p in params], dtype=np.int64),
@@ -308,7 +329,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             "tensor_coefs": owned(s["coefs"] for s in states) if masked else [],
             "group_coefs": owned(s["group_coefs"] for s in states) if use_groups else [],
             "group_inner": [s["group_inner"] for s in states] if use_groups else [],
-            "shard_offsets": [],
+            "shard_offsets": [distributed.shard_offset(p) for p in params] if self.shard_sync is not None else [],
         }
         return lists
 
@@ -337,10 +358,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._found_inf_cache = None
         if not self.skip_nonfinite:
             return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [distributed.local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads or any(g.is_sparse or g.device != grads[0].device for g in grads):
             return False  # step() names the problem
-        self._found_inf_cache = self._found_inf(grads)
+        self._found_inf_cache = distributed.global_flag(self, self._found_inf(grads))
         return bool(self._found_inf_cache)
 
     @torch.no_grad()
@@ -368,8 +389,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
             validation.step_tensors(calls, backend)  # before anything is launched
-            grads = [[p.grad for p in call.params] for call in calls]
+            grads = [[distributed.local(p.grad) for p in call.sources] for call in calls]
+            sd_used = self.uses_sd and self.regularize
             found_inf = cached if cached is not None else self._found_inf([g for gs in grads for g in gs])
+            found_inf = distributed.prepare_step(  # cached: already summed across ranks by nonfinite_grads()
+                self, found_inf, prune, sd_used, flag=self.skip_nonfinite and cached is None
+            )
             if prune != "none" and found_inf is not None and bool(found_inf):
                 return  # a skipped step changes nothing: the event stays pending for the next step that runs
             for call, call_grads in zip(calls, grads):
@@ -396,6 +421,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     call.versions = dead.versions(call.params)
         if prune != "none":
             events.decide_without_gradient(self, prune)
+        if calls and self.shard_sync is not None:
+            self.shard_sync.stepped(found_inf)
         if prune == "stochastic":
             self.prune_events += 1
         self._pending_prune = "none"
@@ -418,6 +445,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             "base_seed": self.base_seed,
             "prune_events": self.prune_events,
             "regularize": self.regularize,
+            "uses_sd": self.uses_sd,
             "uses_groups": self.uses_groups,
             "param_shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
         }
@@ -466,6 +494,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.base_seed = int(meta["base_seed"]) & philox.MASK63
         self.prune_events = int(meta["prune_events"])
         self.regularize = meta["regularize"]
+        self.uses_sd = meta.get("uses_sd", self.regularize)
         self.uses_groups = meta["uses_groups"]
         for group in self.param_groups:
             for p in group["params"]:

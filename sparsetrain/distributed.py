@@ -1,0 +1,390 @@
+"""Many ranks: DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``) with rank-independent masks.
+
+**DDP.** Every rank holds whole tensors and steps them with the same all-reduced gradients and
+the same seeds, so weights, masks, statistics and coefficients agree on every rank without any
+communication from sparsetrain. ``export()`` and ``metrics()`` read local tensors only and can be
+called on one rank alone (:func:`unwrap` removes the DDP wrapper before a model is copied).
+
+**FSDP2.** Parameters are DTensors sharded on dim 0 (``Shard(0)``, torch.chunk sizes, uneven
+shards and empty shards included). The optimizers keep every state tensor for the *local* shard
+(plain tensors; masks packed over the shard's own elements, so a shard whose first element is not
+a multiple of 32 needs nothing special) and step all local shards in one fused call whose
+``shard_offsets`` are the shards' element offsets in the full tensors: the random stream and the
+group indices are those of the unsharded tensor, and so are the masks.
+
+What needs the whole tensor is reduced across ranks with ``torch.distributed.all_reduce``, all of
+it batched into one float64 buffer per round (:class:`ShardSync`):
+
+* per-tensor statistics (alive count, sum |w|, kernel sum, sum |g|): each step writes the local
+  shard's partial sums; they are summed across ranks only before a step that reads them
+  (stochastic events and the step before each, selective decay's mean |g|) and never otherwise;
+* group scores (GReg picks and magnitude ratios, structured magnitude): partial per-group sums;
+* magnitude thresholds: the radix select's histograms (two rounds of 16 / 15 bits: an exact
+  k-th value cannot come out of one round of bounded size), with pending statistics riding along.
+
+Checkpoints (:func:`save`, :func:`load`) go through ``torch.distributed.checkpoint``: per-element
+state (momentum, moments, masks packed per row of dim 0) is saved as DTensors, so a checkpoint
+written on N ranks loads on M ranks; everything else (statistics reduced to their global values,
+coefficients, step counts, seeds, the pruner's state) is saved once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import contract
+from . import masks as mask_format
+
+if TYPE_CHECKING:
+    from .optim.base import FusedOptimizer
+    from .pruner import Pruner
+
+try:  # DTensor is part of every torch this package supports; guarded for minimal builds
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+# statistics that are sums over elements (summed across ranks); STAT_TM is a per-tensor scalar
+SUM_STATS = (contract.STAT_ALIVE, contract.STAT_SUM_ABS_W, contract.STAT_SUM_KERNEL, contract.STAT_SUM_ABS_G)
+assert SUM_STATS == tuple(range(len(SUM_STATS))), "summed statistics must lead the stats vector"
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (an FSDP2 parameter or gradient)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's own part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor gathered from every rank (collective), ``t`` itself otherwise."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_offset(p: Tensor) -> int:
+    """Index in the flattened full tensor of the first element of ``p``'s local shard (0 if not sharded).
+
+    Only layouts whose local shard is one contiguous range of the flattened tensor are accepted:
+    a 1-D mesh with ``Shard(0)`` (FSDP2's layout) or ``Replicate()``.
+    """
+    if not is_sharded(p):
+        return 0
+    placements = p.placements
+    if p.device_mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
+        raise NotImplementedError(
+            f"sparsetrain steps DTensors on a 1-D mesh with Shard(0) or Replicate() (FSDP2), got mesh of "
+            f"{p.device_mesh.ndim} dims and placements {placements}"
+        )
+    if isinstance(placements[0], Replicate):
+        return 0
+    if placements[0].dim != 0:
+        raise NotImplementedError(f"sparsetrain steps DTensors sharded on dim 0 only, got {placements[0]}")
+    rows_before = _row_offset(p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank())
+    return rows_before * (math.prod(p.shape[1:]) if p.dim() > 1 else 1)
+
+
+def _row_offset(rows: int, world: int, rank: int) -> int:
+    """First row of ``rank``'s chunk under ``torch.chunk`` sizes (what ``Shard(0)`` uses)."""
+    per_rank = -(-rows // world) if rows else 0
+    return min(per_rank * rank, rows)
+
+
+def group_of(params: list[Tensor]) -> dist.ProcessGroup | None:
+    """The process group of the DTensors among ``params`` (None when none is sharded)."""
+    groups = {}
+    for p in params:
+        if is_sharded(p):
+            group = p.device_mesh.get_group()
+            groups[group.group_name] = group
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise NotImplementedError("sparsetrain optimizers step DTensors of one process group only")
+    return next(iter(groups.values()))
+
+
+def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum each of ``tensors`` across the ranks of ``group``, in place, in ONE collective.
+
+    Everything travels as float64 (exact for counts below 2**53). Nothing happens for a group of
+    one rank or an empty list.
+    """
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    start = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[start : start + n].view(t.shape).to(t.dtype))
+        start += n
+
+
+class ShardSync:
+    """Cross-rank bookkeeping of one optimizer whose parameters include DTensor shards.
+
+    Statistics written by a step are partial sums over the local shards (``stats_global`` False);
+    :meth:`request_stats` marks them to be summed at the next round of communication, which is
+    either a selection's first histogram round or :meth:`flush` (called before the fused step and
+    before a method reads statistics).
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.stats_global = False
+        self._pending: list[Tensor] = []
+
+    def request_stats(self, optimizer: FusedOptimizer) -> None:
+        """Have the statistics of every masked tensor summed across ranks before they are next read."""
+        if self.stats_global or self._pending:
+            return
+        self._pending = [s["stats"][: len(SUM_STATS)] for s in optimizer.state.values() if "stats" in s]
+        if not self._pending:
+            self.stats_global = True
+
+    def reduce(self, tensors: list[Tensor]) -> None:
+        """Sum ``tensors`` (and any pending statistics) across ranks in one collective."""
+        pending, self._pending = self._pending, []
+        all_reduce_sum(pending + list(tensors), self.group)
+        if pending:
+            self.stats_global = True
+
+    def flush(self) -> None:
+        """Run the pending statistics reduction now (no-op when nothing is pending)."""
+        if self._pending:
+            self.reduce([])
+
+    def stepped(self) -> None:
+        """A fused step (or a mask change) rewrote the statistics with local partial sums."""
+        self.stats_global = False
+        self._pending = []
+
+
+def sync_of(optimizer: Any) -> ShardSync | None:
+    """The optimizer's :class:`ShardSync` (None when none of its parameters is sharded)."""
+    return getattr(optimizer, "shard_sync", None)
+
+
+def attach(optimizer: FusedOptimizer, params: list[Tensor]) -> None:
+    """Give ``optimizer`` a :class:`ShardSync` if ``params`` holds DTensors (called per param group)."""
+    group = group_of(params)
+    if group is None:
+        return
+    sync = sync_of(optimizer)
+    if sync is None:
+        optimizer.shard_sync = ShardSync(group)
+    elif sync.group.group_name != group.group_name:
+        raise NotImplementedError("sparsetrain optimizers step DTensors of one process group only")
+    for p in params:
+        shard_offset(p)  # rejects layouts other than FSDP2's before anything is stepped
+
+
+def prepare_step(
+    optimizer: FusedOptimizer, found_inf: Tensor | None, prune: str, sd_used: bool, *, flag: bool
+) -> Tensor | None:
+    """Before a fused step on shards: sum the statistics it reads (stochastic events, selective
+    decay) and, when ``flag`` (``skip_nonfinite`` and the flag not yet global), the inf/NaN flag
+    (any rank's skips the step everywhere), all in one collective; returns the flag for the op."""
+    sync = sync_of(optimizer)
+    if sync is None:
+        return found_inf
+    if prune == "stochastic" or sd_used:
+        sync.request_stats(optimizer)
+    if not flag:
+        sync.flush()
+        return found_inf
+    return global_flag(optimizer, found_inf)
+
+
+def global_flag(optimizer: FusedOptimizer, flag: Tensor | None) -> Tensor | None:
+    """``flag`` (inf/NaN seen) set on every rank when set on any, with pending statistics in the same collective."""
+    sync = sync_of(optimizer)
+    if sync is None:
+        return flag
+    value = torch.zeros(1, dtype=torch.float64) if flag is None else flag.to(torch.float64).reshape(1)
+    sync.reduce([value])
+    return value[0] > 0
+
+
+def local_part(value: Tensor, param: Tensor) -> Tensor:
+    """``value`` (shaped like ``param``) restricted to ``param``'s local shard.
+
+    A DTensor gives its local tensor; a plain tensor of the full shape gives the rows of the
+    local shard (``param`` itself when ``param`` is not sharded).
+    """
+    if is_sharded(value):
+        return value.to_local()
+    if not is_sharded(param):
+        return value
+    rows = local(param).shape[0] if param.dim() else 1
+    first = _row_offset(param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank())
+    return value[first : first + rows] if isinstance(param.placements[0], Shard) else value
+
+
+def like(value: Tensor, param: Tensor) -> Tensor:
+    """A local tensor shaped like ``param``'s shard, as a DTensor laid out like ``param`` (as is otherwise)."""
+    if not is_sharded(param):
+        return value
+    return DTensor.from_local(
+        value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+# ------------------------------------------------------------------------ checkpoints (DCP)
+def _pack_rows(alive: Tensor) -> Tensor:
+    """Bool ``[rows, n]`` -> int32 ``[rows, ceil(n / 32)]``, each row packed like :mod:`sparsetrain.masks`."""
+    rows = alive.shape[0]
+    words = mask_format.num_words(alive.shape[1]) if alive.dim() > 1 else 1
+    if rows == 0:
+        return torch.zeros(0, words, dtype=torch.int32, device=alive.device)
+    return torch.stack([mask_format.pack(row) for row in alive.reshape(rows, -1)])
+
+
+def _unpack_rows(words: Tensor, row_numel: int) -> Tensor:
+    """Inverse of :func:`_pack_rows`: int32 ``[rows, W]`` -> bool ``[rows, row_numel]``."""
+    if words.shape[0] == 0:
+        return torch.zeros(0, row_numel, dtype=torch.bool, device=words.device)
+    return torch.stack([mask_format.unpack(row, row_numel) for row in words])
+
+
+def _as_dtensor(value: Tensor, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return DTensor.from_local(
+        value,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def sharded_state_dict(optimizer: FusedOptimizer, pruner: Pruner | None = None) -> dict[str, Any]:
+    """The optimizer's (and ``pruner``'s) state for ``torch.distributed.checkpoint``; collective.
+
+    ``{"shards": {"<param index>/<field>": DTensor}, "rest": bytes}``: per-element state and masks
+    (packed per row of dim 0, so any number of ranks can read any rows) are DTensors laid out like
+    their parameter; the rest (global statistics, coefficients, step counts, seeds, the pruner) is
+    one serialized blob, identical on every rank.
+    """
+    sync = sync_of(optimizer)
+    if sync is not None:
+        sync.request_stats(optimizer)
+        sync.flush()
+    full = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    per_element = optimizer._algo_state_names()  # momentum, moments: laid out like the parameter
+    shards: dict[str, Tensor] = {}
+    rest_state: dict[int, dict[str, Any]] = {}
+    for index, state in full["state"].items():
+        p = params[index]
+        kept = {}
+        for field, value in state.items():
+            if is_sharded(p) and field == "mask_words":
+                row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+                alive = mask_format.unpack(value, local(p).numel()).reshape(-1, row_numel)
+                words = _pack_rows(alive)
+                shards[f"{index}/mask_rows"] = _as_dtensor(words, p, (p.shape[0], words.shape[1]))
+            elif is_sharded(p) and field in per_element:
+                shards[f"{index}/{field}"] = _as_dtensor(value, p, tuple(p.shape))
+            else:
+                kept[field] = value
+        rest_state[index] = kept
+    rest = {k: v for k, v in full.items() if k != "state"}
+    rest["state"] = rest_state
+    if pruner is not None:
+        rest["pruner"] = pruner.state_dict()
+    buffer = io.BytesIO()
+    torch.save(rest, buffer)
+    return {"shards": shards, "rest": buffer.getvalue()}
+
+
+def load_sharded_state_dict(optimizer: FusedOptimizer, state: dict[str, Any], pruner: Pruner | None = None) -> None:
+    """Load what :func:`sharded_state_dict` produced (after ``dcp.load`` filled it in place)."""
+    rest = torch.load(io.BytesIO(state["rest"]), weights_only=False)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    merged = {k: v for k, v in rest.items() if k not in ("state", "pruner")}
+    merged["state"] = {}
+    for index, kept in rest["state"].items():
+        entry = dict(kept)
+        p = params[index]
+        for key, value in state["shards"].items():
+            owner, field = key.split("/", 1)
+            if int(owner) != index:
+                continue
+            value = local(value)
+            if field == "mask_rows":
+                row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+                entry["mask_words"] = mask_format.pack(_unpack_rows(value, row_numel).reshape(-1))
+            else:
+                entry[field] = value
+        merged["state"][index] = entry
+    if pruner is not None:
+        if "pruner" not in rest:
+            raise ValueError("the checkpoint holds no pruner state (saved without pruner=)")
+        pruner.load_state_dict(rest["pruner"])
+    optimizer.load_state_dict(merged)
+    sync = sync_of(optimizer)
+    if sync is not None:
+        sync.stats_global = True  # saved statistics are the global sums
+
+
+def save(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer, pruner: Pruner | None = None) -> None:
+    """Save model, optimizer (masks, statistics, coefficients) and pruner with torch.distributed.checkpoint.
+
+    Collective over the ranks that hold the shards (every rank calls it). The checkpoint can be
+    loaded on any number of ranks, one included.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer, pruner)}
+    dcp.save(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
+
+
+def load(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer, pruner: Pruner | None = None) -> None:
+    """Load a checkpoint written by :func:`save`, on this run's ranks and sharding; collective.
+
+    Build the model, wrap it the same way (``fully_shard`` or not), create the optimizer and the
+    pruner exactly as for a fresh run, then call this.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer, pruner)}
+    dcp.load(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
+    model.load_state_dict(state["model"])
+    load_sharded_state_dict(optimizer, state["optim"], pruner)
+
+
+def _group(optimizer: FusedOptimizer) -> dist.ProcessGroup | None:
+    """The ranks that hold the optimizer's shards (None: the default group, or one process)."""
+    sync = sync_of(optimizer)
+    return sync.group if sync is not None else None
+
+
+# ------------------------------------------------------------------------ models
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def has_sharded_params(model: nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())

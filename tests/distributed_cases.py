@@ -1,0 +1,301 @@
+"""Workers for tests/test_distributed.py: spawned ranks on the gloo backend (CPU).
+
+One spawn of four processes serves 1-, 2- and 4-rank runs: sub-groups of ranks [0], [0, 1] and
+[0, 1, 2, 3] are made once and every case reuses them, so process start-up and group set-up are
+paid once per test. Every rank compares its own results with the single-process run (computed on
+rank 0 and broadcast), so "identical on every rank" is checked on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.multiprocessing.spawn import ProcessRaisedException
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsetrain
+from sparsetrain import distributed, methods
+
+WORLD = 4
+SIZES = (1, 2, 4)
+BATCH = 8  # global batch: divisible by every world size
+STEPS = 10
+TIMEOUT = timedelta(seconds=60)  # a collective whose peer died fails instead of hanging
+
+
+# ---------------------------------------------------------------------------------- launching
+def launch(fn, *args, world: int = WORLD, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks joined in one gloo process group.
+
+    The first rank to raise ends the run: the others are terminated, and its exception (message and
+    traceback, not the "connection closed" errors it causes on its peers) is raised here as a
+    RuntimeError. ``timeout`` bounds the whole run.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.start_processes(
+            _entry, args=(world, tmp, fn, args), nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} did not finish within {timeout:.0f} s")
+        except ProcessRaisedException:
+            raise RuntimeError(_first_failure(tmp)) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+
+
+def _first_failure(tmp: str) -> str:
+    failures = []
+    for name in os.listdir(tmp):
+        if name.startswith("failure-"):
+            with open(os.path.join(tmp, name)) as fh:
+                stamp, text = fh.read().split("\n", 1)
+            failures.append((float(stamp), text))
+    return min(failures)[1] if failures else "a rank failed without a report"
+
+
+def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    store = os.path.join(tmp, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        with open(os.path.join(tmp, f"failure-{rank}"), "w") as fh:
+            fh.write(f"{time.time()!r}\nrank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def subgroups() -> dict[int, dist.ProcessGroup]:
+    """Process groups of ranks [0], [0, 1], [0..3]; every rank must call this (new_group is collective)."""
+    return {n: dist.new_group(list(range(n))) if n < dist.get_world_size() else dist.group.WORLD for n in SIZES}
+
+
+# ---------------------------------------------------------------------------------- models
+def mlp() -> nn.Module:
+    # 13 and 7 rows: uneven shards, empty shards on 4 ranks, shard offsets not multiples of 32
+    return nn.Sequential(nn.Linear(9, 13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 5))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.ReLU(),
+        nn.Conv2d(6, 10, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(10 * 3 * 3, 5),
+    )
+
+
+class Block(nn.Module):
+    """A small transformer block: self-attention and feed-forward, then a linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(12, 2, dim_feedforward=20, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(dim=1))
+
+
+MODELS = {"mlp": (mlp, (9,)), "cnn": (cnn, (3, 7, 7)), "block": (Block, (6, 12))}
+
+
+def shard(name: str, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2: every layer of the MLP its own unit, the others as one unit (plus the root)."""
+    if name == "mlp":
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+    if name == "block":
+        fully_shard(model.layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.randn(BATCH, *MODELS[name][1], generator=generator)
+    return x, torch.randn(BATCH, 5, generator=generator)
+
+
+# ---------------------------------------------------------------------------------- methods
+METHODS = {
+    "stochastic": lambda: methods.StochasticMagnitude(0.6, start=2, end=8, interval=2, schedule="linear", l2=1e-3),
+    "greg1": lambda: methods.GReg1(0.5, structure="filters", update_interval=1, delta=0.05, ceiling=0.2, stabilize=2),
+    "magnitude": lambda: methods.Magnitude(0.5, scope="global", schedule="linear", start=1, end=7, interval=2),
+    "selective": lambda: methods.SelectiveDecay(0.5, sd=1e-2, start=0, end=8, interval=2),
+}
+
+
+def optimizer_for(model_name: str, params):
+    if model_name == "block":
+        return sparsetrain.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, seed=7)
+    return sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, seed=7)
+
+
+def event_steps(method_name: str) -> dict[int, int]:
+    """The optimizer steps that communicate under FSDP2, and how many collectives each makes.
+
+    Stochastic: its events and the step before each (statistics). GReg-1: every step that scores
+    groups (growing, then holding lam, every step here). Global magnitude: the two radix-select rounds of each event.
+    Selective decay: the statistics (mean |g|) every step, and a second round on events.
+    """
+    if method_name == "stochastic":
+        events = range(2, 9, 2)
+        return {s: 1 for e in events for s in (e - 1, e)}
+    if method_name == "greg1":
+        return {s: 1 for s in range(8)}  # 5 growth steps (lam > 0.2), 2 held, pruned at step 7: scored each step
+    if method_name == "magnitude":
+        return {s: 2 for s in range(3, 8, 2)}  # the schedule's level is 0 at step 1: nothing to select
+    return {s: (2 if s in (2, 4, 6, 8) else 1) for s in range(STEPS)}
+
+
+# ---------------------------------------------------------------------------------- runs
+def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, exact=False, start=0, state=None):
+    """Train one case; returns (model, optimizer, pruner, collectives per step inside ``optimizer.step``).
+
+    ``mode``: "single" (one process), "ddp" or "fsdp" on ``group``. Each rank takes its slice of the
+    global batch (the mean of the ranks' gradients is the global one up to rounding). ``exact``:
+    the group's first rank computes the whole batch's loss times the group size and the others
+    zero, so the averaged gradient equals the one-process gradient bit for bit (checkpoint tests).
+    """
+    build, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    ranks, rank = 1, 0
+    if mode != "single":
+        ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        if mode == "fsdp":
+            model = shard(model_name, model, DeviceMesh.from_group(group, "cpu"))
+        else:
+            model = DistributedDataParallel(model, process_group=group)
+    opt = optimizer_for(model_name, model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, METHODS[method_name]())
+    if state is not None:
+        state(model, opt, pruner)
+    x, y = data(model_name)
+    per_rank = BATCH // ranks
+    counts = []
+    for _ in range(start, start + steps):
+        if exact:
+            scale = float(ranks) if rank == 0 else 0.0
+            loss = scale * nn.functional.mse_loss(model(x), y)
+        else:
+            part = slice(rank * per_rank, (rank + 1) * per_rank)
+            loss = nn.functional.mse_loss(model(x[part]), y[part])
+        loss.backward()
+        with CommDebugMode() as comm:
+            opt.step()
+        counts.append(comm.get_total_counts())
+        opt.zero_grad()
+    return model, opt, pruner, counts
+
+
+def results(model, opt, pruner) -> dict[str, dict[str, torch.Tensor]]:
+    """Full (gathered) weights and masks of every pruned tensor, by parameter name (no DDP prefix)."""
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+    masks, weights = {}, {}
+    for target in pruner.targets:
+        name = names[id(target.param)]
+        masks[name] = distributed.full(opt.mask(target.param))
+        weights[name] = distributed.full(target.param.detach())
+    return {"masks": masks, "weights": weights}
+
+
+def broadcast_from_0(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], out: str) -> None:
+    """Every case on 1, 2 and 4 ranks: masks equal to one process's, weights within fp32 rounding."""
+    groups = subgroups()
+    reference = {case: results(*train(*case)[:3]) if rank == 0 else None for case in cases}
+    reference = broadcast_from_0(reference)
+    report = []
+    for size in SIZES:
+        for case in cases:
+            if rank < size:
+                model, opt, pruner, counts = train(*case, mode=mode, group=groups[size])
+                got = results(model, opt, pruner)
+                want = reference[case]
+                for name, mask in want["masks"].items():
+                    label = f"{mode} {case} on {size} ranks, rank {rank}: {name}"
+                    assert torch.equal(got["masks"][name], mask), f"{label}: masks differ from one process"
+                    torch.testing.assert_close(
+                        got["weights"][name],
+                        want["weights"][name],
+                        rtol=1e-5,
+                        atol=1e-6,
+                        msg=lambda m, label=label: f"{label}: {m}",
+                    )
+                    assert int(mask.sum()) < mask.numel(), f"{label}: nothing was pruned"
+                check_counts(mode, case[1], size, counts)
+                report.append((mode, *case, size, counts))
+            dist.barrier()
+    if rank == 0:
+        torch.save(report, out)
+
+
+def check_counts(mode: str, method_name: str, size: int, counts: list[int]) -> None:
+    """sparsetrain's own collectives per ``optimizer.step``: none with DDP or one rank, else as :func:`event_steps`."""
+    expected = [0] * len(counts)
+    if mode == "fsdp" and size > 1:
+        for step, n in event_steps(method_name).items():
+            expected[step] = n
+    assert counts == expected, f"{mode} {method_name} on {size} ranks: collectives per step {counts} != {expected}"
+
+
+def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) -> None:
+    """Save after ``first`` steps on N ranks, resume on M ranks, finish: bit-identical to one uninterrupted process."""
+    groups = subgroups()
+    first, rest = 5, 5
+    case = ("mlp", method_name)
+    reference = results(*train(*case, steps=first + rest, exact=True)[:3]) if rank == 0 else None
+    reference = broadcast_from_0(reference)
+    for n in SIZES:
+        if rank < n:
+            model, opt, pruner, _ = train(*case, mode="fsdp", group=groups[n], steps=first, exact=True)
+            distributed.save(os.path.join(directory, f"{method_name}-{n}"), model, opt, pruner)
+        dist.barrier()
+    for n in SIZES:
+        for m in SIZES:
+            if rank < m:
+                path = os.path.join(directory, f"{method_name}-{n}")
+                restore = lambda model, opt, pruner, path=path: distributed.load(path, model, opt, pruner)
+                model, opt, pruner, _ = train(
+                    *case, mode="fsdp", group=groups[m], steps=rest, exact=True, start=first, state=restore
+                )
+                got = results(model, opt, pruner)
+                for name, mask in reference["masks"].items():
+                    label = f"{method_name}: saved on {n} ranks, resumed on {m}, rank {rank}: {name}"
+                    assert torch.equal(got["masks"][name], mask), f"{label}: masks differ"
+                    assert torch.equal(got["weights"][name], reference["weights"][name]), f"{label}: weights differ"
+            dist.barrier()
+
+
+def fail_on_rank_1(rank: int, world: int) -> None:
+    """Rank 1 raises; the others wait in a collective that can never complete."""
+    if rank == 1:
+        raise ValueError("rank 1 failed on purpose")
+    dist.barrier()
