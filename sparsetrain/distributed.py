@@ -25,7 +25,7 @@ it batched into one float64 buffer per round (:class:`ShardSync`):
 Checkpoints (:func:`save`, :func:`load`) go through ``torch.distributed.checkpoint``: per-element
 state (momentum, moments, masks packed per row of dim 0) is saved as DTensors, so a checkpoint
 written on N ranks loads on M ranks; everything else (statistics reduced to their global values,
-coefficients, step counts, seeds, the pruner's state) is saved once.
+coefficients, step counts, seeds, the attached pruner's state) is saved once.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from . import masks as mask_format
 
 if TYPE_CHECKING:
     from .optim.base import FusedOptimizer
-    from .pruner import Pruner
 
 try:  # DTensor is part of every torch this package supports; guarded for minimal builds
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -276,8 +275,8 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def sharded_state_dict(optimizer: FusedOptimizer, pruner: Pruner | None = None) -> dict[str, Any]:
-    """The optimizer's (and ``pruner``'s) state for ``torch.distributed.checkpoint``; collective.
+def sharded_state_dict(optimizer: FusedOptimizer) -> dict[str, Any]:
+    """The optimizer's state (its attached pruner's included) for ``torch.distributed.checkpoint``; collective.
 
     ``{"shards": {"<param index>/<field>": DTensor}, "rest": bytes}``: per-element state and masks
     (packed per row of dim 0, so any number of ranks can read any rows) are DTensors laid out like
@@ -293,34 +292,32 @@ def sharded_state_dict(optimizer: FusedOptimizer, pruner: Pruner | None = None) 
     per_element = optimizer._algo_state_names()  # momentum, moments: laid out like the parameter
     shards: dict[str, Tensor] = {}
     rest_state: dict[int, dict[str, Any]] = {}
-    for index, state in full["state"].items():
-        p = params[index]
-        kept = {}
-        for field, value in state.items():
-            if is_sharded(p) and field == "mask_words":
+    for index, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        if is_sharded(p):  # from the live state: state_dict() leaves out buffers not used yet
+            for field in sorted(per_element & state.keys()):
+                shards[f"{index}/{field}"] = _as_dtensor(state[field], p, tuple(p.shape))
+            if "mask_words" in state:
                 row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-                alive = mask_format.unpack(value, local(p).numel()).reshape(-1, row_numel)
+                alive = mask_format.unpack(state["mask_words"], local(p).numel()).reshape(-1, row_numel)
                 words = _pack_rows(alive)
                 shards[f"{index}/mask_rows"] = _as_dtensor(words, p, (p.shape[0], words.shape[1]))
-            elif is_sharded(p) and field in per_element:
-                shards[f"{index}/{field}"] = _as_dtensor(value, p, tuple(p.shape))
-            else:
-                kept[field] = value
-        rest_state[index] = kept
+        saved = full["state"].get(index)
+        if saved is not None:
+            skip = (per_element | {"mask_words"}) if is_sharded(p) else set()
+            rest_state[index] = {k: v for k, v in saved.items() if k not in skip}
     rest = {k: v for k, v in full.items() if k != "state"}
     rest["state"] = rest_state
-    if pruner is not None:
-        rest["pruner"] = pruner.state_dict()
     buffer = io.BytesIO()
     torch.save(rest, buffer)
     return {"shards": shards, "rest": buffer.getvalue()}
 
 
-def load_sharded_state_dict(optimizer: FusedOptimizer, state: dict[str, Any], pruner: Pruner | None = None) -> None:
+def load_sharded_state_dict(optimizer: FusedOptimizer, state: dict[str, Any]) -> None:
     """Load what :func:`sharded_state_dict` produced (after ``dcp.load`` filled it in place)."""
     rest = torch.load(io.BytesIO(state["rest"]), weights_only=False)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    merged = {k: v for k, v in rest.items() if k not in ("state", "pruner")}
+    merged = {k: v for k, v in rest.items() if k != "state"}
     merged["state"] = {}
     for index, kept in rest["state"].items():
         entry = dict(kept)
@@ -336,29 +333,26 @@ def load_sharded_state_dict(optimizer: FusedOptimizer, state: dict[str, Any], pr
             else:
                 entry[field] = value
         merged["state"][index] = entry
-    if pruner is not None:
-        if "pruner" not in rest:
-            raise ValueError("the checkpoint holds no pruner state (saved without pruner=)")
-        pruner.load_state_dict(rest["pruner"])
     optimizer.load_state_dict(merged)
     sync = sync_of(optimizer)
     if sync is not None:
         sync.stats_global = True  # saved statistics are the global sums
 
 
-def save(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer, pruner: Pruner | None = None) -> None:
-    """Save model, optimizer (masks, statistics, coefficients) and pruner with torch.distributed.checkpoint.
+def save(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer) -> None:
+    """Save model and optimizer (masks, statistics, coefficients, the attached pruner's schedule) with
+    torch.distributed.checkpoint.
 
     Collective over the ranks that hold the shards (every rank calls it). The checkpoint can be
     loaded on any number of ranks, one included.
     """
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer, pruner)}
+    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer)}
     dcp.save(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
 
 
-def load(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer, pruner: Pruner | None = None) -> None:
+def load(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer) -> None:
     """Load a checkpoint written by :func:`save`, on this run's ranks and sharding; collective.
 
     Build the model, wrap it the same way (``fully_shard`` or not), create the optimizer and the
@@ -366,10 +360,10 @@ def load(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer, pruner
     """
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer, pruner)}
+    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer)}
     dcp.load(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
     model.load_state_dict(state["model"])
-    load_sharded_state_dict(optimizer, state["optim"], pruner)
+    load_sharded_state_dict(optimizer, state["optim"])
 
 
 def _group(optimizer: FusedOptimizer) -> dist.ProcessGroup | None:

@@ -9,6 +9,7 @@ rank 0 and broadcast), so "identical on every rank" is checked on every rank.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import tempfile
 import time
 import traceback
@@ -21,7 +22,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
-from torch.multiprocessing.spawn import ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsetrain
@@ -35,57 +35,95 @@ TIMEOUT = timedelta(seconds=60)  # a collective whose peer died fails instead of
 
 
 # ---------------------------------------------------------------------------------- launching
-def launch(fn, *args, world: int = WORLD, timeout: float = 120.0) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks joined in one gloo process group.
+class Ranks:
+    """``world`` spawned ranks in one gloo process group, kept alive to run several jobs.
 
-    The first rank to raise ends the run: the others are terminated, and its exception (message and
-    traceback, not the "connection closed" errors it causes on its peers) is raised here as a
-    RuntimeError. ``timeout`` bounds the whole run.
+    :meth:`run` runs ``fn(rank, world, *args)`` on every rank. The first rank to raise ends the
+    job: the ranks are terminated (a group with a failed member cannot be trusted again; the next
+    job starts new ones) and its exception (message and traceback, not the "connection closed"
+    errors it causes on its peers) is raised here as a RuntimeError. ``timeout`` bounds each job.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _entry, args=(world, tmp, fn, args), nprocs=world, join=False, start_method="spawn"
-        )
+
+    def __init__(self, world: int = WORLD) -> None:
+        self.world = world
+        self.processes: list = []
+
+    def start(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        context = mp.get_context("spawn")
+        self.jobs = [context.Queue() for _ in range(self.world)]
+        self.done = context.Queue()
+        self.processes = [
+            context.Process(target=_serve, args=(rank, self.world, self._tmp.name, self.jobs[rank], self.done))
+            for rank in range(self.world)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def run(self, fn, *args, timeout: float = 120.0) -> None:
+        if not self.processes:
+            self.start()
+        for queue in self.jobs:
+            queue.put((fn, args))
         deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+        failures, finished = [], 0
+        while finished < self.world and not failures:
+            try:
+                rank, stamp, error = self.done.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except queue_module.Empty:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"distributed run of {fn.__name__} did not finish within {timeout:.0f} s")
-        except ProcessRaisedException:
-            raise RuntimeError(_first_failure(tmp)) from None
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
+                    self.close()
+                    raise TimeoutError(f"distributed job {fn.__name__} did not finish within {timeout:.0f} s") from None
+                if not all(p.is_alive() for p in self.processes):
+                    failures.append((time.time(), "a rank died without a report"))
+                continue
+            finished += 1
+            if error is not None:
+                failures.append((stamp, error))
+        if failures:
+            time.sleep(0.2)  # a report the failure caused may lag; the earliest is the cause
+            while not self.done.empty():
+                _, stamp, error = self.done.get()
+                if error is not None:
+                    failures.append((stamp, error))
+            self.close()
+            raise RuntimeError(min(failures)[1])
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(timeout=10)
+        if self.processes:
+            self._tmp.cleanup()
+        self.processes = []
 
 
-def _first_failure(tmp: str) -> str:
-    failures = []
-    for name in os.listdir(tmp):
-        if name.startswith("failure-"):
-            with open(os.path.join(tmp, name)) as fh:
-                stamp, text = fh.read().split("\n", 1)
-            failures.append((float(stamp), text))
-    return min(failures)[1] if failures else "a rank failed without a report"
-
-
-def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
+def _serve(rank: int, world: int, tmp: str, jobs, done) -> None:
     torch.set_num_threads(1)
     store = os.path.join(tmp, "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        with open(os.path.join(tmp, f"failure-{rank}"), "w") as fh:
-            fh.write(f"{time.time()!r}\nrank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    while True:
+        fn, args = jobs.get()
+        try:
+            fn(rank, world, *args)
+        except BaseException:
+            done.put((rank, time.time(), f"rank {rank}: {traceback.format_exc()}"))
+            raise
+        done.put((rank, time.time(), None))
+
+
+_SUBGROUPS: dict[int, dist.ProcessGroup] = {}
+_REFERENCES: dict = {}
 
 
 def subgroups() -> dict[int, dist.ProcessGroup]:
-    """Process groups of ranks [0], [0, 1], [0..3]; every rank must call this (new_group is collective)."""
-    return {n: dist.new_group(list(range(n))) if n < dist.get_world_size() else dist.group.WORLD for n in SIZES}
+    """Process groups of ranks [0], [0, 1], [0..3], made once per process (new_group is collective)."""
+    if not _SUBGROUPS:
+        for n in SIZES:
+            _SUBGROUPS[n] = dist.new_group(list(range(n))) if n < dist.get_world_size() else dist.group.WORLD
+    return _SUBGROUPS
 
 
 # ---------------------------------------------------------------------------------- models
@@ -221,6 +259,14 @@ def results(model, opt, pruner) -> dict[str, dict[str, torch.Tensor]]:
     return {"masks": masks, "weights": weights}
 
 
+def reference_of(case, rank: int, **kw):
+    """The single-process results of ``case``, computed once on rank 0 and broadcast (cached per process)."""
+    key = (case, tuple(sorted(kw.items())))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = broadcast_from_0(results(*train(*case, **kw)[:3]) if rank == 0 else None)
+    return _REFERENCES[key]
+
+
 def broadcast_from_0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -230,8 +276,7 @@ def broadcast_from_0(value):
 def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], out: str) -> None:
     """Every case on 1, 2 and 4 ranks: masks equal to one process's, weights within fp32 rounding."""
     groups = subgroups()
-    reference = {case: results(*train(*case)[:3]) if rank == 0 else None for case in cases}
-    reference = broadcast_from_0(reference)
+    reference = {case: reference_of(case, rank) for case in cases}
     report = []
     for size in SIZES:
         for case in cases:
@@ -271,18 +316,17 @@ def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) ->
     groups = subgroups()
     first, rest = 5, 5
     case = ("mlp", method_name)
-    reference = results(*train(*case, steps=first + rest, exact=True)[:3]) if rank == 0 else None
-    reference = broadcast_from_0(reference)
+    reference = reference_of(case, rank, steps=first + rest, exact=True)
     for n in SIZES:
         if rank < n:
             model, opt, pruner, _ = train(*case, mode="fsdp", group=groups[n], steps=first, exact=True)
-            distributed.save(os.path.join(directory, f"{method_name}-{n}"), model, opt, pruner)
+            distributed.save(os.path.join(directory, f"{method_name}-{n}"), model, opt)
         dist.barrier()
     for n in SIZES:
         for m in SIZES:
             if rank < m:
                 path = os.path.join(directory, f"{method_name}-{n}")
-                restore = lambda model, opt, pruner, path=path: distributed.load(path, model, opt, pruner)
+                restore = lambda model, opt, pruner, path=path: distributed.load(path, model, opt)
                 model, opt, pruner, _ = train(
                     *case, mode="fsdp", group=groups[m], steps=rest, exact=True, start=first, state=restore
                 )
@@ -292,6 +336,10 @@ def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) ->
                     assert torch.equal(got["masks"][name], mask), f"{label}: masks differ"
                     assert torch.equal(got["weights"][name], reference["weights"][name]), f"{label}: weights differ"
             dist.barrier()
+
+
+def subgroups_ready(rank: int, world: int) -> None:
+    subgroups()
 
 
 def fail_on_rank_1(rank: int, world: int) -> None:

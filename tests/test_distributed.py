@@ -1,7 +1,7 @@
 """Many ranks (gloo, CPU, spawned processes): FSDP2 and DDP give the masks of one process.
 
-Each test is one spawn of four ranks that runs 1-, 2- and 4-rank cases on sub-groups (see
-tests/distributed_cases.py). Cases: an MLP with uneven and empty shards whose offsets are not
+Four ranks are spawned once for the module and run every test's 1-, 2- and 4-rank cases on
+sub-groups made once (see tests/distributed_cases.py). Cases: an MLP with uneven and empty shards whose offsets are not
 multiples of 32, a small CNN, a small transformer block; StochasticMagnitude, GReg-1 (filters),
 global Magnitude and SelectiveDecay, several pruning events each.
 """
@@ -19,11 +19,18 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 ALL = [(model, method) for model in cases.MODELS for method in cases.METHODS]
 
 
+@pytest.fixture(scope="module")
+def ranks():
+    pool = cases.Ranks()
+    yield pool
+    pool.close()
+
+
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_many_ranks_match_one_process(mode, tmp_path):
+def test_many_ranks_match_one_process(ranks, mode, tmp_path):
     out = tmp_path / "report.pt"
     started = time.monotonic()
-    cases.launch(cases.match_cases, mode, ALL, str(out), timeout=300)
+    ranks.run(cases.match_cases, mode, ALL, str(out), timeout=300)
     report = torch.load(out)
     assert {(m, model, method, size) for m, model, method, size, _ in report} == {
         (mode, model, method, size) for model, method in ALL for size in cases.SIZES
@@ -34,13 +41,16 @@ def test_many_ranks_match_one_process(mode, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["stochastic", "greg1"])
-def test_checkpoint_saved_on_n_ranks_resumes_on_m(method, tmp_path):
-    cases.launch(cases.checkpoint_cases, str(tmp_path), method, timeout=300)
+def test_checkpoint_saved_on_n_ranks_resumes_on_m(ranks, method, tmp_path):
+    ranks.run(cases.checkpoint_cases, str(tmp_path), method, timeout=300)
     assert sorted(os.listdir(tmp_path)) == [f"{method}-{n}" for n in cases.SIZES]
 
 
-def test_a_failing_rank_ends_the_run_with_its_message():
+def test_a_failing_rank_ends_the_run_with_its_message(ranks):
+    """Last in the module: the failure ends the shared ranks."""
+    ranks.run(cases.subgroups_ready, timeout=120)  # started and idle: the job below is all that is timed
     started = time.monotonic()
-    with pytest.raises(Exception, match="rank 1 failed on purpose"):
-        cases.launch(cases.fail_on_rank_1, world=2, timeout=120)
-    assert time.monotonic() - started < cases.TIMEOUT.total_seconds()  # the waiting rank did not sit out its timeout
+    with pytest.raises(RuntimeError, match="rank 1 failed on purpose") as failure:
+        ranks.run(cases.fail_on_rank_1, timeout=120)
+    assert "Connection closed" not in str(failure.value)  # the cause, not what it did to the other ranks
+    assert time.monotonic() - started < cases.TIMEOUT.total_seconds()  # the waiting ranks did not sit out a timeout

@@ -15,6 +15,7 @@ def test_every_example_is_listed():
         "gpt2_adamw.py",
         "autograd_adamw.py",
         "resnet_greg_export.py",
+        "fsdp2_prune.py",
     }
 
 
