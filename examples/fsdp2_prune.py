@@ -76,9 +76,9 @@ def main() -> None:
         mask = opt.mask(target.param).full_tensor()  # gathered from every rank's shard
         if rank == 0:
             print(f"{target.name}: {1 - mask.float().mean().item():.1%} pruned, mask checksum {int(mask.sum())}")
-    table = pruner.summary()
+    table = pruner.summary()  # of this rank's shards
     if rank == 0:
-        print(table)
+        print(table if world == 1 else f"rank 0's shards:\n{table}")
     dist.destroy_process_group()
 
 
