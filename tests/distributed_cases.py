@@ -47,6 +47,7 @@ class Ranks:
     def __init__(self, world: int = WORLD) -> None:
         self.world = world
         self.processes: list = []
+        self.cpu_seconds = 0.0  # CPU time the ranks spent in jobs (start-up excluded), summed over ranks
 
     def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory()
@@ -69,7 +70,7 @@ class Ranks:
         failures, finished = [], 0
         while finished < self.world and not failures:
             try:
-                rank, stamp, error = self.done.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                rank, stamp, error, cpu = self.done.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             except queue_module.Empty:
                 if time.monotonic() > deadline:
                     self.close()
@@ -78,12 +79,13 @@ class Ranks:
                     failures.append((time.time(), "a rank died without a report"))
                 continue
             finished += 1
+            self.cpu_seconds += cpu
             if error is not None:
                 failures.append((stamp, error))
         if failures:
             time.sleep(0.2)  # a report the failure caused may lag; the earliest is the cause
             while not self.done.empty():
-                _, stamp, error = self.done.get()
+                _, stamp, error, _ = self.done.get()
                 if error is not None:
                     failures.append((stamp, error))
             self.close()
@@ -106,12 +108,13 @@ def _serve(rank: int, world: int, tmp: str, jobs, done) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     while True:
         fn, args = jobs.get()
+        cpu = time.process_time()
         try:
             fn(rank, world, *args)
         except BaseException:
-            done.put((rank, time.time(), f"rank {rank}: {traceback.format_exc()}"))
+            done.put((rank, time.time(), f"rank {rank}: {traceback.format_exc()}", time.process_time() - cpu))
             raise
-        done.put((rank, time.time(), None))
+        done.put((rank, time.time(), None, time.process_time() - cpu))
 
 
 _SUBGROUPS: dict[int, dist.ProcessGroup] = {}
@@ -296,10 +299,22 @@ def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], 
                     )
                     assert int(mask.sum()) < mask.numel(), f"{label}: nothing was pruned"
                 check_counts(mode, case[1], size, counts)
+                if mode == "ddp" and case[1] == "greg1" and case[0] != "block" and rank == 0:
+                    one_rank_alone(case[0], model, pruner)
                 report.append((mode, *case, size, counts))
             dist.barrier()
     if rank == 0:
         torch.save(report, out)
+
+
+def one_rank_alone(model_name: str, model, pruner) -> None:
+    """DDP: metrics() and a structured export() on one rank while the others wait: no collective at all."""
+    with CommDebugMode() as comm:
+        metrics = pruner.metrics()
+        small = pruner.export(data(model_name)[0][:2])  # checks its outputs against the masked model's
+    assert comm.get_total_counts() == 0, f"export/metrics on one rank issued collectives: {comm.get_comm_counts()}"
+    assert any(m["dead_outputs"] > 0 for m in metrics.values()), metrics
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.module.parameters())
 
 
 def check_counts(mode: str, method_name: str, size: int, counts: list[int]) -> None:
