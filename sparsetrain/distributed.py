@@ -163,8 +163,14 @@ class ShardSync:
         if self._pending:
             self.reduce([])
 
-    def stepped(self) -> None:
-        """A fused step (or a mask change) rewrote the statistics with local partial sums."""
+    def stepped(self, skipped: Tensor | None = None) -> None:
+        """A fused step (or a mask change) rewrote the statistics with local partial sums.
+
+        ``skipped``: the step's inf/NaN flag; a skipped step wrote nothing (one host read, only with
+        ``skip_nonfinite``).
+        """
+        if skipped is not None and bool(skipped):
+            return
         self.stats_global = False
         self._pending = []
 

@@ -8,6 +8,7 @@ rank 0 and broadcast), so "identical on every rank" is checked on every rank.
 
 from __future__ import annotations
 
+import math
 import os
 import queue as queue_module
 import tempfile
@@ -23,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsetrain
 from sparsetrain import distributed, methods
@@ -230,7 +232,10 @@ def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, ex
         else:
             model = DistributedDataParallel(model, process_group=group)
     opt = optimizer_for(model_name, model.parameters())
-    pruner = sparsetrain.Pruner(model, opt, METHODS[method_name]())
+    options = {}
+    if method_name == "greg1":  # structured: keep the read-out's outputs (export keeps the model's output shape)
+        options["exclude"] = [[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]]
+    pruner = sparsetrain.Pruner(model, opt, METHODS[method_name](), **options)
     if state is not None:
         state(model, opt, pruner)
     x, y = data(model_name)
@@ -279,6 +284,9 @@ def broadcast_from_0(value):
 def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], out: str) -> None:
     """Every case on 1, 2 and 4 ranks: masks equal to one process's, weights within fp32 rounding."""
     groups = subgroups()
+    with CountCollectives() as control:
+        dist.all_reduce(torch.zeros(1))
+    assert control.calls, "the collective counter does not see an all_reduce"
     reference = {case: reference_of(case, rank) for case in cases}
     report = []
     for size in SIZES:
@@ -299,6 +307,15 @@ def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], 
                     )
                     assert int(mask.sum()) < mask.numel(), f"{label}: nothing was pruned"
                 check_counts(mode, case[1], size, counts)
+                if mode == "ddp":  # every rank holds the very same bits
+                    everyone = [None] * size
+                    dist.all_gather_object(everyone, got, group=groups[size])
+                    for other, theirs in enumerate(everyone):
+                        for kind in ("masks", "weights"):
+                            for name, value in theirs[kind].items():
+                                assert torch.equal(value, got[kind][name]), f"ddp {case}: rank {other} {kind} {name}"
+                else:
+                    check_offsets(model)
                 if mode == "ddp" and case[1] == "greg1" and case[0] != "block" and rank == 0:
                     one_rank_alone(case[0], model, pruner)
                 report.append((mode, *case, size, counts))
@@ -307,12 +324,36 @@ def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], 
         torch.save(report, out)
 
 
+def check_offsets(model) -> None:
+    """The element offsets given to the fused step are those torch's DTensor computes for the shards."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, p in model.named_parameters():
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+        expected = offset[0] * row if p.to_local().numel() else distributed.shard_offset(p)  # empty shard: unused
+        assert distributed.shard_offset(p) == expected, f"{name}: offset {distributed.shard_offset(p)} != {expected}"
+
+
+class CountCollectives(TorchDispatchMode):
+    """Records every c10d operator dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def one_rank_alone(model_name: str, model, pruner) -> None:
     """DDP: metrics() and a structured export() on one rank while the others wait: no collective at all."""
-    with CommDebugMode() as comm:
+    with CountCollectives() as comm:  # CommDebugMode's module hooks trip over Torch-Pruning's tracing
         metrics = pruner.metrics()
         small = pruner.export(data(model_name)[0][:2])  # checks its outputs against the masked model's
-    assert comm.get_total_counts() == 0, f"export/metrics on one rank issued collectives: {comm.get_comm_counts()}"
+    assert comm.calls == [], f"export/metrics on one rank issued collectives: {comm.calls}"
     assert any(m["dead_outputs"] > 0 for m in metrics.values()), metrics
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.module.parameters())
 
@@ -351,6 +392,26 @@ def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) ->
                     assert torch.equal(got["masks"][name], mask), f"{label}: masks differ"
                     assert torch.equal(got["weights"][name], reference["weights"][name]), f"{label}: weights differ"
             dist.barrier()
+
+
+def nonfinite_on_one_rank(rank: int, world: int) -> None:
+    """skip_nonfinite with FSDP2: an inf in one rank's gradient shard skips the step on every rank."""
+    groups = subgroups()
+    torch.manual_seed(0)
+    model = shard("mlp", mlp(), DeviceMesh.from_group(groups[world], "cpu"))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, skip_nonfinite=True)
+    sparsetrain.Pruner(model, opt, METHODS["selective"]())
+    x, y = data("mlp")
+    for poison in (False, True):
+        before = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
+        nn.functional.mse_loss(model(x), y).backward()
+        first = next(iter(model.parameters()))
+        if poison and rank == world - 1:
+            first.grad.to_local().view(-1)[0] = float("inf")
+        opt.step()
+        opt.zero_grad()
+        changed = any(not torch.equal(before[n], p.detach().to_local()) for n, p in model.named_parameters())
+        assert changed != poison, f"rank {rank}: step {'skipped' if not changed else 'taken'} with poison={poison}"
 
 
 def subgroups_ready(rank: int, world: int) -> None:

@@ -48,6 +48,10 @@ def test_checkpoint_saved_on_n_ranks_resumes_on_m(ranks, method, tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f"{method}-{n}" for n in cases.SIZES]
 
 
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(ranks):
+    ranks.run(cases.nonfinite_on_one_rank, timeout=120)
+
+
 def test_a_failing_rank_ends_the_run_with_its_message(ranks):
     """Last in the module: the failure ends the shared ranks."""
     ranks.run(cases.subgroups_ready, timeout=120)  # started and idle: the job below is all that is timed
