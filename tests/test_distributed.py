@@ -33,14 +33,17 @@ def test_many_ranks_match_one_process(ranks, mode, tmp_path):
     ranks.run(cases.match_cases, mode, ALL, str(out), timeout=300)
     report = torch.load(out)
     assert {(m, model, method, size) for m, model, method, size, _ in report} == {
-        (mode, model, method, size) for model, method in ALL for size in cases.SIZES
+        (mode, model, method, size)
+        for model, method in ALL
+        for size in cases.SIZES
+        if not (mode == "fsdp" and method == "greg1")
     }
     print(f"\n{mode}: {len(report)} runs in {time.monotonic() - started:.1f} s, {ranks.cpu_seconds - cpu:.1f} CPU s")
     for m, model, method, size, counts in report:
         print(f"  {m} {model:5} {method:10} ranks={size}: collectives per optimizer.step {counts}")
 
 
-@pytest.mark.parametrize("method", ["stochastic", "greg1"])
+@pytest.mark.parametrize("method", ["stochastic", "selective"])
 def test_checkpoint_saved_on_n_ranks_resumes_on_m(ranks, method, tmp_path):
     started, cpu = time.monotonic(), ranks.cpu_seconds
     ranks.run(cases.checkpoint_cases, str(tmp_path), method, timeout=300)
