@@ -415,7 +415,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "backend": backend,
                 }
                 if call.masked:
-                    dead.rezero_written(call.params, call.versions, self.state)
+                    dead.rezero_written(call.params, call.versions, self.state, call.sources)
                 self._launch(call, call_grads, common)
                 if call.masked:
                     call.versions = dead.versions(call.params)

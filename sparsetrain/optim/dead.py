@@ -25,8 +25,13 @@ def versions(params: list[Tensor]) -> list[int]:
     return [p._version for p in params]
 
 
-def rezero_written(params: list[Tensor], recorded: list[int] | None, state: Any) -> None:
-    """Zero (+0.0) the dead elements of every tensor of ``params`` written since ``recorded``."""
+def rezero_written(
+    params: list[Tensor], recorded: list[int] | None, state: Any, sources: list[Tensor] | None = None
+) -> None:
+    """Zero (+0.0) the dead elements of every tensor of ``params`` written since ``recorded``.
+
+    ``sources``: the parameters whose state holds the masks when ``params`` are their local shards.
+    """
     if torch.compiler.is_compiling():
         return
     now = versions(params)
@@ -35,5 +40,6 @@ def rezero_written(params: list[Tensor], recorded: list[int] | None, state: Any)
     with torch.no_grad():
         for index, p in enumerate(params):
             if recorded is None or now[index] != recorded[index]:
-                alive = mask_format.unpack(state[p]["mask_words"], p.numel(), p.shape)
+                owner = sources[index] if sources is not None else p
+                alive = mask_format.unpack(state[owner]["mask_words"], p.numel(), p.shape)
                 p.masked_fill_(~alive, 0.0)
