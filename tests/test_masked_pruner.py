@@ -88,7 +88,7 @@ def test_metrics_measure_the_masks_with_adamw():
 def test_biases_of_pruned_filters_stay_masked():
     model = _cnn(2)
     method = methods.GReg1(0.5, update_interval=1, delta=0.5, ceiling=1.0, stabilize=1)
-    pruner = MaskedPruner(model, method, include=["0", "2"])
+    pruner = MaskedPruner(model, method, include=["0", "2"], coupled=False)  # each layer's own filters and bias
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     _train(model, opt, pruner, range(12))
     assert method.phase == "pruned"

@@ -157,13 +157,15 @@ def train(work: Workload, mode: str, device: torch.device, steps: int, warmup: i
     total = warmup + steps
     eager = EagerPruning(prunable(model), total) if mode == "eager pruning" else None
     pruner = None
+    gen = torch.Generator().manual_seed(1)
+    batches = [work.batch(gen, device) for _ in range(POOL)]
     if mode == "sparsetrain StochasticMagnitude":
         method = methods.StochasticMagnitude(TARGET, start=1, end=total, interval=1, temperature=TEMPERATURE, l2=L2)
         pruner = sparsetrain.Pruner(model, opt, method, types=(nn.Linear, nn.Conv2d))
     elif mode == "sparsetrain GReg1":
-        pruner = sparsetrain.Pruner(model, opt, methods.GReg1(0.5), types=(nn.Linear, nn.Conv2d))
-    gen = torch.Generator().manual_seed(1)
-    batches = [work.batch(gen, device) for _ in range(POOL)]
+        pruner = sparsetrain.Pruner(
+            model, opt, methods.GReg1(0.5), types=(nn.Linear, nn.Conv2d), example_inputs=batches[0][0]
+        )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     times, losses = [], []
     for i in range(total):
