@@ -37,7 +37,7 @@ class Adam(FusedOptimizer):
 
     Keyword Args:
         backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
-            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
             CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
         skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
@@ -155,7 +155,7 @@ class AdamW(Adam):
 
     Keyword Args:
         backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
-            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (cuda, then triton, then torch for
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
             CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
         skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
