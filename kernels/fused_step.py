@@ -33,8 +33,9 @@ block starts on a quad of the random stream) lets a block draw its uniforms with
 four elements; without it each element makes its own call (same values). WIDE_GROUPS (a group run
 or a group count too large for the 32-bit group index, see _div_small) computes j(i) in 64 bits.
 
-Dtypes: parameters and gradients fp32 / bf16 / fp16 (one launch per parameter dtype), optimizer
-states fp32, statistics fp64, masks int32. Offsets are int64 throughout.
+Dtypes: parameters and gradients fp32 / bf16 / fp16, optimizer states fp32 or the parameter's dtype
+(one launch per pair present; math in fp32, states rounded once when stored), statistics fp64,
+masks int32. Offsets are int64 throughout.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def fused_step_kernel(
     decay_factor,
     log_betas_ptr,
     PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
     IS_ADAM: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -181,9 +183,9 @@ def fused_step_kernel(
         # cannot prove apart from these, so it would otherwise reload and recompute them per block.
         param_ptr = _row_ptr(table, ROW_PARAM, t, num_tensors, PARAM_DTYPE)
         grad_ptr = _row_ptr(table, ROW_GRAD, t, num_tensors, PARAM_DTYPE)
-        state1_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, tl.float32)
-        state2_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, tl.float32)
-        state3_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, tl.float32)
+        state1_ptr = _row_ptr(table, ROW_STATE1, t, num_tensors, STATE_DTYPE)
+        state2_ptr = _row_ptr(table, ROW_STATE2, t, num_tensors, STATE_DTYPE)
+        state3_ptr = _row_ptr(table, ROW_STATE3, t, num_tensors, STATE_DTYPE)
         group_ptr = _row_ptr(table, ROW_GROUP, t, num_tensors, tl.float32)
         stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
         coef_ptr = _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32)
@@ -337,12 +339,12 @@ def _step_block(
     w_raw = load_block(param_ptr, offs, io, ALIGNED, FULL)
     g_raw = load_block(grad_ptr, offs, io, ALIGNED, FULL)
     if IS_ADAM:
-        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
-        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL)
+        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
+        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
         if AMSGRAD:
-            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL)
+            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
     elif HAS_MOMENTUM:
-        buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL)
+        buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
     g_raw = tl.where(live, g_raw.to(tl.float32), 0.0)
     w = tl.where(live, w_raw.to(tl.float32), 0.0)
     g = -g_raw if MAXIMIZE else g_raw

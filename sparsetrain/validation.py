@@ -156,6 +156,16 @@ def full_group(param_group: Mapping[str, Any], defaults: Mapping[str, Any]) -> d
     return group
 
 
+def state_dtype(value: Any) -> torch.dtype | None:
+    """The optimizer's ``state_dtype`` option: ``None`` (buffers follow each parameter's dtype) or float32."""
+    if value is None or value == torch.float32:
+        return value
+    raise ValueError(
+        f"state_dtype must be None (algorithm buffers in each parameter's dtype, as torch.optim) or torch.float32 "
+        f"(float32 buffers for every parameter), got {value!r}"
+    )
+
+
 # ------------------------------------------------------------------------------------------- steps
 def step_tensors(calls: list[Any], backend: str) -> None:
     """Before a step launches anything: every gradient matches its parameter; the backend can read both.

@@ -16,6 +16,7 @@ import torch
 from conftest import DEVICE
 from helpers import clone_params, make_params, max_rel_err, set_grads
 from test_triton_backend import BLOCK, SIZES, _call, _compare, _inputs, _mask_disagreements, _set_alive
+from test_triton_backend import _run_both as _agree
 
 import sparsetrain
 from sparsetrain import backends, contract, masks
@@ -28,13 +29,7 @@ CHUNK = 2048 * 32  # elements per chunk of the CPU driver (csrc/cpu_driver.cpp)
 
 
 def _run_both(sizes, dtypes, algo, prune, seed=0, **kw):
-    inputs = _inputs(sizes, dtypes, algo=algo, prune=prune, seed=seed, shard_offsets=kw.pop("shard_offsets", None))
-    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
-    _call(ref, "torch", algo=algo, prune=prune, **kw)
-    _call(out, "native", algo=algo, prune=prune, **kw)
-    assert _mask_disagreements(inputs, ref, out, prune) == 0
-    _compare(ref, out)
-    return inputs, ref, out
+    return _agree(sizes, dtypes, algo, prune, seed, backend="native", **kw)
 
 
 @pytest.mark.parametrize("prune", contract.PRUNE_MODES)
@@ -63,10 +58,12 @@ def test_optimizer_variants(variant):
     _run_both([33, BLOCK + 1], [torch.float32] * 2, variant.pop("algo"), "low", seed=5, **variant)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, None], ids=["fp32-states", "param-dtype-states"])
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
-def test_mixed_dtypes_in_one_call(algo):
+def test_mixed_dtypes_in_one_call(algo, state_dtype):
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32]
-    _run_both([31, 1000, 2049, 1, 97], dtypes, algo, "stochastic", seed=11)
+    _, _, out = _run_both([31, 1000, 2049, 1, 97], dtypes, algo, "stochastic", seed=11, state_dtype=state_dtype)
+    assert [s.dtype for s in out["state_lists"][0]] == [state_dtype or d for d in dtypes]
 
 
 def test_offsets_above_2_pow_32_and_not_multiples_of_4():

@@ -77,6 +77,29 @@ def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return [x if x.is_contiguous() else x.contiguous() for x in tensors]
 
 
+class _Float32Buffers:
+    """float32 working copies of 16-bit algorithm buffers around a driver call (the drivers read float32).
+
+    The step computes in float32 and each buffer is rounded once when it is copied back, which is the
+    contract of every backend; the copies cost one extra pass over those buffers.
+    """
+
+    def __init__(self, *lists: list[Tensor]) -> None:
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.lists: list[list[Tensor]] = []
+        for buffers in lists:
+            self.lists.append([])
+            for buffer in buffers:
+                if buffer.dtype != torch.float32:
+                    self.pairs.append((buffer, buffer.float()))
+                    buffer = self.pairs[-1][1]
+                self.lists[-1].append(buffer)
+
+    def store(self) -> None:
+        for buffer, copy in self.pairs:
+            buffer.copy_(copy)
+
+
 def sgd_step(
     params,
     grads,
@@ -106,12 +129,15 @@ def sgd_step(
     if not params:
         return
     _require()
+    buffers = _Float32Buffers(momentum_buffers)
+    (momentum_buffers,) = buffers.lists
     torch.ops.sparsetrain_native.sgd_step_(
         params, _contiguous(grads), momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
         list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(maximize), _PRUNE_INDEX[prune], bool(regularize),
         bool(l1_proximal),
     )  # fmt: skip
+    buffers.store()
 
 
 def adam_step(
@@ -147,9 +173,12 @@ def adam_step(
     if not params:
         return
     _require()
+    buffers = _Float32Buffers(exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = buffers.lists
     torch.ops.sparsetrain_native.adam_step_(
-        params, _contiguous(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, mask_words,
+        params, _contiguous(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words,
         stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),
         lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
         bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
     )  # fmt: skip
+    buffers.store()

@@ -134,17 +134,29 @@ class _Pruning:
         )
 
 
-def _apply(pruning: _Pruning, t: int, param: Tensor, update) -> None:
-    """Run one tensor through mask, regularize, ``update``, proximal L1, decide, mask, stats."""
+def _work(buffer: Tensor) -> Tensor:
+    """The float32 working copy of an algorithm buffer: the buffer itself when it is float32."""
+    return buffer.view(-1).float()
+
+
+def _apply(pruning: _Pruning, t: int, param: Tensor, buffers: list[Tensor], update) -> None:
+    """Run one tensor through mask, regularize, ``update``, proximal L1, decide, mask, stats.
+
+    ``update(w, alive, work)`` reads and updates the float32 working copies ``work`` of ``buffers``
+    in place; a 16-bit buffer is rounded once, when its working copy is stored back.
+    """
     numel = param.numel()
     alive = pruning.alive(t, numel, param.device)
     w = param.detach().reshape(-1).float()
-    new_w, g_raw, states = update(w, alive)
+    work = [_work(b) for b in buffers]
+    new_w, g_raw = update(w, alive, work)
     new_alive = pruning.decide(t, new_w, alive)
     dead = ~new_alive
     new_w = new_w.masked_fill(dead, 0.0)  # exactly +0.0, whatever the value (inf * 0 would be NaN, -w * 0 is -0.0)
-    for state in states:
-        state.view(-1).masked_fill_(dead, 0.0)
+    for buffer, state in zip(buffers, work):
+        state.masked_fill_(dead, 0.0)
+        if state.data_ptr() != buffer.data_ptr():
+            buffer.view(-1).copy_(state)
     param.detach().copy_(new_w.view_as(param).to(param.dtype))
     pruning.finish(t, new_w, g_raw, new_alive)
 
@@ -186,26 +198,24 @@ def sgd_step(
         steps[t].add_(1)
         first = float(steps[t]) == 1.0
 
-        def update(w: Tensor, alive: Tensor, t=t, grad=grad, first=first):
+        def update(w: Tensor, alive: Tensor, work: list[Tensor], t=t, grad=grad, first=first):
             g_raw = grad.reshape(-1).float()
             g = -g_raw if maximize else g_raw
             w = w * alive
             if weight_decay != 0:
                 g = g.add(w, alpha=weight_decay)
             g = g + pruning.regularization(t, w, g_raw) if (pruning.regularize or pruning.group_coefs) else g
-            states = []
             if momentum != 0:
-                buf = momentum_buffers[t].view(-1)
+                (buf,) = work
                 if first:
                     buf.copy_(g)
                 else:
                     buf.mul_(momentum).add_(g, alpha=1 - dampening)
                 g = g.add(buf, alpha=momentum) if nesterov else buf
-                states.append(buf)
             w = w.add(g, alpha=-float(lr))  # torch.optim's add_(alpha=-lr), a tensor lr read as its value
-            return pruning.proximal_l1(t, w, lr), g_raw, states
+            return pruning.proximal_l1(t, w, lr), g_raw
 
-        _apply(pruning, t, param, update)
+        _apply(pruning, t, param, [momentum_buffers[t]] if momentum != 0 else [], update)
 
 
 def adam_step(
@@ -237,7 +247,7 @@ def adam_step(
         steps[t].add_(1)
         step = float(steps[t])
 
-        def update(w: Tensor, alive: Tensor, t=t, grad=grad, step=step):
+        def update(w: Tensor, alive: Tensor, work: list[Tensor], t=t, grad=grad, step=step):
             g_raw = grad.reshape(-1).float()
             g = -g_raw if maximize else g_raw
             w = w * alive
@@ -249,21 +259,20 @@ def adam_step(
                     g = g.add(w, alpha=weight_decay)
             if r is not None:
                 g = g + r
-            exp_avg, exp_avg_sq = exp_avgs[t].view(-1), exp_avg_sqs[t].view(-1)
+            exp_avg, exp_avg_sq = work[0], work[1]
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             bias_correction1 = 1 - beta1**step
             bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-            states = [exp_avg, exp_avg_sq]
             if amsgrad:
-                max_sq = max_exp_avg_sqs[t].view(-1)
+                max_sq = work[2]
                 torch.maximum(max_sq, exp_avg_sq, out=max_sq)
                 denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                states.append(max_sq)
             else:
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             # torch.optim: step_size = lr / bias_correction1 (a float32 tensor when lr is one), read as a value
             w = w.addcdiv(exp_avg, denom, value=-float(lr / bias_correction1))
-            return pruning.proximal_l1(t, w, lr), g_raw, states
+            return pruning.proximal_l1(t, w, lr), g_raw
 
-        _apply(pruning, t, param, update)
+        buffers = [exp_avgs[t], exp_avg_sqs[t]] + ([max_exp_avg_sqs[t]] if amsgrad else [])
+        _apply(pruning, t, param, buffers, update)

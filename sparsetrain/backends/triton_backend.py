@@ -1,6 +1,7 @@
 """The Triton backend: host launcher of :mod:`sparsetrain.kernels.fused_step`.
 
-One ``fused_step_kernel`` launch per parameter dtype present in the call (fp32, bf16, fp16), then
+One ``fused_step_kernel`` launch per pair of parameter dtype (fp32, bf16, fp16) and state dtype
+(fp32 or the parameter's) present in the call, then
 one ``finish_step_kernel`` launch for all tensors (preceded by one ``reduce_partials_kernel``
 launch when a tensor has more than ``SEGMENT_THRESHOLD`` programs and statistics are kept). The
 per-tensor address table and the block map are built once per set of tensors and cached; when
@@ -134,7 +135,8 @@ class _Plan:
         # one program per BLOCKS consecutive blocks of a tensor, one row of partial statistics per program
         programs = [math.ceil(max(1, math.ceil(n / (self.words * 32))) / self.blocks) for n in numels]
         first = [0] * num_tensors  # partial row of each tensor's first program
-        self.launches = []  # (param dtype, program -> tensor, program -> group index, number of programs)
+        # ((param dtype, buffer dtype), program -> tensor, program -> group index, number of programs)
+        self.launches = []
         base = 0
         for dtype in sorted(set(dtypes), key=str):
             block_tensor, block_local = [], []
@@ -206,6 +208,20 @@ def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[
             raise RuntimeError(f"{name}[{index}] has {x.numel()} elements, its parameter {numels[index]}")
 
 
+def _state_dtypes(params: list[Tensor], state_lists) -> list[torch.dtype]:
+    """Each tensor's algorithm-buffer dtype: float32 or its parameter's, the same for all its buffers."""
+    dtypes = []
+    for t, p in enumerate(params):
+        found = {s[t].dtype for s in state_lists if s}
+        if len(found) > 1 or not found <= {torch.float32, p.dtype}:
+            raise RuntimeError(
+                f"the buffers of params[{t}] ({p.dtype}) are {sorted(map(str, found))}; the Triton backend reads "
+                "buffers of one dtype per tensor, float32 or the parameter's"
+            )
+        dtypes.append(found.pop() if found else torch.float32)
+    return dtypes
+
+
 def _plan(
     device, params, grads, state_lists, steps, mask_words, stats, coefs, group_coefs, group_inner, shard_offsets
 ) -> _Plan:
@@ -236,6 +252,7 @@ def _plan(
         raise RuntimeError(f"the Triton backend supports fp32, bf16 and fp16 parameters, not {', '.join(unsupported)}")
     for name, tensors in (("grads", grads), *(("state", s) for s in state_lists)):
         _check(name, tensors, device, numels)
+    state_dtypes = _state_dtypes(params, state_lists)
     num = len(params)
     pad = lambda xs: list(xs) if xs else [None] * num  # noqa: E731
     columns = [
@@ -252,7 +269,7 @@ def _plan(
     inners = list(group_inner) if group_inner else [max(n, 1) for n in numels]
     groups = [gc.shape[1] for gc in group_coefs] if group_coefs else [1] * num
     shard = list(shard_offsets) if shard_offsets else [0] * num
-    plan = _Plan(device, columns, numels, inners, groups, shard, [p.dtype for p in params])
+    plan = _Plan(device, columns, numels, inners, groups, shard, list(zip([p.dtype for p in params], state_dtypes)))
     plan.numels, plan.layout = numels, (list(group_inner), list(shard_offsets))
     _remember(plan, params, static)
     return plan
@@ -375,7 +392,8 @@ def _launch(
             scalars["eps"],
             1.0 - lr * scalars["weight_decay"],
             log_betas,
-            PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtype]),
+            PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtype[0]]),
+            STATE_DTYPE=getattr(tl, _PARAM_DTYPES[dtype[1]]),
             IS_ADAM=is_adam,
             HAS_MOMENTUM=bool(flags.get("has_momentum")),
             NESTEROV=bool(flags.get("nesterov")),

@@ -10,7 +10,7 @@ Rows are (model, algorithm, dtype, sparsity) cases; each is timed for every prov
 
 The peers do dense work whatever the mask, so at 50% / 90% sparsity their 0% time is reused (marked
 in the report). Each time is converted to effective bandwidth at the bytes the case must move in
-sparsetrain's format (weights read and written, gradient read, fp32 optimizer state read and
+sparsetrain's format (weights read and written, gradient read, optimizer buffers in the weights' dtype read and
 written, 1-bit mask read and written; a dead element only its mask bit) and to a fraction of the
 copy ceiling measured in the same run. A second table times the global magnitude threshold
 (sparsetrain's multi-tensor radix select) against ``torch.sort`` / ``torch.kthvalue`` of the
@@ -36,7 +36,7 @@ from .timing import DEFAULT, QUICK, Budget, copy_ceiling, peak_extra_bytes, time
 PEERS = ("torch.optim", "eager", "compiled")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SPARSITIES = ((0.0, "dense"), (0.5, "unstructured"), (0.9, "unstructured"), (0.5, "structured"), (0.9, "structured"))
-STATE_BYTES = {"sgd": 8, "adamw": 16}  # fp32 state read + written per element
+BUFFERS = {"sgd": 1, "adamw": 2}  # algorithm buffers per element (in the parameter's dtype, as torch.optim's)
 MASK_BYTES, DEAD_BYTES = 0.25, 0.125  # a live element's mask bit read + written; a dead one's read
 COMPILE_MAX_TENSORS = 200  # on a GPU; beyond this, compiling the unrolled per-tensor loop takes minutes
 # sizes: "quick" for CI on a small CPU, "cpu" for a full CPU run, "full" for a GPU
@@ -163,7 +163,7 @@ def cases(size: str, matrix: str, model_filter: list[str] | None = None) -> Iter
 def bytes_per_element(algo: str, dtype: str, dead_fraction: float) -> float:
     """Bytes one element must move in sparsetrain's format (see the module docstring)."""
     param = torch.finfo(DTYPES[dtype]).bits // 8
-    live = 3 * param + STATE_BYTES[algo] + MASK_BYTES
+    live = 3 * param + 2 * param * BUFFERS[algo] + MASK_BYTES  # w, g read, w written; buffers read and written
     return (1 - dead_fraction) * live + dead_fraction * DEAD_BYTES
 
 

@@ -17,7 +17,8 @@ class Adam(FusedOptimizer):
     Without pruning it computes what ``torch.optim.Adam`` computes (same arguments, same results up to
     float32 rounding). Attach a :class:`~sparsetrain.Pruner` to prune: the method's coefficients and
     pruning decisions then run inside the same one-pass op (``torch.ops.sparsetrain.adam_step_``).
-    Parameters may be float32, bfloat16 or float16; moments are float32 whatever the parameter dtype.
+    Parameters may be float32, bfloat16 or float16; the math runs in float32, the moments are stored
+    in the parameter's dtype (as torch.optim) unless ``state_dtype=torch.float32``.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts, as for
@@ -36,31 +37,15 @@ class Adam(FusedOptimizer):
             makes Adam behave as AdamW, as in ``torch.optim``.
 
     Keyword Args:
-        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
-            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
-            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
-            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
-        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
-            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
-            without a host sync per tensor.
-        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
-            the ``state_dict``, so a resumed run draws the same numbers.
-        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
-            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
-            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
-        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
-            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
-            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
-        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
-            always one fused op; ``backend`` chooses the implementation).
-        fused (bool | None): as ``foreach``.
-        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+        **options: the options every sparsetrain optimizer shares (``backend``, ``skip_nonfinite``,
+            ``seed``, ``l1_proximal``, ``capturable``, ``state_dtype`` and torch.optim's ``foreach``,
+            ``fused``, ``differentiable``): see :class:`~sparsetrain.optim.FusedOptimizer`.
 
     State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
-    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (float32, ``p``'s shape, whatever
-    ``p``'s dtype); for pruned parameters also ``mask_words`` (int32, 1 bit per element), ``stats``,
-    ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()`` updates ``p`` and its
-    state in place.
+    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``p``'s shape and dtype, or
+    float32 with ``state_dtype=torch.float32``); for pruned parameters also ``mask_words`` (int32, 1 bit
+    per element), ``stats``, ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()``
+    updates ``p`` and its state in place.
 
     Raises:
         ValueError: an invalid hyperparameter (negative ``lr``, ``eps`` or ``weight_decay``, a beta
@@ -82,7 +67,7 @@ class Adam(FusedOptimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool | None = None,
-        **options,
+        **options: Any,
     ) -> None:
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled
@@ -154,31 +139,15 @@ class AdamW(Adam):
             makes Adam behave as AdamW, as in ``torch.optim``.
 
     Keyword Args:
-        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
-            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
-            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
-            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
-        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
-            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
-            without a host sync per tensor.
-        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
-            the ``state_dict``, so a resumed run draws the same numbers.
-        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
-            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
-            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
-        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
-            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
-            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
-        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
-            always one fused op; ``backend`` chooses the implementation).
-        fused (bool | None): as ``foreach``.
-        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+        **options: the options every sparsetrain optimizer shares (``backend``, ``skip_nonfinite``,
+            ``seed``, ``l1_proximal``, ``capturable``, ``state_dtype`` and torch.optim's ``foreach``,
+            ``fused``, ``differentiable``): see :class:`~sparsetrain.optim.FusedOptimizer`.
 
     State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
-    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (float32, ``p``'s shape, whatever
-    ``p``'s dtype); for pruned parameters also ``mask_words`` (int32, 1 bit per element), ``stats``,
-    ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()`` updates ``p`` and its
-    state in place.
+    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``p``'s shape and dtype, or
+    float32 with ``state_dtype=torch.float32``); for pruned parameters also ``mask_words`` (int32, 1 bit
+    per element), ``stats``, ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()``
+    updates ``p`` and its state in place.
 
     Example:
         ```python

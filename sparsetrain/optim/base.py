@@ -50,20 +50,36 @@ class _Call:
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of :class:`~sparsetrain.optim.SGD`, :class:`~sparsetrain.optim.Adam`, :class:`~sparsetrain.optim.AdamW`.
 
-    Options shared by all of them (keywords):
+    Keyword Args (shared by every subclass):
+        backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
+            environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
+            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
+            :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
+        skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
+            NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
+            without a host sync per tensor.
+        seed (int): default ``0``. Base seed of the pruning random stream (63 bits are kept); saved in
+            the ``state_dict``, so a resumed run draws the same numbers.
+        l1_proximal (bool): default ``True``: a method's L1 coefficient is applied as the proximal
+            soft-threshold ``w = sign(w) * max(|w| - lr * l1, 0)`` after the update (exact zeros);
+            ``False``: as the subgradient ``l1 * sign(w)`` added to the gradient.
+        capturable (bool): default ``False``. Keep the learning rate on the device (a 0-dim float32
+            tensor that schedulers update in place) so that ``step()`` can be captured in a CUDA graph;
+            needs the triton backend on CUDA tensors. Pruning events run outside the graph.
+        foreach (bool | None): accepted for compatibility with ``torch.optim``; a hint only (the step is
+            always one fused op; ``backend`` chooses the implementation).
+        fused (bool | None): as ``foreach``.
+        differentiable (bool): ``True`` is refused (the fused step is not differentiable).
+        state_dtype (torch.dtype | None): default ``None``: algorithm buffers (momentum, Adam moments,
+            AMSGrad maxima) take each parameter's dtype, as in ``torch.optim``. ``torch.float32``: float32
+            buffers for every parameter. The step computes in float32 either way and rounds each buffer
+            once when it is stored. For bf16/fp16 parameters, float32 buffers double the buffers' memory
+            and traffic (AdamW's moments: 4 -> 8 bytes per element in memory, 8 -> 16 bytes read and
+            written per step) and keep the small changes a 16-bit buffer rounds away (bf16 keeps 8
+            significant bits: a moment that changes by less than about 1/256 of its value per step
+            does not move).
 
-    * ``backend``: ``"auto"`` (default, or env ``SPARSETRAIN_BACKEND``), ``"torch"``, ``"triton"``,
-      ``"native"``; an explicit backend that cannot run raises the reason at construction.
-    * ``skip_nonfinite``: skip the whole step (weights, states, masks, step counts) when any gradient
-      holds inf/NaN, detected on the device without a host sync per tensor.
-    * ``seed``: base seed of the pruning random stream (saved in the state_dict).
-    * ``l1_proximal``: L1 as a proximal soft-threshold after the update (default) or as a subgradient.
-    * ``capturable``: keep the learning rate on the device so ``step()`` can be captured in a CUDA
-      graph (triton backend; pruning events, which change per step, run outside the graph).
-    * torch.optim's ``foreach``, ``fused`` (hints: the step is always fused; ``backend`` chooses the
-      implementation) and ``differentiable`` (``True`` is refused); see :mod:`sparsetrain.optim.compat`.
-
-    Subclasses define ``_algo_states(group)`` (names of the per-parameter fp32 buffers the group
+    Subclasses define ``_algo_states(group)`` (names of the per-parameter buffers the group
     needs) and ``_launch(group, params, grads, common)``, which calls their op once for a list of
     tensors.
     """
@@ -81,8 +97,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         backends.check_name(backend if backend is not None else "auto")
+        self.state_dtype = validation.state_dtype(state_dtype)
         defaults = dict(defaults)
         compat.torch_keywords(defaults, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults["capturable"] = capturable
@@ -150,7 +168,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for name in self._algo_states(group):
             if name not in state:
-                state[name] = torch.zeros(distributed.local(p).shape, dtype=torch.float32, device=p.device)
+                state[name] = torch.zeros(distributed.local(p).shape, dtype=self.buffer_dtype(p), device=p.device)
+
+    def buffer_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s algorithm buffers: ``state_dtype``, else ``p``'s dtype (as torch.optim)."""
+        return self.state_dtype if self.state_dtype is not None else p.dtype
 
     def _param_index(self) -> dict[Tensor, int]:
         return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -458,7 +480,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         The whole state_dict is checked first (:func:`sparsetrain.validation.state_dict`); one that does
         not fit is refused and nothing is replaced. Tensors move to the parameter's device; statistics
-        stay float64, algorithm buffers and step counts become float32 (what every backend reads). A
+        stay float64, step counts become float32, algorithm buffers take :meth:`buffer_dtype`. A
         saved pruner state goes to the attached :class:`~sparsetrain.Pruner` (or to the next one attached).
         """
         if compat.is_torch_state_dict(state_dict):
@@ -481,7 +503,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     value = torch.as_tensor(value).detach().reshape(()).to(device=p.device, dtype=torch.float32)
                     new_state[p][field] = value.clone()
                 elif field in buffers:
-                    new_state[p][field] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    new_state[p][field] = value.detach().to(device=p.device, dtype=self.buffer_dtype(p), copy=True)
                 elif isinstance(value, Tensor):
                     new_state[p][field] = value.detach().to(device=p.device, copy=True)
                 else:
