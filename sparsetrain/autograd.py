@@ -200,6 +200,11 @@ class MaskedPruner(Pruner):
         record_every: steps between two history records (default ``10``).
         backend: backend of the mask updates (default ``None``: ``SPARSETRAIN_BACKEND`` or ``"auto"``).
         seed: base seed of the pruning random stream (default ``0``).
+        example_inputs: for structured methods, inputs to trace the coupled channel groups with.
+        coupled: ``False`` prunes each structured layer's own filters without tracing (default ``True``).
+        shrink_after_prune: remove the pruned channels from the live model after every structured
+            pruning event (:meth:`~sparsetrain.Pruner.shrink`); pass your optimizer to :meth:`step`
+            so its state is sliced too (default ``False``).
 
     Raises:
         ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected).
@@ -230,6 +235,7 @@ class MaskedPruner(Pruner):
         seed: int = 0,
         example_inputs=None,
         coupled: bool = True,
+        shrink_after_prune: bool = False,
     ) -> None:
         self._resolved = resolve_targets(
             model,
@@ -252,6 +258,9 @@ class MaskedPruner(Pruner):
             types=types,
             ratios=ratios,
             record_every=record_every,
+            example_inputs=example_inputs,
+            coupled=coupled,
+            shrink_after_prune=shrink_after_prune,
         )
         self._zero_grads: dict[Tensor, Tensor] = {}
         for hook in self._hooks:  # the schedule runs from step(), not from the internal optimizer's hooks
@@ -265,19 +274,25 @@ class MaskedPruner(Pruner):
                     parametrize.register_parametrization(module, attr, _MaskParametrization(self.optimizer, tensor))
                     self._hooks.append(module.register_state_dict_post_hook(_plain_state_dict_hook(attr)))
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
+        self._maybe_shrink()
+
+    _shrink_in_init = False
 
     def effective_weight(self, target: Target) -> Tensor:
         """The masked weight the model computes with."""
         return target.param.detach() * self.optimizer.mask(target.param)
 
-    def step(self) -> None:
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
         """Run the method's schedule for one training step; at pruning events update the masks.
 
         Steps without an event cost nothing here. An event takes two zero-learning-rate fused steps:
-        one refreshes the statistics on the current weights, one decides and masks.
+        one refreshes the statistics on the current weights, one decides and masks. With
+        ``shrink_after_prune`` a structured event then shrinks the model; ``optimizers`` (yours)
+        have their state sliced with it.
         """
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
+        self._structured_event |= mode == "group"
         if mode != "none":
             self._mask_optimizer._pending_prune = "none"
             self._mask_step()
@@ -286,6 +301,7 @@ class MaskedPruner(Pruner):
         self.method.after_step(self, self.step_count)
         self.step_count += 1
         self.history.maybe_record(self.step_count, self.method.scalars())
+        self._maybe_shrink(optimizers)
 
     def state_dict(self) -> dict[str, Any]:
         """Masks, statistics, coefficients, the event counter and the schedule (step count, method, history)."""

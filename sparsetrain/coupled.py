@@ -61,6 +61,7 @@ class ChannelGroup:
     offset: int  # first global unit id
     members: list[Member] = field(default_factory=list)
     inputs: bool = False  # units are the root's input channels (uncoupled "channels" groups)
+    removed: int = 0  # units already removed from the model by sparsetrain.shrink (size counts the rest)
 
     def modules(self) -> list[str]:
         return sorted({m.name.rsplit(".", 1)[0] for m in self.members})
@@ -454,6 +455,78 @@ class CoupledGroups:
         for name, reason in self.skipped.items():
             lines.append(f"  skipped {name}: {reason}")
         return "\n".join(lines)
+
+
+@dataclass
+class Removal:
+    """What removing some units of the model's channel groups takes from one parameter."""
+
+    param: Tensor
+    holder: nn.Module
+    attr: str
+    removed: dict[int, list[int]]  # dim -> positions removed (the parameter's numbering before)
+
+    def kept(self) -> dict[int, Tensor]:
+        """Per sliced dim, the positions that stay (int64, increasing)."""
+        out = {}
+        for dim, removed in self.removed.items():
+            gone = set(removed)
+            out[dim] = torch.tensor([i for i in range(self.param.shape[dim]) if i not in gone], dtype=torch.int64)
+        return out
+
+
+def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Removal] | str:
+    """The parameter slices Torch-Pruning removes for ``plan`` (root layer name -> units), or why it cannot.
+
+    Nothing is modified. Every slice is one of a layer's weights and biases (:func:`_slices`); a
+    parameter held by two modules (tied weights) or outside any module is refused.
+    """
+    modules = dict(model.named_modules())
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, value in module._parameters.items():
+            if value is not None:
+                holders.setdefault(id(value), []).append((module, attr))
+    found: dict[int, Removal] = {}
+    for name, units in plan.items():
+        if not units:
+            continue
+        root = modules[name]
+        function = graph.get_pruner_of_module(root).prune_out_channels
+        for item in graph.get_pruning_group(root, function, idxs=list(units)):
+            dep, idxs = item.dep, item.idxs
+            module = dep.target.module
+            slices = _slices(module, getattr(dep.handler, "__name__", ""), dep.target.pruning_dim)
+            if isinstance(slices, str):
+                return f"{dep.target.name}: {slices}"
+            for attr, dim in slices:
+                if attr == "":
+                    return f"{dep.target.name}: a parameter outside any layer"
+                param = _raw_param(module, attr)
+                if param is None:
+                    continue
+                places = holders.get(id(param), [])
+                if len(places) != 1:
+                    return f"{dep.target.name}.{attr} is held by {len(places)} modules (tied weights)"
+                entry = found.setdefault(id(param), Removal(param, places[0][0], places[0][1], {}))
+                positions = entry.removed.setdefault(dim % param.dim(), [])
+                positions.extend(sorted(set(idxs) - set(positions)))
+    return list(found.values())
+
+
+def remove_units(model: nn.Module, graph, plan: dict[str, list[int]]) -> None:
+    """Remove ``plan``'s units (root layer name -> its output channels) and every slice coupled to them.
+
+    One ``DependencyGraph.get_pruning_group(root, prune_out_channels, idxs).prune()`` per root, on
+    the graph traced from ``model``; the roots' channels belong to no other group, so later groups'
+    indices stay valid.
+    """
+    modules = dict(model.named_modules())
+    for name, units in plan.items():
+        if units:
+            root = modules[name]
+            function = graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, function, idxs=list(units)).prune()
 
 
 def _members(tp_group, params: dict[int, tuple[str, str, str]], names: dict[int, str]) -> list[Member] | str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .coupled import build_graph, call_model, flat_tensors, unwrap
+from .coupled import build_graph, call_model, flat_tensors, remove_units, unwrap
 from .optional import require
 
 if TYPE_CHECKING:
@@ -151,13 +151,11 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
         _remove_dead_outputs(pruner, graph, modules)
     for group, alive in zip(pruner.groups.groups if pruner.groups else [], pruner.alive_units()):
         dead = [int(i) for i in torch.nonzero(~alive).flatten()]
-        if not dead:
-            continue
-        root = modules[_inner_name(group.name)]
-        functions = graph.get_pruner_of_module(root)
-        function = functions.prune_in_channels if group.inputs else functions.prune_out_channels
-        pruning = graph.get_pruning_group(root, function, idxs=dead)
-        pruning.prune()
+        if dead and group.inputs:  # uncoupled input channels
+            root = modules[_inner_name(group.name)]
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_in_channels, idxs=dead).prune()
+        elif dead:
+            remove_units(model, graph, {_inner_name(group.name): dead})
     with torch.no_grad():
         result = call_model(model, example_inputs)
     error = relative_error(result, reference)

@@ -209,12 +209,16 @@ class Pruner:
             embedding tables are left out unless named in ``include``.
         coupled: ``False`` prunes each structured layer's own filters (or input channels) without
             tracing, as ``torch.nn.utils.prune.ln_structured`` selects (default ``True``).
+        shrink_after_prune: after every structured pruning event (the end of GReg's prune phase,
+            a structured Magnitude event) remove the pruned channels from the live model with
+            :meth:`shrink` (default ``False``). Not with ``DistributedDataParallel``, whose wrapper
+            :meth:`shrink` replaces: call it yourself there.
 
     Raises:
         TypeError: ``optimizer`` is not a sparsetrain optimizer.
         ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
-            a selected weight that is not in the optimizer, or a layout the method cannot handle
-            (all before anything is modified).
+            a selected weight that is not in the optimizer, a layout the method cannot handle, or
+            ``shrink_after_prune`` where shrinking is not possible (all before anything is modified).
 
     Attributes:
         targets (list[Target]): the pruned tensors, in model order (structured: every member of
@@ -222,6 +226,8 @@ class Pruner:
         groups (CoupledGroups | None): the channel groups of a structured method.
         history (History): per-layer sparsity, dead outputs and inputs, and method scalars over steps.
         step_count (int): optimizer steps taken since the pruner was attached.
+        shrinks (list[dict[str, list[int]]]): every :meth:`shrink` so far: per channel group (root
+            layer name), the channels removed, numbered as they were then (saved in the state).
 
     Example:
         ```python
@@ -246,6 +252,7 @@ class Pruner:
         record_every: int = 10,
         example_inputs: Any = None,
         coupled: bool = True,
+        shrink_after_prune: bool = False,
     ) -> None:
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
@@ -254,6 +261,8 @@ class Pruner:
                 "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         self.model, self.optimizer, self.method = model, optimizer, method
+        self.trace_kwargs = {"include": include, "exclude": exclude, "types": types, "ratios": ratios,
+                             "example_inputs": example_inputs, "coupled": coupled}  # fmt: skip
         resolved = getattr(self, "_resolved", None)
         self.targets, self.groups = resolved or resolve_targets(
             model,
@@ -271,6 +280,11 @@ class Pruner:
                 raise ValueError(f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer")
         if optimizer.pruner is not None:
             raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
+        self.shrink_after_prune = bool(shrink_after_prune)
+        if self.shrink_after_prune:
+            self._check_auto_shrink()
+        self.shrinks: list[dict[str, list[int]]] = []
+        self._structured_event = False
         saved = optimizer.loaded_pruner_state
         if saved is not None:
             self._check_names(saved)
@@ -294,6 +308,28 @@ class Pruner:
             method.attach(self)
         optimizer.pruner = self
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
+        if self._shrink_in_init:
+            self._maybe_shrink()
+
+    _shrink_in_init = True  # a MaskedPruner shrinks once its masks are in place
+
+    def _check_auto_shrink(self) -> None:
+        if self.groups is None or not self.trace_kwargs["coupled"]:
+            raise ValueError(
+                "shrink_after_prune=True needs a structured method on coupled channel groups "
+                "(structure='filters', coupled=True, example_inputs=)"
+            )
+        if isinstance(self.model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError(
+                "shrink_after_prune=True cannot replace a DistributedDataParallel wrapper your loop holds: "
+                "call model = pruner.shrink() yourself after the pruning event"
+            )
+
+    def _maybe_shrink(self, optimizers: Sequence[Any] = ()) -> None:
+        """After a structured pruning event, :meth:`shrink` when ``shrink_after_prune`` asks for it."""
+        event, self._structured_event = self._structured_event, False
+        if event and self.shrink_after_prune:
+            self.shrink(optimizers=optimizers)
 
     # -- hooks (under torch.compile the step's opaque op calls _pre_step / _post_step itself)
     def _before(self, optimizer, args, kwargs) -> None:
@@ -313,6 +349,7 @@ class Pruner:
         if not closure and self.optimizer.nonfinite_grads():
             return True  # a skipped step changes nothing: the schedule waits for the next step that runs
         self.method.before_step(self, self.step_count)
+        self._structured_event |= self.optimizer._pending_prune == "group"
         return False
 
     def _post_step(self, skipped: bool) -> None:
@@ -321,6 +358,7 @@ class Pruner:
         self.method.after_step(self, self.step_count)
         self.step_count += 1
         self.history.maybe_record(self.step_count, self.method.scalars())
+        self._maybe_shrink()
 
     def remove(self) -> None:
         """Detach from the optimizer (masks stay in its state)."""
@@ -356,6 +394,7 @@ class Pruner:
     def set_group_alive(self, alive: list[Tensor]) -> None:
         """Prune, now, every member slice of the units where ``alive`` (one bool vector per group) is False."""
         self.groups.set_alive(self.optimizer, alive)
+        self._structured_event = True
 
     def alive_units(self) -> list[Tensor]:
         """Per channel group, bool per unit: not pruned yet (empty for unstructured pruning)."""
@@ -430,6 +469,29 @@ class Pruner:
 
         return export(self, example_inputs, structured=structured)
 
+    def shrink(self, *, optimizers: Sequence[Any] = (), example_inputs: Any = None) -> nn.Module:
+        """Remove the pruned channels from the live model now and slice everything indexed by them.
+
+        Parameters (the same objects, smaller), their ``.grad``, the optimizer's state (buffers,
+        masks, group tables), the channel groups and the method's per-channel state follow; training
+        continues with the same optimizer, scheduler and pruning schedule. See :mod:`sparsetrain.shrink`.
+
+        Args:
+            optimizers: further optimizers whose state is sliced (a ``MaskedPruner``'s torch optimizer).
+            example_inputs: inputs to trace the model with (default: those given at creation).
+
+        Returns:
+            The model to train from now on (a new ``DistributedDataParallel`` wrapper when the model
+            was wrapped; the model itself otherwise).
+
+        Raises:
+            sparsetrain.shrink.ShrinkError: shrinking is not possible (unstructured method,
+                ``coupled=False``, compiled model, FSDP2, ...); nothing is modified.
+        """
+        from .shrink import shrink
+
+        return shrink(self, optimizers=optimizers, example_inputs=example_inputs)
+
     def effective_weight(self, target: Target) -> Tensor:
         """The weight the model computes with (here the parameter itself; masked by the fused step)."""
         return target.param
@@ -464,6 +526,7 @@ class Pruner:
                 "step_count": self.step_count,
                 "method": self.method.state_dict(),
                 "history": self.history.state_dict(),
+                "shrinks": self.shrinks,
             }
         )
 
@@ -475,6 +538,9 @@ class Pruner:
         self.step_count = state["step_count"]
         self.method.load_state_dict(state["method"])
         self.history.load_state_dict(state["history"])
+        self.shrinks = list(state.get("shrinks", []))
+        for g in self.groups.groups if self.groups is not None else []:
+            g.removed = sum(len(record.get(g.name, [])) for record in self.shrinks)
 
     def _check_names(self, state: dict[str, Any]) -> None:
         names = state.get("targets")

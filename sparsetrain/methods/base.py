@@ -60,6 +60,10 @@ class Method:
         """
         return False
 
+    def units_removed(self, pruner: Pruner, removed: dict[str, list[int]]) -> None:
+        """Called after :func:`sparsetrain.shrink.shrink` removed channels (per group name, old indices):
+        renumber any per-channel state the method keeps."""
+
     def scalars(self) -> dict[str, float]:
         """Method-specific scalars recorded in the history (e.g. GReg's lam)."""
         return {}

@@ -219,6 +219,14 @@ class GReg1(Method):
                 self.phase = "pruned"
             self.stabilize_left -= 1
 
+    def units_removed(self, pruner, removed: dict[str, list[int]]) -> None:
+        """Renumber the picked channels after a shrink (picked channels that were removed are dropped)."""
+        for name, gone in removed.items():
+            if name in self.picked and gone:
+                picked, gone_t = self.picked[name], torch.tensor(gone, dtype=torch.int64)
+                stays = ~torch.isin(picked, gone_t)
+                self.picked[name] = picked[stays] - (picked[stays, None] > gone_t[None, :]).sum(dim=1)
+
     def scalars(self) -> dict[str, float]:
         out = {}
         if self.phase == "pruned":  # picked groups are gone: nothing left to regularize or compare

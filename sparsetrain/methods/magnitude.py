@@ -166,7 +166,8 @@ class Magnitude(Method):
         """Per channel group, 1.0 on the ``level * ratio`` channels of smallest group norm."""
         out = []
         for g, scores in zip(pruner.groups.groups, pruner.groups.scores(self.norm)):
-            k = prune_count(level * g.ratio, g.size)
+            # counts of the original size; channels a shrink removed were the first of them
+            k = max(prune_count(level * g.ratio, g.size + g.removed) - g.removed, 0)
             flags = torch.zeros_like(scores)
             if k:
                 flags[torch.topk(scores, k, largest=False).indices] = 1.0

@@ -1,0 +1,239 @@
+"""Shrink in flight (sparsetrain.shrink): removing dead channel groups from the live model mid-training.
+
+Continuing after a shrink must give what continuing the masked model gives: the same losses and,
+50 steps later, the same outputs within 1e-4 relative (fp32; the matmuls have other sizes, so not
+bit for bit), with the same optimizer object, learning-rate scheduler and pruning schedule.
+
+The residual BatchNorm CNN is checked with AdamW: trained with SGD at these sizes (batch 8, random
+labels) the masked model alone is chaotic (a 1e-6 relative perturbation of its weights grows past
+1e-2 in the loss within 50 steps), so no run of it, shrunk or not, is reproducible to 1e-4 there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import shrink_cases as cases
+import torch
+
+import sparsetrain
+from sparsetrain import backends, methods
+from sparsetrain.autograd import MaskedPruner
+from sparsetrain.shrink import ShrinkError, rebuild
+
+STEPS = 60  # every method's last structured event is before step 10: 50 steps follow the last shrink
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within 1e-4 relative: each element within 1e-4 of itself or of the output's largest magnitude."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def fused_run(model_name, method_name, opt_name, shrink, steps=STEPS, backend="torch"):
+    model = cases.build(model_name)
+    opt = cases.optimizer(opt_name, model.parameters(), backend)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 25, 0.5)
+    pruner = sparsetrain.Pruner(
+        model, opt, cases.method(method_name), example_inputs=cases.probe(model_name), shrink_after_prune=shrink
+    )
+    losses = cases.train_steps(model, opt, cases.batches(model_name, steps), scheduler)
+    return model, opt, pruner, losses
+
+
+@pytest.mark.parametrize(
+    "model_name, method_name, opt_name",
+    [("cnn", "greg", "adamw"), ("mlp", "greg", "sgd"), ("mlp", "magnitude", "sgd"), ("mlp", "magnitude", "adamw")],
+)
+def test_continuing_after_a_shrink_matches_the_masked_model(model_name, method_name, opt_name):
+    masked, _, masked_pruner, masked_losses = fused_run(model_name, method_name, opt_name, shrink=False)
+    small, opt, pruner, losses = fused_run(model_name, method_name, opt_name, shrink=True)
+    dense = sum(p.numel() for p in masked.parameters())
+    assert pruner.shrinks and sum(p.numel() for p in small.parameters()) < 0.6 * dense
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=1e-4, atol=0)
+    probe = cases.probe(model_name)
+    close(cases.outputs(small, probe), cases.outputs(masked, probe))
+    # the same pruning state, on what remains: one alive flag per remaining channel, as many as the masked model's
+    for g, g_masked, alive, alive_masked in zip(
+        pruner.groups.groups, masked_pruner.groups.groups, pruner.alive_units(), masked_pruner.alive_units()
+    ):
+        assert g.size + g.removed == g_masked.size and bool(alive.all())
+        assert int(alive.sum()) == int(alive_masked.sum())
+    # the same optimizer object steps the same Parameter objects, now smaller
+    params = list(small.parameters())
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in params]
+    for p in params:
+        for name, value in opt.state[p].items():
+            if name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                assert value.shape == p.shape
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_shrink_on_other_cpu_backends(backend):
+    usable, reason = backends.availability(backend)
+    if not usable:
+        pytest.skip(reason)
+    masked, *_ = fused_run("mlp", "oneshot", "adamw", shrink=False, steps=8, backend=backend)  # interpreted: short
+    small, _, pruner, _ = fused_run("mlp", "oneshot", "adamw", shrink=True, steps=8, backend=backend)
+    assert pruner.shrinks
+    probe = cases.probe("mlp")
+    close(cases.outputs(small, probe), cases.outputs(masked, probe))
+
+
+def test_masked_pruner_with_a_torch_optimizer():
+    def run(shrink):
+        model = cases.build("cnn")
+        pruner = MaskedPruner(
+            model, cases.method("oneshot"), example_inputs=cases.probe("cnn"), shrink_after_prune=shrink
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+        losses = cases.train_steps(model, opt, cases.batches("cnn", 30), after=lambda: pruner.step(opt))
+        return model, opt, pruner, losses
+
+    masked, _, _, masked_losses = run(False)
+    small, opt, pruner, losses = run(True)
+    assert len(pruner.shrinks) == 1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=1e-4, atol=0)
+    close(cases.outputs(small, cases.probe("cnn")), cases.outputs(masked, cases.probe("cnn")))
+    for p in small.parameters():
+        assert opt.state[p]["exp_avg"].shape == p.shape
+    # the masks still apply (parametrizations carried over) and the plain state_dict reloads into a smaller model
+    fresh = rebuild(cases.build("cnn"), pruner.state_dict(), cases.probe("cnn"))
+    fresh.load_state_dict(small.state_dict())
+    close(cases.outputs(fresh, cases.probe("cnn")), cases.outputs(small, cases.probe("cnn")))
+
+
+def test_a_shrunk_checkpoint_resumes_into_a_rebuilt_model(tmp_path):
+    data = cases.batches("mlp", 40)
+    probe = cases.probe("mlp")
+
+    def start(model):
+        opt = cases.optimizer("sgd", model.parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 15, 0.5)
+        return opt, scheduler
+
+    model = cases.build("mlp")
+    opt, scheduler = start(model)
+    pruner = sparsetrain.Pruner(model, opt, cases.method("magnitude"), example_inputs=probe, shrink_after_prune=True)
+    cases.train_steps(model, opt, data[:8], scheduler)  # events at steps 3 (nothing yet: level 0) and 6
+    assert len(pruner.shrinks) == 1
+    removed = [g.removed for g in pruner.groups.groups]
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()}, path)
+    cases.train_steps(model, opt, data[8:], scheduler)
+
+    saved = torch.load(path)
+    resumed = rebuild(cases.build("mlp", seed=5), saved["opt"], probe)
+    resumed.load_state_dict(saved["model"])
+    opt2, scheduler2 = start(resumed)
+    opt2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    pruner2 = sparsetrain.Pruner(
+        resumed, opt2, cases.method("magnitude"), example_inputs=probe, shrink_after_prune=True
+    )
+    assert [g.removed for g in pruner2.groups.groups] == removed and any(removed)
+    cases.train_steps(resumed, opt2, data[8:], scheduler2)
+    assert len(pruner2.shrinks) == len(pruner.shrinks) == 2  # the event at step 9 shrinks both runs
+    assert [tuple(p.shape) for p in resumed.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    torch.testing.assert_close(cases.outputs(resumed, probe), cases.outputs(model, probe), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_ddp_ranks_shrink_identically(tmp_path):
+    from distributed_cases import Ranks
+
+    ranks = Ranks(world=2)
+    try:
+        ranks.run(cases.ddp_job, str(tmp_path / "out.pt"), timeout=120)
+    finally:
+        ranks.close()
+    assert os.path.exists(tmp_path / "out.pt")
+
+
+# ---------------------------------------------------------------------------------- refusals
+def snapshot(model, opt):
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+
+
+def assert_unchanged(model, opt, before):
+    after = snapshot(model, opt)
+    for key, value in before["model"].items():
+        assert torch.equal(after["model"][key], value), key
+    assert after["opt"]["state"].keys() == before["opt"]["state"].keys()
+    for key, state in before["opt"]["state"].items():
+        for name, value in state.items():
+            other = after["opt"]["state"][key][name]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+def pruned_mlp(**kw):
+    model = cases.build("mlp")
+    opt = cases.optimizer("sgd", model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, **kw), example_inputs=cases.probe("mlp"))
+    cases.train_steps(model, opt, cases.batches("mlp", 2))
+    return model, opt, pruner
+
+
+def test_unstructured_pruning_is_refused_and_nothing_changes():
+    model, opt, pruner = pruned_mlp()
+    before = snapshot(model, opt)
+    with pytest.raises(ShrinkError, match="unstructured"):
+        pruner.shrink()
+    assert_unchanged(model, opt, before)
+    other = cases.build("mlp")
+    with pytest.raises(ValueError, match="shrink_after_prune"):
+        sparsetrain.Pruner(other, cases.optimizer("sgd", other.parameters()), methods.Magnitude(0.5),
+                           shrink_after_prune=True)  # fmt: skip
+
+
+def test_uncoupled_groups_are_refused():
+    model = cases.build("mlp")
+    opt = cases.optimizer("sgd", model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), coupled=False)
+    before = snapshot(model, opt)
+    with pytest.raises(ShrinkError, match="coupled"):
+        pruner.shrink()
+    assert_unchanged(model, opt, before)
+
+
+def test_optimizer_state_that_cannot_be_sliced_is_refused():
+    model = cases.build("mlp")
+    pruner = MaskedPruner(model, methods.Magnitude(0.5, structure="filters"), example_inputs=cases.probe("mlp"))
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)  # factored second moments: row and column vectors
+    cases.train_steps(model, opt, cases.batches("mlp", 2), after=lambda: pruner.step(opt))
+    before = snapshot(model, opt)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    with pytest.raises(ShrinkError, match="row_var|col_var"):
+        pruner.shrink(optimizers=[opt])
+    assert_unchanged(model, opt, before)
+    assert [tuple(p.shape) for p in model.parameters()] == shapes
+    cases.train_steps(model, opt, cases.batches("mlp", 1), after=lambda: pruner.step(opt))  # masks still in place
+
+
+def test_ddp_with_auto_shrink_and_a_compiled_model_are_refused():
+    model = cases.build("mlp")
+    opt = cases.optimizer("sgd", model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"),
+                                example_inputs=cases.probe("mlp"))  # fmt: skip
+    pruner.model = torch.compile(model)  # what a loop holding the compiled module would hand over
+    with pytest.raises(ShrinkError, match="torch.compile"):
+        pruner.shrink()
+
+
+def test_nothing_dead_is_a_no_op():
+    model = cases.build("mlp")
+    opt = cases.optimizer("sgd", model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters", start=100),
+                                example_inputs=cases.probe("mlp"))  # fmt: skip
+    before = snapshot(model, opt)
+    assert pruner.shrink() is model
+    assert pruner.shrinks == []
+    assert_unchanged(model, opt, before)
+
+
+def test_rebuild_refuses_a_state_without_shrinks():
+    with pytest.raises(ValueError, match="no shrink"):
+        rebuild(cases.build("mlp"), {"shrinks": []}, cases.probe("mlp"))
+    with pytest.raises(ValueError, match="does not have"):
+        rebuild(cases.build("mlp"), [{"nope": [0]}], cases.probe("mlp"))
