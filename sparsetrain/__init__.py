@@ -4,7 +4,7 @@
 that needs them is first used.
 """
 
-from . import backends, contract, masks, methods, ops, optim, philox
+from . import backends, contract, masks, methods, ops, optim, philox, shrink
 from .backends import BackendUnavailableError
 from .pruner import Pruner
 
@@ -20,5 +20,6 @@ __all__ = [
     "ops",
     "optim",
     "philox",
+    "shrink",
     "__version__",
 ]

@@ -237,3 +237,13 @@ def test_rebuild_refuses_a_state_without_shrinks():
         rebuild(cases.build("mlp"), {"shrinks": []}, cases.probe("mlp"))
     with pytest.raises(ValueError, match="does not have"):
         rebuild(cases.build("mlp"), [{"nope": [0]}], cases.probe("mlp"))
+
+
+def test_the_shrink_benchmark_runs_and_counts_fewer_macs(tmp_path):
+    from sparsetrain.benchmarks import shrink as bench
+
+    report = bench.run(torch.device("cpu"), size="quick", steps=1, warmup=0, command="test", progress=False)
+    assert [r["model"] for r in report["rows"]] == ["resnet-cnn", "transformer-mlp"] and report["complete"]
+    for row in report["rows"]:
+        assert row["params_after"] < 0.6 * row["params_before"] and 0.2 < row["mac_ratio"] < 0.6
+    assert "| resnet-cnn (" in bench.markdown(report)

@@ -3,6 +3,7 @@
     sparsetrain bench                         # kernel benchmark on whatever device is present
     sparsetrain bench --quick                 # small sizes: seconds on a CPU (CI)
     sparsetrain bench e2e --plot e2e.png      # training steps of a GPT-2- and a ResNet-50-shaped model
+    sparsetrain bench shrink --out bench/results  # training step before / after shrinking half the channels
     sparsetrain bench --out bench/results     # json + md + png named after the device and the date
 
 The Markdown report goes to stdout (and ``--md``), the full results to ``--json``, a bar chart (or
@@ -15,12 +16,12 @@ import argparse
 import re
 from typing import Any
 
-KINDS = ("kernels", "e2e")
+KINDS = ("kernels", "e2e", "shrink")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options (imports nothing heavy)."""
-    parser.add_argument("what", nargs="?", choices=KINDS, default="kernels", help="kernels (default) or e2e")
+    parser.add_argument("what", nargs="?", choices=KINDS, default="kernels", help="kernels (default), e2e or shrink")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI on a small CPU)")
     parser.add_argument(
         "--size",
@@ -74,7 +75,7 @@ def _device(name: str | None):
 
 def run(args: argparse.Namespace, command: str) -> int:
     """Run the benchmark ``args`` describe; ``command`` is recorded in the report."""
-    from . import e2e, kernels
+    from . import e2e, kernels, shrink
     from . import report as rep
 
     if args.plot or args.out:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     size, matrix = kernels.defaults(device, args.quick)
     size, matrix = args.size or size, args.matrix or matrix
     paths: dict[str, str | None] = {"json": args.json, "md": args.md, "plot": args.plot}
-    module: Any = kernels if args.what == "kernels" else e2e
+    module: Any = {"kernels": kernels, "e2e": e2e, "shrink": shrink}[args.what]
 
     def save(report: dict[str, Any]) -> None:
         if args.out:
@@ -97,6 +98,11 @@ def run(args: argparse.Namespace, command: str) -> int:
         report = kernels.run(device, size=size, matrix=matrix, command=command, provider_names=_list(args.providers),
                              model_filter=_list(args.models), compile_all=args.compile_all, select=not args.no_select,
                              progress=progress, save=save)  # fmt: skip
+    elif args.what == "shrink":
+        steps = args.steps if args.steps is not None else {"quick": 2, "cpu": 20, "full": 30}[size]
+        warmup = args.warmup if args.warmup is not None else (1 if size == "quick" else 3)
+        report = shrink.run(device, size=size, steps=steps, warmup=warmup, command=command,
+                            model_filter=_list(args.models), progress=progress, save=save)  # fmt: skip
     else:
         steps = args.steps if args.steps is not None else {"quick": 2, "cpu": 20, "full": 30}[size]
         warmup = args.warmup if args.warmup is not None else (1 if size == "quick" else 3)
