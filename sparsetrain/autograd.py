@@ -233,7 +233,7 @@ class MaskedPruner(Pruner):
         record_every: int = 10,
         backend: str | None = None,
         seed: int = 0,
-        example_inputs=None,
+        example_inputs: Any = None,
         coupled: bool = True,
         shrink_after_prune: bool = False,
     ) -> None:
