@@ -7,7 +7,10 @@ Runs, on the best backend usable here (fused Triton kernels on a GPU, the torch 
 2. a small residual CNN with BatchNorm (stem, two residual blocks, one with a 1x1 downsample) dense,
    then with GReg-1 removing half of the channels of every coupled channel group (a residual add
    ties the convolutions it joins; each group carries its BatchNorm entries and its consumers'
-   input slices), exported as a physically smaller model with Torch-Pruning.
+   input slices), exported as a physically smaller model with Torch-Pruning;
+3. the same CNN and method with the pruned channels removed from the live model at GReg's prune
+   step (``shrink_after_prune=True``), training on with the same optimizer and scheduler: the
+   time per epoch before and after the shrink.
 
 Prints a table (accuracy dense vs pruned, weight and node sparsity, parameters and MACs of the
 exported models), writes it as JSON and Markdown, and saves the dynamics plots as PNG files.
@@ -112,7 +115,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * correct / len(y)
 
 
-def train(model, opt, data: Data, epochs: int, *, batch: int = 64, label: str, step_hook=None) -> None:
+def train(model, opt, data: Data, epochs: int, *, batch: int = 64, label: str, step_hook=None, step_times=None) -> None:
     gen = torch.Generator().manual_seed(SEED + 1)
     n = len(data.y_train)
     steps = epochs * ((n + batch - 1) // batch)
@@ -122,6 +125,7 @@ def train(model, opt, data: Data, epochs: int, *, batch: int = 64, label: str, s
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen).to(data.x_train.device)
             for idx in order.split(batch):
+                started = time.perf_counter()
                 loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
                 loss.backward()
                 opt.step()
@@ -129,6 +133,10 @@ def train(model, opt, data: Data, epochs: int, *, batch: int = 64, label: str, s
                 schedule.step()
                 if step_hook is not None:
                     step_hook()
+                if step_times is not None:
+                    if data.x_train.is_cuda:
+                        torch.cuda.synchronize()
+                    step_times.append(time.perf_counter() - started)
                 bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
 
@@ -203,6 +211,81 @@ def run_cnn(data: Data, backend: str | None, epochs: int) -> dict:
     }
 
 
+def run_cnn_shrink(data: Data, backend: str | None, epochs: int) -> dict:
+    """GReg-1 on the CNN, shrunk in flight at the prune step; step times before and after."""
+    torch.manual_seed(SEED)
+    model = cnn().to(data.x_train.device)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4, backend=backend)
+    steps_per_epoch = (len(data.y_train) + 63) // 64
+    total = epochs * steps_per_epoch
+    # lam reaches the ceiling by about half of the run, whatever its length, so the shrink falls mid-run
+    stabilize = min(60, total // 10)
+    delta = max(1e-2, 5.0 / max(1, total // 2 - stabilize))
+    method = methods.GReg1(target=0.5, structure="filters", update_interval=5, delta=delta, ceiling=1.0,
+                           stabilize=stabilize)  # fmt: skip
+    example = data.x_train[:2]
+    pruner = sparsetrain.Pruner(model, opt, method, example_inputs=example, record_every=5, shrink_after_prune=True)
+    times: list[float] = []
+    train(model, opt, data, epochs, label="CNN GReg-1, shrunk in flight", step_times=times)
+    at = method.pruned_at
+    before = times[1:at] if at is not None else times[1:]  # the first step is warm-up
+    after = times[at + 1 :] if at is not None else []
+    per_epoch = lambda ts: sum(ts) / len(ts) * steps_per_epoch if ts else None  # noqa: E731
+    return {
+        "model": model,
+        "pruner": pruner,
+        "accuracy": accuracy(model, data.x_test, data.y_test),
+        "pruned_at": at,
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_s_before": per_epoch(before),
+        "epoch_s_after": per_epoch(after),
+        "shrink_step_s": times[at] if at is not None else None,
+    }
+
+
+def shrink_row(dense_cnn: dict, shrunk: dict, data: Data, example: torch.Tensor) -> dict:
+    """The table row of the CNN shrunk in flight: the live model is the smaller one (nothing exported)."""
+    pruner = shrunk["pruner"]
+    dense_size = size_report(cnn().to(example.device), example)
+    size = size_report(shrunk["model"], example)
+    channels = sum(g.size + g.removed for g in pruner.groups.groups)
+    removed = sum(g.removed for g in pruner.groups.groups)
+    before, after = shrunk["epoch_s_before"], shrunk["epoch_s_after"]
+    return {
+        "model": "ResNet-style CNN, GReg-1 (coupled filters), shrunk in flight",
+        "backend": pruner.optimizer.backend,
+        "dense_acc": dense_cnn["accuracy"],
+        "pruned_acc": shrunk["accuracy"],
+        "exported_acc": shrunk["accuracy"],
+        "weight_sparsity": weight_sparsity(pruner),
+        "nodes_removed": removed / channels,
+        "nodes": f"{removed}/{channels} channels",
+        "params": f"{dense_size['params']} -> {size['params']}",
+        "nonzero_params": size["nonzero_params"],
+        "macs": f"{dense_size['macs']} -> {size['macs']}",
+        "shrunk_at_step": shrunk["pruned_at"],
+        "steps_per_epoch": shrunk["steps_per_epoch"],
+        "epoch_s_before": before,
+        "epoch_s_after": after,
+        "epoch_time_ratio": after / before if before and after else None,
+        "shrink_step_s": shrunk["shrink_step_s"],
+    }
+
+
+def _shrink_markdown(row: dict) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+    ratio = "-" if row["epoch_time_ratio"] is None else f"{row['epoch_time_ratio']:.2f}x"
+    at = row["shrunk_at_step"]
+    where = "not reached" if at is None else f"step {at} (epoch {at // row['steps_per_epoch'] + 1})"
+    return (
+        "Shrunk in flight (time per epoch: mean training-step time x steps per epoch, before and after the shrink):\n\n"
+        "| model | shrunk at | time / epoch before | time / epoch after | after / before | step with the shrink "
+        "| MACs |\n|---|---|---|---|---|---|---|\n"
+        f"| {row['model']} | {where} | {fmt(row['epoch_s_before'])} | {fmt(row['epoch_s_after'])} | {ratio} "
+        f"| {fmt(row['shrink_step_s'])} | {row['macs']} |"
+    )
+
+
 def cnn_row(dense_cnn: dict, greg: dict, data: Data, example: torch.Tensor) -> dict:
     """The table row of the residual CNN: accuracies, sparsity, channels removed, exported size."""
     device = example.device
@@ -243,6 +326,7 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
     runs = {decay: run_mlp(data, backend, mlp_epochs, decay) for decay in ("l2", "l1")}
     dense_cnn = run_dense(cnn, data, backend, cnn_epochs, "CNN dense", lr=0.02, momentum=0.9, weight_decay=5e-4)
     greg = run_cnn(data, backend, cnn_epochs)
+    shrunk = run_cnn_shrink(data, backend, cnn_epochs)
     for label, run in [*((f"MLP, StochasticMagnitude + {d.upper()}", r) for d, r in runs.items()), ("CNN", greg)]:
         print(f"\n{label}: per layer after training\n{run['pruner'].summary(data.x_test[:16])}\n")
 
@@ -269,8 +353,9 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
             }
         )
     rows.append(cnn_row(dense_cnn, greg, data, example))
+    rows.append(shrink_row(dense_cnn, shrunk, data, example))
 
-    table = _markdown(rows)
+    table = _markdown(rows) + "\n\n" + _shrink_markdown(rows[-1])
     print(table)
     run_info = provenance(device, rows[0]["backend"], epochs, time.perf_counter() - started)
     (out_dir / "results.md").write_text(_provenance_markdown(run_info) + "\n\n" + table + "\n")
