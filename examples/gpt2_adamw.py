@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a one-layer model for 12 steps: a smoke run")
-    parser.add_argument("--backend", default=None, help="auto (default), torch, triton or cuda")
+    parser.add_argument("--backend", default=None, help="auto (default), torch, triton or native")
     args = parser.parse_args(argv)
     steps = 12 if args.tiny else args.steps
     transformers = require("transformers", "the GPT-2 example")

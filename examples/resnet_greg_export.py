@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a narrow model for 30 steps: a smoke run")
-    parser.add_argument("--backend", default=None, help="auto (default), torch, triton or cuda")
+    parser.add_argument("--backend", default=None, help="auto (default), torch, triton or native")
     args = parser.parse_args(argv)
     steps = 30 if args.tiny else args.steps
 

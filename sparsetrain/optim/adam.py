@@ -119,35 +119,9 @@ class AdamW(Adam):
     """Drop-in for ``torch.optim.AdamW``: :class:`Adam` with decoupled weight decay (default ``1e-2``).
 
     Without pruning it computes what ``torch.optim.AdamW`` computes; attach a
-    :class:`~sparsetrain.Pruner` to prune inside the same fused step. Arguments as :class:`Adam`,
-    except that ``weight_decay`` defaults to ``1e-2`` and is applied as ``w *= 1 - lr * weight_decay``.
-
-    Args:
-        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts, as for
-            ``torch.optim``.
-        lr: learning rate (default ``1e-3``); a float, or a 1-element tensor.
-        betas: coefficients of the running averages of the gradient and its square
-            (default ``(0.9, 0.999)``).
-        eps: term added to the denominator (default ``1e-8``).
-        weight_decay: weight decay on every parameter; default ``None`` means ``0`` for Adam and
-            ``1e-2`` for AdamW. Coupled (added to the gradient) for Adam, decoupled
-            (``w *= 1 - lr * weight_decay``) for AdamW. A method's own ``l2`` applies only to the
-            pruned tensors.
-        amsgrad: the AMSGrad variant (default ``False``).
-        maximize: maximize the objective instead of minimizing it (default ``False``).
-        decoupled_weight_decay: default ``None``: ``False`` for Adam, ``True`` for AdamW; ``True``
-            makes Adam behave as AdamW, as in ``torch.optim``.
-
-    Keyword Args:
-        **options: the options every sparsetrain optimizer shares (``backend``, ``skip_nonfinite``,
-            ``seed``, ``l1_proximal``, ``capturable``, ``state_dtype`` and torch.optim's ``foreach``,
-            ``fused``, ``differentiable``): see :class:`~sparsetrain.optim.FusedOptimizer`.
-
-    State per parameter ``p`` (``opt.state[p]``): ``step`` (float32 scalar tensor on ``p``'s device),
-    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``p``'s shape and dtype, or
-    float32 with ``state_dtype=torch.float32``); for pruned parameters also ``mask_words`` (int32, 1 bit
-    per element), ``stats``, ``coefs``, ``group_coefs`` (see :mod:`sparsetrain.optim.base`). ``step()``
-    updates ``p`` and its state in place.
+    :class:`~sparsetrain.Pruner` to prune inside the same fused step. Arguments, options, state and
+    errors as :class:`Adam`, except that ``weight_decay`` defaults to ``1e-2`` and is applied as
+    ``w *= 1 - lr * weight_decay`` (``decoupled_weight_decay`` defaults to ``True``).
 
     Example:
         ```python
