@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from architectures import ResNet18
 from torch import nn
 
 import sparsetrain
 from sparsetrain import methods
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (through a 1x1 conv + BN when the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def residual_cnn() -> nn.Module:
+    """Stem (conv-BN-ReLU, max pool), an identity residual block, a strided one with a 1x1 downsample, classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        Residual(8, 8),
+        Residual(8, 16, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
 
 
 class MLPBlock(nn.Module):
@@ -32,7 +63,7 @@ class MLPBlock(nn.Module):
 
 
 MODELS = {
-    "cnn": (lambda: ResNet18(w=4), (3, 8, 8), 10),
+    "cnn": (residual_cnn, (1, 12, 12), 10),
     "mlp": (MLPBlock, (5, 7), 5),
 }
 
@@ -47,8 +78,8 @@ def method(name: str):
 
 def optimizer(name: str, params, backend: str = "torch"):
     if name == "sgd":
-        return sparsetrain.optim.SGD(params, lr=0.003, momentum=0.9, weight_decay=1e-4, backend=backend)
-    return sparsetrain.optim.AdamW(params, lr=3e-3, weight_decay=1e-2, backend=backend)
+        return sparsetrain.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4, backend=backend)
+    return sparsetrain.optim.AdamW(params, lr=3e-3, weight_decay=1e-2, amsgrad=name == "amsgrad", backend=backend)
 
 
 def batches(model_name: str, steps: int, batch: int = 8, seed: int = 1):
