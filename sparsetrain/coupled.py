@@ -182,7 +182,19 @@ def build_graph(model: nn.Module, example_inputs: Any):
         ) from exc
     finally:
         model.train(training)
+        _reshard(model)
     return graph
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2: put the sharded parameters back after the tracing forward (the root keeps them gathered)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover (torch without distributed)
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _module_of_param(model: nn.Module) -> dict[int, tuple[str, str, str]]:
@@ -426,25 +438,52 @@ class CoupledGroups:
                 alive[m.units.cpu() + g.offset] |= live[m.positions.cpu()]
         return [alive[g.offset : g.offset + g.size] for g in self.groups]
 
-    def scores(self, norm: float = 1.0, *, mean: bool = False) -> list[Tensor]:
-        """Per group, per unit: the Lp norm of all its scored member slices (``mean``: mean |w| instead)."""
-        device = self.groups[0].members[0].param.device
+    def scores(self, norm: float = 1.0, *, mean: bool = False, sync: Any = None) -> list[Tensor]:
+        """Per group, per unit: the Lp norm of all its scored member slices (``mean``: mean |w| instead).
+
+        DTensor shards (FSDP2, ``Shard(0)``): each rank sums ``|w|**p`` over its own rows, and the
+        partial sums of every group (maxima for ``p = inf``) are reduced in ONE collective through
+        ``sync`` (the optimizer's :class:`~sparsetrain.distributed.ShardSync`, pending statistics
+        riding along); element counts come from the full shapes.
+        """
+        from . import distributed
+
+        device = distributed.local(self.groups[0].members[0].param).device
         total = torch.zeros(self.total_units + 1, dtype=torch.float64, device=device)
         count = torch.zeros_like(total)
         p = 1.0 if mean else float(norm)
+        sharded = False
         for g in self.groups:
             for m in g.members:
                 if not m.scored:
                     continue
-                w = m.param.detach().double().abs().movedim(m.dim, 0)
-                w = w.reshape(w.shape[0], -1)
-                index = (m.units + g.offset).to(device)
+                full_shape = m.param.shape
+                w = distributed.local(m.param).detach().double().abs()
+                positions, units = m.positions.to(device), (m.units + g.offset).to(device)
+                if distributed.is_sharded(m.param):
+                    sharded = True
+                    if m.dim == 0:  # this rank holds rows [first, first + rows) only
+                        first = distributed.shard_offset(m.param) // max(1, math.prod(full_shape[1:]))
+                        keep = (positions >= first) & (positions < first + w.shape[0])
+                        positions, units = positions[keep] - first, units[keep]
+                w = w.movedim(m.dim, 0)
+                w = w.reshape(w.shape[0], math.prod(w.shape[1:]))
                 if math.isinf(p):  # max norm: the largest |w| over all member slices
-                    total.scatter_reduce_(0, index, w.amax(dim=1)[m.positions.to(device)], "amax")
+                    if w.numel():
+                        total.scatter_reduce_(0, units, w.amax(dim=1)[positions], "amax")
                     continue
                 per_position = (w.pow(p) if p != 1.0 else w).sum(dim=1)
-                total.index_add_(0, index, per_position[m.positions.to(device)])
-                count.index_add_(0, index, torch.full_like(index, w.shape[1], dtype=torch.float64))
+                total.index_add_(0, units, per_position[positions])
+                per_slice = math.prod(full_shape) // max(full_shape[m.dim], 1)
+                every = (m.units + g.offset).to(device)
+                count.index_add_(0, every, torch.full(every.shape, float(per_slice), dtype=count.dtype, device=device))
+        if sharded and sync is None:
+            sync = distributed.ShardSync(distributed.group_of([m.param for g in self.groups for m in g.members]))
+        if sharded:
+            if math.isinf(p):
+                sync.reduce([], maxes=[total])
+            else:
+                sync.reduce([total])
         values = total / count.clamp(min=1) if mean else (total if math.isinf(p) else total.pow(1.0 / p))
         return [values[g.offset : g.offset + g.size].float() for g in self.groups]
 

@@ -111,21 +111,46 @@ def group_of(params: list[Tensor]) -> dist.ProcessGroup | None:
     return next(iter(groups.values()))
 
 
-def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    """Sum each of ``tensors`` across the ranks of ``group``, in place, in ONE collective.
+def exchange(
+    sums: list[Tensor], group: dist.ProcessGroup | None, *, maxes: list[Tensor] = (), gathered: Tensor | None = None
+) -> Tensor | None:
+    """ONE collective: sum ``sums`` and take the maximum of ``maxes`` across ranks (in place), and
+    gather ``gathered`` (a float64 vector) from every rank.
 
-    Everything travels as float64 (exact for counts below 2**53). Nothing happens for a group of
-    one rank or an empty list.
+    Everything travels as float64 in one ``all_gather`` (exact for integers below 2**53) and is
+    reduced on every rank in rank order, so every rank gets the very same bits. Returns the
+    gathered ``[world, len(gathered)]`` table (None when ``gathered`` is None). Nothing is
+    communicated for a group of one rank (or when there is nothing to exchange).
     """
-    if not tensors or group is None or dist.get_world_size(group) == 1:
-        return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    maxes = list(maxes)
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1 or not (sums or maxes or gathered is not None):
+        return None if gathered is None else gathered.reshape(1, -1).to(torch.float64)
+    parts = [t.detach().reshape(-1).to(torch.float64) for t in (*sums, *maxes)]
+    if gathered is not None:
+        parts.append(gathered.reshape(-1).to(torch.float64))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    table = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(table, flat, group=group)
+    rows = torch.stack(table)
     start = 0
-    for t in tensors:
+    for t in sums:
         n = t.numel()
-        t.copy_(flat[start : start + n].view(t.shape).to(t.dtype))
+        total = rows[0, start : start + n].clone()
+        for other in rows[1:, start : start + n]:  # rank order: identical sums on every rank
+            total += other
+        t.copy_(total.view(t.shape).to(t.dtype))
         start += n
+    for t in maxes:
+        n = t.numel()
+        t.copy_(rows[:, start : start + n].amax(dim=0).view(t.shape).to(t.dtype))
+        start += n
+    return rows[:, start:] if gathered is not None else None
+
+
+def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum each of ``tensors`` across the ranks of ``group``, in place, in ONE collective (:func:`exchange`)."""
+    exchange(list(tensors), group)
 
 
 class ShardSync:
@@ -133,14 +158,16 @@ class ShardSync:
 
     Statistics written by a step are partial sums over the local shards (``stats_global`` False);
     :meth:`request_stats` marks them to be summed at the next round of communication, which is
-    either a selection's first histogram round or :meth:`flush` (called before the fused step and
-    before a method reads statistics).
+    either the one round of a selection or of a group score, or :meth:`flush` (called before the
+    fused step and before a method reads statistics). Every round is ONE collective
+    (:func:`exchange`); :attr:`collectives` counts them.
     """
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.stats_global = False
+        self.collectives = 0
         self._pending: list[Tensor] = []
 
     def request_stats(self, optimizer: FusedOptimizer) -> None:
@@ -151,12 +178,18 @@ class ShardSync:
         if not self._pending:
             self.stats_global = True
 
-    def reduce(self, tensors: list[Tensor]) -> None:
-        """Sum ``tensors`` (and any pending statistics) across ranks in one collective."""
+    def reduce(
+        self, tensors: list[Tensor], *, maxes: list[Tensor] = (), gathered: Tensor | None = None
+    ) -> Tensor | None:
+        """Sum ``tensors`` (and any pending statistics), take the maximum of ``maxes`` and gather
+        ``gathered`` across ranks, all in one collective (see :func:`exchange`)."""
         pending, self._pending = self._pending, []
-        all_reduce_sum(pending + list(tensors), self.group)
+        if self.world_size > 1:
+            self.collectives += 1
+        out = exchange(pending + list(tensors), self.group, maxes=maxes, gathered=gathered)
         if pending:
             self.stats_global = True
+        return out
 
     def flush(self) -> None:
         """Run the pending statistics reduction now (no-op when nothing is pending)."""
@@ -243,6 +276,42 @@ def like(value: Tensor, param: Tensor) -> Tensor:
     return DTensor.from_local(
         value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
+
+
+def zero_counts(zeros: list[Tensor], params: list[Tensor]) -> list[dict[str, int]]:
+    """Per tensor, over the FULL tensor: zeros, all-zero rows (dim 0) and all-zero columns (dim 1).
+
+    ``zeros``: bool tensors of the local shards (of ``params``, laid out like them). With DTensor
+    shards this is ONE collective (every rank calls it); otherwise local. Returns dicts with
+    ``zeros``, ``numel``, ``rows``, ``dead_rows``, ``cols`` and ``dead_cols`` (``cols`` 0 for a
+    1-D tensor).
+    """
+    sums, columns = [], []
+    for z, p in zip(zeros, params):
+        rows_local = z.reshape(z.shape[0], math.prod(z.shape[1:])) if z.dim() >= 1 else z.reshape(1, 1)
+        sums.append(torch.stack([z.sum(), rows_local.all(dim=1).sum()]).to(torch.float64))
+        if p.dim() >= 2:  # explicit sizes: an FSDP2 shard may have no rows
+            alive = (~z).transpose(0, 1)
+            columns.append(alive.reshape(alive.shape[0], math.prod(alive.shape[1:])).sum(dim=1).to(torch.float64))
+        else:
+            columns.append(torch.zeros(0, dtype=torch.float64, device=z.device))
+    group = group_of(params)
+    if group is not None:
+        exchange(sums + columns, group)
+    out = []
+    for scalars, alive_cols, p in zip(sums, columns, params):
+        zeros_, dead_rows = (int(v) for v in scalars.tolist())
+        out.append(
+            {
+                "zeros": zeros_,
+                "numel": p.numel(),
+                "rows": p.shape[0] if p.dim() else 1,
+                "dead_rows": dead_rows,
+                "cols": p.shape[1] if p.dim() >= 2 else 0,
+                "dead_cols": int((alive_cols == 0).sum()),
+            }
+        )
+    return out
 
 
 # ------------------------------------------------------------------------ checkpoints (DCP)

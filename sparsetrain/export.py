@@ -128,7 +128,23 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
 
     ``structured`` defaults to True for structured methods and needs ``example_inputs`` (a tensor,
     a tuple of arguments or a dict of keyword arguments).
+
+    Not for FSDP2 (DTensor) parameters, which no rank holds whole: gather the full model (a
+    checkpoint of :func:`sparsetrain.distributed.save` loaded on one process, or
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with
+    ``StateDictOptions(full_state_dict=True)``) into an unsharded model and export from a
+    one-process Pruner (README, many ranks).
     """
+    from .distributed import is_sharded
+
+    sharded = [t.name for t in pruner.targets if is_sharded(t.param)]
+    if sharded:
+        raise RuntimeError(
+            f"export() needs whole tensors, but {sharded[0]} is an FSDP2 shard (DTensor): load the checkpoint of "
+            "sparsetrain.distributed.save (or the full state dict from torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) into an unsharded "
+            "model on one process, attach a Pruner with the same method there and export from it"
+        )
     model = copy.deepcopy(unwrap(pruner.model))
     _strip_parametrizations(model)
     fold_masks(pruner, model)

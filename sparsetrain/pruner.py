@@ -121,6 +121,7 @@ def resolve_targets(
     (or input channels) instead, without tracing. Every member tensor (weights, biases,
     normalization affine entries, consumers' input slices) becomes a target.
     """
+    model = unwrap(model)  # names and modules of the model inside a DDP wrapper (no "module." prefix)
     structure = method.structure
     if structure is None:
         targets = select_targets(
@@ -426,7 +427,21 @@ class Pruner:
         Returns:
             ``{parameter name: {"weight_sparsity": f, "dead_outputs": f, "dead_inputs": f}}``, each a
             fraction in ``[0, 1]``. :meth:`summary` prints the same as a table.
+
+        With FSDP2 shards the fractions are those of the full tensors, summed across ranks in one
+        collective: every rank must call it. With DDP (or one process) it reads local tensors only.
         """
+        if self.sync is not None:  # FSDP2 shards: global counts, one collective (every rank calls metrics())
+            zeros = [distributed.local(self.effective_weight(t)).detach() == 0 for t in self.targets]
+            counts = distributed.zero_counts(zeros, [t.param for t in self.targets])
+            return {
+                t.name: {
+                    "weight_sparsity": c["zeros"] / max(c["numel"], 1),
+                    "dead_outputs": c["dead_rows"] / max(c["rows"], 1),
+                    "dead_inputs": c["dead_cols"] / c["cols"] if c["cols"] else 0.0,
+                }
+                for t, c in zip(self.targets, counts)
+            }
         return {
             t.name: {k: float(v) for k, v in layer_metrics(t, self.effective_weight(t)).items()} for t in self.targets
         }

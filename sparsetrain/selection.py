@@ -19,7 +19,6 @@ from .distributed import is_sharded, local
 
 CHUNK = 1 << 22  # elements per histogram pass over a tensor: bounds the temporaries (32 MiB)
 _PASSES = ((24, 8), (16, 8), (8, 8), (0, 8))  # (shift, bits) of the radix passes
-_WIDE_PASSES = ((16, 16), (0, 16))  # across ranks: fewer rounds of communication, bigger histograms
 
 
 def _magnitude_bits(x: Tensor) -> Tensor:
@@ -32,41 +31,61 @@ def kth_smallest_abs(tensors: Sequence[Tensor], k: int, *, sync: distributed.Sha
 
 
 def kth_smallest_abs_many(
-    selections: Sequence[Sequence[Tensor]], ks: Sequence[int], *, sync: distributed.ShardSync | None = None
-) -> list[float]:
+    selections: Sequence[Sequence[Tensor]],
+    ks: Sequence[int],
+    *,
+    sync: distributed.ShardSync | None = None,
+    k_offsets: Sequence[Tensor] | None = None,
+) -> list[float | None]:
     """:func:`kth_smallest_abs` of several independent selections at once, pass by pass.
 
-    With DTensor shards (FSDP2) every rank histograms its local shards and each pass sums all the
-    selections' histograms across ranks in one collective (with any pending statistics of the
-    optimizer riding along); the passes are then two of 16 and 15 bits instead of four of 8 bits,
-    so the whole call costs two collectives. The result is exactly that of one process. ``sync``:
-    the optimizer's :class:`~sparsetrain.distributed.ShardSync` (its pending statistics share the
-    first round).
+    With DTensor shards (FSDP2) the selections cost ONE collective in all (see :func:`_kth_sharded`),
+    with any pending statistics of the optimizer (``sync``, its :class:`~sparsetrain.distributed.ShardSync`)
+    riding along; the result is exactly that of one process. ``k_offsets``: per selection, a
+    local count (a tensor) summed across ranks in that same collective and added to k (one
+    process: added as is); a selection whose k then falls outside ``[1, numel]`` gives None.
     """
     if len(selections) != len(ks):
         raise ValueError(f"{len(selections)} selections but {len(ks)} values of k")
-    for tensors, k in zip(selections, ks):
-        total = sum(t.numel() for t in tensors)
-        if not 1 <= k <= total:
-            raise ValueError(f"k={k} is outside [1, {total}]")
+    totals = [sum(t.numel() for t in tensors) for tensors in selections]
+    if k_offsets is None:
+        for k, total in zip(ks, totals):
+            if not 1 <= k <= total:
+                raise ValueError(f"k={k} is outside [1, {total}]")
     sync = _sync_for([t for ts in selections for t in ts], sync)
-    passes = _WIDE_PASSES if sync is not None else _PASSES
-    prefixes, remaining = [0] * len(ks), list(ks)
+    if sync is not None:
+        return _kth_sharded(selections, ks, totals, sync, k_offsets)
+    if k_offsets is not None:
+        ks = [k + int(offset) for k, offset in zip(ks, k_offsets)]
+    inside = [i for i, (k, total) in enumerate(zip(ks, totals)) if 1 <= k <= total]
+    found = _radix_select([selections[i] for i in inside], [ks[i] for i in inside], _PASSES, [0] * len(inside))
+    out: list[float | None] = [None] * len(ks)
+    for i, value in zip(inside, found):
+        out[i] = value
+    return out
+
+
+def _histogram(tensors: Sequence[Tensor], shift: int, bits: int, prefix: int) -> Tensor:
+    """Counts of the ``bits``-bit digit at ``shift`` of the local |x| bit patterns sharing ``prefix``'s higher bits."""
+    bins = 1 << bits
+    high_mask = -(1 << (shift + bits)) if shift + bits < 32 else 0
+    counts = torch.zeros(bins, dtype=torch.int64, device=local(tensors[0]).device)
+    for t in tensors:
+        flat = _magnitude_bits(t)
+        for start in range(0, flat.numel(), CHUNK):
+            chunk = flat[start : start + CHUNK]
+            digit = (chunk >> shift) & (bins - 1)
+            match = (chunk & high_mask) == prefix if high_mask else torch.ones_like(chunk, dtype=torch.bool)
+            hist = torch.bincount(torch.where(match, digit, bins).long(), minlength=bins + 1)[:bins]
+            counts += hist.to(counts.device)
+    return counts
+
+
+def _radix_select(selections, ks, passes, prefixes, sync=None) -> list[float]:
+    """Radix passes from ``prefixes`` (the bits already known) down; histograms summed by ``sync`` per pass."""
+    prefixes, remaining = list(prefixes), list(ks)
     for shift, bits in passes:
-        bins = 1 << bits
-        high_mask = -(1 << (shift + bits)) if shift + bits < 32 else 0
-        histograms = []
-        for tensors, prefix in zip(selections, prefixes):
-            counts = torch.zeros(bins, dtype=torch.int64, device=local(tensors[0]).device)
-            for t in tensors:
-                flat = _magnitude_bits(t)
-                for start in range(0, flat.numel(), CHUNK):
-                    chunk = flat[start : start + CHUNK]
-                    digit = (chunk >> shift) & (bins - 1)
-                    match = (chunk & high_mask) == prefix if high_mask else torch.ones_like(chunk, dtype=torch.bool)
-                    hist = torch.bincount(torch.where(match, digit, bins).long(), minlength=bins + 1)[:bins]
-                    counts += hist.to(counts.device)
-            histograms.append(counts)
+        histograms = [_histogram(tensors, shift, bits, prefix) for tensors, prefix in zip(selections, prefixes)]
         if sync is not None:
             sync.reduce(histograms)
         for index, counts in enumerate(histograms):
@@ -75,6 +94,87 @@ def kth_smallest_abs_many(
             remaining[index] -= int(cumulative[digit - 1]) if digit > 0 else 0
             prefixes[index] |= digit << shift
     return [torch.tensor(prefix, dtype=torch.int32).view(torch.float32).item() for prefix in prefixes]
+
+
+COARSE_BITS = 15  # |x| bit patterns have a zero sign bit: the top 16 bits take 2**15 values
+CANDIDATES = 4096  # per rank and selection: local values sent with the coarse histogram
+
+
+def _window(counts: Tensor, rank: int) -> tuple[int, int]:
+    """Bins ``[lo, hi]`` around local rank ``rank`` (1-based) holding at most :data:`CANDIDATES` values."""
+    cumulative = torch.cumsum(counts, 0)
+    total = int(cumulative[-1]) if counts.numel() else 0
+    if total == 0:
+        return 1, 0
+    bin_of = lambda r: int(torch.searchsorted(cumulative, min(max(r, 1), total)))  # noqa: E731
+    lo, hi = bin_of(rank - CANDIDATES // 2), bin_of(rank + CANDIDATES // 2)
+    size = lambda a, b: int(cumulative[b]) - (int(cumulative[a - 1]) if a > 0 else 0) if a <= b else 0  # noqa: E731
+    for a, b in ((lo, hi), (lo, hi - 1), (lo + 1, hi), (lo + 1, hi - 1)):
+        if size(a, b) <= CANDIDATES:
+            return a, b
+    return 1, 0  # pragma: no cover (the inner bins hold fewer than CANDIDATES ranks)
+
+
+def _kth_sharded(selections, ks, totals, sync, k_offsets) -> list[float | None]:
+    """Exact k-th values over DTensor shards in ONE collective (a second only where it cannot be).
+
+    Every rank sends, per selection, its histogram of the top 16 bits of |x| (``2**15`` bins) and
+    every local value of the bins around its own estimate of the k-th value (the bins around local
+    rank ``k * local / total``, at most :data:`CANDIDATES` values), all in one ``all_gather``. The
+    summed histogram names the bin of the k-th value and its rank inside that bin; when every rank
+    either sent that whole bin or holds nothing in it (always so for shards of at most
+    :data:`CANDIDATES` elements, and for shards of one distribution whose estimates are close), the
+    k-th value is read off the gathered values. Otherwise one more round sums the histograms of the
+    low 16 bits inside that bin (the exact radix select's second pass).
+    """
+    bins = 1 << COARSE_BITS
+    payload = []
+    for index, tensors in enumerate(selections):
+        counts = _histogram(tensors, 16, COARSE_BITS, 0)
+        numel = sum(local(t).numel() for t in tensors)
+        estimate = round(ks[index] * numel / max(totals[index], 1))
+        lo, hi = _window(counts, estimate)
+        picked = [bits[((bits >> 16) >= lo) & ((bits >> 16) <= hi)] for bits in map(_magnitude_bits, tensors)]
+        picked = torch.cat(picked).to(torch.float64) if picked else torch.zeros(0, dtype=torch.float64)
+        sent = torch.full((CANDIDATES,), -1.0, dtype=torch.float64)
+        sent[: picked.numel()] = picked.cpu()
+        offset = torch.zeros(1) if k_offsets is None else k_offsets[index].reshape(1).cpu()
+        offset = offset.to(torch.float64)
+        payload.append(torch.cat([offset, torch.tensor([lo, hi], dtype=torch.float64), counts.double().cpu(), sent]))
+    width = 3 + bins + CANDIDATES
+    rows = sync.reduce([], gathered=torch.cat(payload))
+    out: list[float | None] = [None] * len(selections)
+    unresolved = []
+    for index in range(len(selections)):
+        part = rows[:, index * width : (index + 1) * width]
+        k = ks[index] + int(part[:, 0].sum()) if k_offsets is not None else ks[index]
+        if not 1 <= k <= totals[index]:
+            continue
+        counts = part[:, 3 : 3 + bins].sum(dim=0).long()
+        cumulative = torch.cumsum(counts, 0)
+        top = int(torch.searchsorted(cumulative, k))
+        remaining = k - (int(cumulative[top - 1]) if top > 0 else 0)
+        covered = all(
+            int(part[r, 3 + top]) == 0 or int(part[r, 1]) <= top <= int(part[r, 2]) for r in range(part.shape[0])
+        )
+        if covered:
+            values = part[:, 3 + bins :].reshape(-1)
+            inside = values[(values >= 0) & (torch.div(values, 1 << 16, rounding_mode="floor") == top)]
+            pattern = int(torch.sort(inside).values[remaining - 1])
+            out[index] = torch.tensor(pattern, dtype=torch.int32).view(torch.float32).item()
+        else:
+            unresolved.append((index, remaining, top << 16))
+    if unresolved:
+        found = _radix_select(
+            [selections[i] for i, _, _ in unresolved],
+            [remaining for _, remaining, _ in unresolved],
+            ((0, 16),),
+            [prefix for _, _, prefix in unresolved],
+            sync,
+        )
+        for (index, _, _), value in zip(unresolved, found):
+            out[index] = value
+    return out
 
 
 def _sync_for(tensors: Sequence[Tensor], sync: distributed.ShardSync | None) -> distributed.ShardSync | None:

@@ -84,30 +84,32 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
         example_inputs: a batch the model accepts (a tensor, or a tuple of positional inputs); with
             it, MACs per sample are counted from the output shapes seen by forward hooks (the model
             runs once in eval mode under ``no_grad``).
+
+    With FSDP2 shards the counts are those of the full tensors (one collective, and the model's
+    forward with ``example_inputs``): every rank must call it.
     """
+    from .distributed import local, zero_counts
+
     positions = _positions(pruner, example_inputs) if example_inputs is not None else {}
+    zeros = [(local(t.param).detach() == 0) | ~local(pruner.optimizer.mask(t.param)) for t in pruner.targets]
+    counts = zero_counts(zeros, [t.param for t in pruner.targets])  # FSDP2 shards: one collective
     rows = []
-    for t in pruner.targets:
-        w = t.param.detach()
-        zero = (w == 0) | ~pruner.optimizer.mask(t.param)  # the autograd path masks in the forward
+    for t, c in zip(pruner.targets, counts):
+        shape = tuple(t.param.shape)
+        outputs, dead_outputs, inputs, dead_inputs = c["rows"], c["dead_rows"], c["cols"], c["dead_cols"]
         if hasattr(t.module, "nf"):  # transformers' Conv1D stores its weight as [in, out]
-            zero = zero.transpose(0, 1)
-        outputs = zero.shape[0]
-        dead_outputs = int(zero.reshape(outputs, -1).all(dim=1).sum())
-        if w.dim() >= 2:
-            inputs = zero.shape[1]
-            dead_inputs = int(zero.transpose(0, 1).reshape(inputs, -1).all(dim=1).sum())
-        else:
+            outputs, dead_outputs, inputs, dead_inputs = inputs, dead_inputs, outputs, dead_outputs
+        if len(shape) < 2:
             inputs = dead_inputs = 0
-        nonzero = int((~zero).sum())
-        params, alive = w.numel(), nonzero
+        nonzero = c["numel"] - c["zeros"]
+        params, alive = c["numel"], nonzero
         if t.bias is not None:
             params += t.bias.numel()
             alive += int(((t.bias.detach() != 0) & pruner.optimizer.mask(t.bias)).sum())
-        sparsity = 1.0 - nonzero / max(1, w.numel())
-        row = LayerRow(t.name, tuple(w.shape), sparsity, dead_outputs, outputs, dead_inputs, inputs, params, alive)
+        sparsity = 1.0 - nonzero / max(1, c["numel"])
+        row = LayerRow(t.name, shape, sparsity, dead_outputs, outputs, dead_inputs, inputs, params, alive)
         if t.name in positions:
-            row.macs = positions[t.name] * w.numel()
+            row.macs = positions[t.name] * c["numel"]
             row.alive_macs = positions[t.name] * nonzero
         rows.append(row)
     return rows

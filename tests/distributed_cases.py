@@ -187,6 +187,11 @@ METHODS = {
     "magnitude": lambda: methods.Magnitude(0.5, scope="global", schedule="linear", start=1, end=7, interval=2),
     "selective": lambda: methods.SelectiveDecay(0.5, sd=1e-2, start=0, end=8, interval=2),
 }
+EXTRA_METHODS = {  # outside the main matrix: checked on FSDP2 by shard_extras
+    "largest_global": lambda: methods.Magnitude(0.4, scope="global", largest=True, start=1, end=7, interval=2),
+    "largest_layer": lambda: methods.Magnitude(0.4, largest=True, schedule="cubic", start=1, end=7, interval=2),
+    "magnitude_filters": lambda: methods.Magnitude(0.5, structure="filters", start=1, end=7, interval=2),
+}
 
 
 def optimizer_for(model_name: str, params):
@@ -199,8 +204,8 @@ def event_steps(method_name: str) -> dict[int, int]:
     """The optimizer steps that communicate under FSDP2, and how many collectives each makes.
 
     Stochastic: its events and the step before each (statistics). GReg-1: every step that scores
-    groups (growing, then holding lam, every step here). Global magnitude: the two radix-select rounds of each event.
-    Selective decay: the statistics (mean |g|) every step, and a second round on events.
+    groups (growing, then holding lam, every step here). Global magnitude: its events (one round
+    of the selection). Selective decay: every step (mean |g|; on events with the selection).
     """
     if method_name == "stochastic":
         events = range(2, 9, 2)
@@ -208,8 +213,8 @@ def event_steps(method_name: str) -> dict[int, int]:
     if method_name == "greg1":
         return {s: 1 for s in range(8)}  # 5 growth steps (lam > 0.2), 2 held, pruned at step 7: scored each step
     if method_name == "magnitude":
-        return {s: 2 for s in range(3, 8, 2)}  # the schedule's level is 0 at step 1: nothing to select
-    return {s: (2 if s in (2, 4, 6, 8) else 1) for s in range(STEPS)}
+        return {s: 1 for s in range(3, 8, 2)}  # the schedule's level is 0 at step 1: nothing to select
+    return {s: 1 for s in range(STEPS)}
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -232,15 +237,16 @@ def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, ex
         else:
             model = DistributedDataParallel(model, process_group=group)
     opt = optimizer_for(model_name, model.parameters())
-    inner = model.module if mode == "ddp" else model  # the Pruner takes the module inside the DDP wrapper
+    x, y = data(model_name)
     options = {}
-    if method_name == "greg1":  # structured: keep the read-out's outputs (export keeps the model's output shape)
+    if method_name in ("greg1", "magnitude_filters"):  # coupled channel groups, traced; the read-out keeps its outputs
+        inner = model.module if mode == "ddp" else model
         options["exclude"] = [[n for n, m in inner.named_modules() if isinstance(m, nn.Linear)][-1]]
-        options["coupled"] = False  # each layer's own filters
-    pruner = sparsetrain.Pruner(inner, opt, METHODS[method_name](), **options)
+        options["example_inputs"] = x[:2]
+    method = {**METHODS, **EXTRA_METHODS}[method_name]()
+    pruner = sparsetrain.Pruner(model, opt, method, **options)  # the DDP wrapper itself
     if state is not None:
         state(model, opt, pruner)
-    x, y = data(model_name)
     per_rank = BATCH // ranks
     counts = []
     for _ in range(start, start + steps):
@@ -251,9 +257,10 @@ def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, ex
             part = slice(rank * per_rank, (rank + 1) * per_rank)
             loss = nn.functional.mse_loss(model(x[part]), y[part])
         loss.backward()
-        with CommDebugMode() as comm:
+        with CommDebugMode() as comm, CountCollectives() as calls:
             opt.step()
-        counts.append(comm.get_total_counts())
+        assert calls.count == comm.get_total_counts(), f"{calls.calls} != {comm.get_comm_counts()}"
+        counts.append(calls.count)
         opt.zero_grad()
     return model, opt, pruner, counts
 
@@ -286,15 +293,13 @@ def broadcast_from_0(value):
 def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], out: str) -> None:
     """Every case on 1, 2 and 4 ranks: masks equal to one process's, weights within fp32 rounding."""
     groups = subgroups()
-    with CountCollectives() as control:
-        dist.all_reduce(torch.zeros(1))
-    assert control.calls, "the collective counter does not see an all_reduce"
+    with CountCollectives() as control, CommDebugMode() as comm:
+        dist.all_gather([torch.zeros(1)] * dist.get_world_size(), torch.zeros(1))
+    assert control.count == 1 == comm.get_total_counts(), "the collective counters do not see an all_gather"
     reference = {case: reference_of(case, rank) for case in cases}
     report = []
     for size in SIZES:
         for case in cases:
-            if mode == "fsdp" and case[1] == "greg1":
-                continue  # coupled group scores do not read DTensor shards yet (see README, many ranks)
             if rank < size:
                 model, opt, pruner, counts = train(*case, mode=mode, group=groups[size])
                 got = results(model, opt, pruner)
@@ -339,8 +344,52 @@ def check_offsets(model) -> None:
         assert distributed.shard_offset(p) == expected, f"{name}: offset {distributed.shard_offset(p)} != {expected}"
 
 
-class CountCollectives(TorchDispatchMode):
-    """Records every c10d operator dispatched inside the block."""
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+)
+
+
+class CountCollectives:
+    """Counts calls of torch.distributed's collectives inside the block (the functions are patched)."""
+
+    def __enter__(self) -> CountCollectives:
+        self.calls: list[str] = []
+        self._saved = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._counting(name, fn))
+        return self
+
+    def _counting(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+class CountDispatched(TorchDispatchMode):
+    """Records every c10d operator dispatched inside the block (collectives torch makes itself included)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -354,10 +403,10 @@ class CountCollectives(TorchDispatchMode):
 
 def one_rank_alone(model_name: str, model, pruner) -> None:
     """DDP: metrics() and a structured export() on one rank while the others wait: no collective at all."""
-    with CountCollectives() as comm:  # CommDebugMode's module hooks trip over Torch-Pruning's tracing
+    with CountCollectives() as calls, CountDispatched() as comm:  # CommDebugMode trips over Torch-Pruning's tracing
         metrics = pruner.metrics()
         small = pruner.export(data(model_name)[0][:2])  # checks its outputs against the masked model's
-    assert comm.calls == [], f"export/metrics on one rank issued collectives: {comm.calls}"
+    assert comm.calls == [] and calls.calls == [], f"export/metrics on one rank issued collectives: {comm.calls}"
     assert any(m["dead_outputs"] > 0 for m in metrics.values()), metrics
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.module.parameters())
 
@@ -416,6 +465,74 @@ def nonfinite_on_one_rank(rank: int, world: int) -> None:
         opt.zero_grad()
         changed = any(not torch.equal(before[n], p.detach().to_local()) for n, p in model.named_parameters())
         assert changed != poison, f"rank {rank}: step {'skipped' if not changed else 'taken'} with poison={poison}"
+
+
+def shard_extras(rank: int, world: int) -> None:
+    """FSDP2 on 2 and 4 ranks: exact selections over big shards (one collective, two when the
+    ranks' values are far apart), Magnitude(largest=True) and structured Magnitude as one process,
+    global metrics() / summary(), and export() refused with its reason."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sparsetrain import selection
+    from sparsetrain.pruner import layer_metrics
+    from sparsetrain.summary import layer_rows
+
+    groups = subgroups()
+    cases = [("mlp", "largest_global"), ("mlp", "largest_layer"), ("cnn", "magnitude_filters")]
+    reference = {case: reference_of(case, rank) for case in cases}
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(301, 50), (97, 41), (5003,)]  # 5003 / 4 ranks > CANDIDATES: bins must be sent, not whole shards
+    spread = [torch.randn(shape, generator=generator) for shape in shapes]
+    ordered = [torch.sort(t.reshape(-1).abs()).values.reshape(t.shape) for t in spread]  # rank 0 small, rank 3 large
+    for size in (2, 4):
+        if rank < size:
+            group = groups[size]
+            mesh = DeviceMesh.from_group(group, "cpu")
+            for kind, fulls, rounds in (("random", spread, 1), ("ordered", ordered, 2)):
+                shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in fulls]
+                sync = distributed.ShardSync(group)
+                everything = torch.cat([t.reshape(-1).abs() for t in fulls])
+                n = everything.numel()
+                ks = [1, n // 3, n // 2 + 1, n, n]
+                extra = sum(range(size))
+                offsets = [torch.tensor(float(rank)) for _ in ks]  # summed across ranks: 0 + 1 (+ 2 + 3)
+                offsets[-1] = torch.tensor(1.0)  # n + size: outside [1, n]
+                with CountCollectives() as calls:
+                    got = selection.kth_smallest_abs_many([shards] * 4, ks[:4], sync=sync)
+                    shifted = selection.kth_smallest_abs_many(
+                        [shards] * 5, [k - extra for k in ks[:4]] + [n], sync=sync, k_offsets=offsets
+                    )
+                expected = [float(torch.kthvalue(everything, k).values) for k in ks[:4]]
+                assert got == expected, f"{kind} on {size} ranks: {got} != {expected}"
+                assert shifted == [*expected, None], f"{kind} on {size} ranks, k offsets: {shifted} != {expected}"
+                assert calls.count == 2 * rounds, f"{kind} on {size} ranks: {calls.calls}"
+            for case in cases:
+                model, opt, pruner, counts = train(*case, mode="fsdp", group=group)
+                got = results(model, opt, pruner)
+                for name, mask in reference[case]["masks"].items():
+                    assert torch.equal(got["masks"][name], mask), f"{case} on {size} ranks: {name} masks differ"
+                if case[1] != "magnitude_filters":
+                    assert all(n <= 1 for n in counts), f"{case}: collectives per step {counts}"
+                    fraction = sum(int((~m).sum()) for m in got["masks"].values()) / sum(
+                        m.numel() for m in got["masks"].values()
+                    )
+                    assert abs(fraction - 0.4) < 0.02, f"{case}: sparsity {fraction}, target 0.4"
+                metrics = pruner.metrics()
+                rows = {row.name: row for row in layer_rows(pruner)}
+                for target in pruner.targets:
+                    whole = distributed.full(target.param.detach())
+                    expected = {k: float(v) for k, v in layer_metrics(target, whole).items()}
+                    torch.testing.assert_close(metrics[target.name], expected, rtol=1e-6, atol=0)  # float32 means
+                    row = rows[target.name]
+                    dead_rows = int((whole == 0).reshape(whole.shape[0], -1).all(dim=1).sum())
+                    assert (row.alive_params, row.dead_outputs) == (int((whole != 0).sum()), dead_rows), row
+                try:
+                    pruner.export(data(case[0])[0][:2])
+                except RuntimeError as error:
+                    assert "FSDP2 shard" in str(error) and "full_state_dict" in str(error), error
+                else:
+                    raise AssertionError("export() of FSDP2 shards did not refuse")
+        dist.barrier()
 
 
 def subgroups_ready(rank: int, world: int) -> None:

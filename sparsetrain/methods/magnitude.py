@@ -19,7 +19,7 @@ import torch
 
 from .. import masks as mask_format
 from ..contract import COEF_THRESHOLD, GROUP_PRUNE
-from ..distributed import full
+from ..distributed import full, local
 from ..selection import kth_smallest_abs_many, next_float32, prune_count
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
@@ -152,20 +152,21 @@ class Magnitude(Method):
                     pruner.optimizer.set_mask(t.param, ~dead)
         self.events_done += 1
 
-    def _dead_largest(self, pruner, targets) -> int:
+    def _dead(self, pruner, targets) -> torch.Tensor:
         """With ``largest=True``, the weights already pruned: they are zeros now, below every alive one,
         so an event prunes only the rest of its count among the alive (smallest-first needs no such
-        correction: the dead zeros are the first of its count)."""
-        if not self.largest:
-            return 0
-        return sum(
-            t.param.numel() - mask_format.alive_count(pruner.optimizer.state[t.param]["mask_words"]) for t in targets
+        correction: the dead zeros are the first of its count). The local count (a DTensor's shard),
+        summed across ranks in the selection's one collective."""
+        dead = sum(
+            local(t.param).numel() - mask_format.alive_count(pruner.optimizer.state[t.param]["mask_words"])
+            for t in targets
         )
+        return torch.tensor(float(dead), dtype=torch.float64)
 
     def _group_flags(self, pruner, level: float) -> list[torch.Tensor]:
         """Per channel group, 1.0 on the ``level * ratio`` channels of smallest group norm."""
         out = []
-        for g, scores in zip(pruner.groups.groups, pruner.groups.scores(self.norm)):
+        for g, scores in zip(pruner.groups.groups, pruner.groups.scores(self.norm, sync=pruner.sync)):
             # counts of the original size; channels a shrink removed were the first of them
             k = max(prune_count(level * g.ratio, g.size + g.removed) - g.removed, 0)
             flags = torch.zeros_like(scores)
@@ -178,11 +179,15 @@ class Magnitude(Method):
         """Strict threshold t: ``|w| < t`` selects the k smallest (``|w| > t`` the k largest) absent ties."""
         return self._thresholds([tensors], [k], [total], sync)[0]
 
-    def _thresholds(self, selections, ks, totals, sync) -> list[float]:
-        """:meth:`_global_threshold` of several selections with one radix select (one collective per pass)."""
+    def _thresholds(self, selections, ks, totals, sync, dead=None) -> list[float]:
+        """:meth:`_global_threshold` of several selections with one radix select (one collective with
+        shards). ``dead`` (``largest=True``): per selection, the local count already pruned (:meth:`_dead`);
+        a selection with nothing left to prune gets ``inf``."""
         if self.largest:
-            values = kth_smallest_abs_many(selections, [n - k + 1 for k, n in zip(ks, totals)], sync=sync)
-            return [next_float32(v, 0.0) for v in values]
+            values = kth_smallest_abs_many(
+                selections, [n - k + 1 for k, n in zip(ks, totals)], sync=sync, k_offsets=dead
+            )
+            return [math.inf if v is None else next_float32(v, 0.0) for v in values]
         return [next_float32(v, math.inf) for v in kth_smallest_abs_many(selections, ks, sync=sync)]
 
     # ---------------------------------------------------------------- iterative (fused decision)
@@ -202,21 +207,22 @@ class Magnitude(Method):
             if self.scope == "global":
                 tensors = [t.param for t in pruner.targets]
                 total = sum(x.numel() for x in tensors)
-                k = prune_count(level * self.target, total) - self._dead_largest(pruner, pruner.targets)
-                none = math.inf if self.largest else 0.0
-                threshold = self._global_threshold(tensors, k, total, pruner.sync) if k > 0 else none
+                k = prune_count(level * self.target, total)
+                if self.largest:
+                    dead = [self._dead(pruner, pruner.targets)]
+                    threshold = self._thresholds([tensors], [k], [total], pruner.sync, dead)[0]
+                else:
+                    threshold = self._global_threshold(tensors, k, total, pruner.sync) if k > 0 else 0.0
                 thresholds = [threshold] * len(pruner.targets)
             else:
-                counts = [
-                    max(prune_count(level * t.ratio, t.param.numel()) - self._dead_largest(pruner, [t]), 0)
-                    for t in pruner.targets
-                ]
+                counts = [prune_count(level * t.ratio, t.param.numel()) for t in pruner.targets]
                 chosen = [(t, k) for t, k in zip(pruner.targets, counts) if k]
                 values = self._thresholds(
                     [[t.param] for t, _ in chosen],
                     [k for _, k in chosen],
                     [t.param.numel() for t, _ in chosen],
                     pruner.sync,
+                    [self._dead(pruner, [t]) for t, _ in chosen] if self.largest else None,
                 )
                 found = {t.name: v for (t, _), v in zip(chosen, values)}
                 thresholds = [found.get(t.name, math.inf if self.largest else 0.0) for t in pruner.targets]
