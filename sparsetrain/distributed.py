@@ -350,95 +350,123 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def sharded_state_dict(optimizer: FusedOptimizer) -> dict[str, Any]:
-    """The optimizer's state (its attached pruner's included) for ``torch.distributed.checkpoint``; collective.
+META_KEY = "sparsetrain"  # the per-parameter state entry that carries the optimizer's own state
 
-    ``{"shards": {"<param index>/<field>": DTensor}, "rest": bytes}``: per-element state and masks
-    (packed per row of dim 0, so any number of ranks can read any rows) are DTensors laid out like
-    their parameter; the rest (global statistics, coefficients, step counts, seeds, the pruner) is
-    one serialized blob, identical on every rank.
+
+def portable_state_dict(optimizer: FusedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """Make ``sd`` (the optimizer's state_dict) survive ``torch.distributed.checkpoint``'s helpers.
+
+    * The ``"sparsetrain"`` entry (base seed, event counter, the pruner's schedule, step count and
+      history) is also kept, serialized, in the first parameter's state under ``"sparsetrain"``:
+      ``get_optimizer_state_dict`` keeps per-parameter entries and drops other top-level keys.
+    * FSDP2 shards (collective: every rank calls it): statistics are summed across ranks first, so
+      every rank saves the global values; per-element buffers (momentum, moments) are DTensors laid
+      out like their parameter, and masks are ``"mask_rows"``: int32 ``[rows, words]`` DTensors
+      packed per row of dim 0, so a checkpoint written on N ranks loads on M ranks.
     """
     sync = sync_of(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if sync is not None:
         sync.request_stats(optimizer)
         sync.flush()
-    full = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    per_element = optimizer._algo_state_names()  # momentum, moments: laid out like the parameter
-    shards: dict[str, Tensor] = {}
-    rest_state: dict[int, dict[str, Any]] = {}
-    for index, p in enumerate(params):
-        state = optimizer.state.get(p, {})
-        if is_sharded(p):  # from the live state: state_dict() leaves out buffers not used yet
-            for field in sorted(per_element & state.keys()):
-                shards[f"{index}/{field}"] = _as_dtensor(state[field], p, tuple(p.shape))
-            if "mask_words" in state:
-                row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-                alive = mask_format.unpack(state["mask_words"], local(p).numel()).reshape(-1, row_numel)
-                words = _pack_rows(alive)
-                shards[f"{index}/mask_rows"] = _as_dtensor(words, p, (p.shape[0], words.shape[1]))
-        saved = full["state"].get(index)
-        if saved is not None:
-            skip = (per_element | {"mask_words"}) if is_sharded(p) else set()
-            rest_state[index] = {k: v for k, v in saved.items() if k not in skip}
-    rest = {k: v for k, v in full.items() if k != "state"}
-    rest["state"] = rest_state
-    buffer = io.BytesIO()
-    torch.save(rest, buffer)
-    return {"shards": shards, "rest": buffer.getvalue()}
-
-
-def load_sharded_state_dict(optimizer: FusedOptimizer, state: dict[str, Any]) -> None:
-    """Load what :func:`sharded_state_dict` produced (after ``dcp.load`` filled it in place)."""
-    rest = torch.load(io.BytesIO(state["rest"]), weights_only=False)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    merged = {k: v for k, v in rest.items() if k != "state"}
-    merged["state"] = {}
-    for index, kept in rest["state"].items():
-        entry = dict(kept)
-        p = params[index]
-        for key, value in state["shards"].items():
-            owner, field = key.split("/", 1)
-            if int(owner) != index:
+        per_element = optimizer._algo_state_names()
+        for index, p in enumerate(params):
+            saved, live = sd["state"].get(index), optimizer.state.get(p, {})
+            if saved is None or not is_sharded(p):
                 continue
-            value = local(value)
-            if field == "mask_rows":
+            saved = sd["state"][index] = dict(saved)  # torch's state_dict hands out the live entries
+            for field in sorted(per_element & live.keys()):  # from the live state: also buffers not used yet
+                saved[field] = _as_dtensor(live[field], p, tuple(p.shape))
+            if "mask_words" in saved:
                 row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-                entry["mask_words"] = mask_format.pack(_unpack_rows(value, row_numel).reshape(-1))
-            else:
-                entry[field] = value
-        merged["state"][index] = entry
-    optimizer.load_state_dict(merged)
+                alive = mask_format.unpack(saved.pop("mask_words"), local(p).numel()).reshape(-1, row_numel)
+                words = _pack_rows(alive)
+                saved["mask_rows"] = _as_dtensor(words, p, (p.shape[0], words.shape[1]))
+    if sd["state"]:
+        buffer = io.BytesIO()
+        torch.save(sd[META_KEY], buffer)
+        first = next(iter(sd["state"]))
+        sd["state"][first] = {**sd["state"][first], META_KEY: buffer.getvalue()}
+    return sd
+
+
+def from_portable_state_dict(optimizer: FusedOptimizer, sd: Any) -> Any:
+    """Undo :func:`portable_state_dict` (also on a dict that lost its top-level ``"sparsetrain"``
+    entry, as ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes it):
+    DTensor values become the local shards of this run's layout. Anything else is returned as is."""
+    state = sd.get("state") if isinstance(sd, dict) else None
+    if not isinstance(state, dict):
+        return sd
+    portable = [k for k, v in state.items() if isinstance(v, dict) and (META_KEY in v or "mask_rows" in v)]
+    portable += [k for k, v in state.items() if isinstance(v, dict) and any(is_sharded(x) for x in v.values())]
+    if not portable:
+        return sd
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    groups = sd.get("param_groups")
+    keys = [k for g in groups for k in g.get("params", ())] if isinstance(groups, list) else []
+    by_key = dict(zip(keys, params))
+    meta, new_state = None, {}
+    for key, saved in state.items():
+        if key not in portable:
+            new_state[key] = saved
+            continue
+        saved = dict(saved)
+        blob = saved.pop(META_KEY, None)
+        if blob is not None and meta is None:
+            meta = torch.load(io.BytesIO(blob), weights_only=False) if isinstance(blob, bytes) else blob
+        for field, value in list(saved.items()):
+            if is_sharded(value):
+                saved[field] = value.to_local()
+        rows = saved.pop("mask_rows", None)
+        p = by_key.get(key)
+        if rows is not None and p is not None:
+            row_numel = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+            alive = _unpack_rows(rows, row_numel).reshape(-1)[: local(p).numel()]
+            saved["mask_words"] = mask_format.pack(alive)
+        new_state[key] = saved
+    out = dict(sd)
+    out["state"] = new_state
+    if META_KEY not in out and meta is not None:
+        out[META_KEY] = meta
+    return out
+
+
+def loaded(optimizer: FusedOptimizer) -> None:
+    """After a load: saved statistics are global sums (a sharded save summed them first)."""
     sync = sync_of(optimizer)
     if sync is not None:
-        sync.stats_global = True  # saved statistics are the global sums
+        sync.stats_global = True
 
 
 def save(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer) -> None:
     """Save model and optimizer (masks, statistics, coefficients, the attached pruner's schedule) with
-    torch.distributed.checkpoint.
+    torch.distributed.checkpoint's standard helpers: ``get_state_dict`` then ``dcp.save``.
 
     Collective over the ranks that hold the shards (every rank calls it). The checkpoint can be
-    loaded on any number of ranks, one included.
+    loaded on any number of ranks, one included. Nothing here is needed for that: the same two
+    calls written out by hand (README, many ranks) save and load the same checkpoint.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer)}
-    dcp.save(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
 
 
 def load(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer) -> None:
     """Load a checkpoint written by :func:`save`, on this run's ranks and sharding; collective.
 
     Build the model, wrap it the same way (``fully_shard`` or not), create the optimizer and the
-    pruner exactly as for a fresh run, then call this.
+    pruner exactly as for a fresh run, then call this (``get_state_dict``, ``dcp.load``,
+    ``set_state_dict``).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    state = {"model": model.state_dict(), "optim": sharded_state_dict(optimizer)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=checkpoint_id, process_group=_group(optimizer))
-    model.load_state_dict(state["model"])
-    load_sharded_state_dict(optimizer, state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _group(optimizer: FusedOptimizer) -> dist.ProcessGroup | None:

@@ -18,8 +18,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
@@ -429,13 +431,20 @@ def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) ->
     for n in SIZES:
         if rank < n:
             model, opt, pruner, _ = train(*case, mode="fsdp", group=groups[n], steps=first, exact=True)
-            distributed.save(os.path.join(directory, f"{method_name}-{n}"), model, opt)
+            if method_name == "stochastic":  # torch.distributed.checkpoint's own helpers, written out
+                model_state, optim_state = get_state_dict(model, opt)
+                assert set(optim_state) == {"state", "param_groups"}  # the pruning state rides in "state"
+                state = {"model": model_state, "optim": optim_state}
+                dcp.save(state, checkpoint_id=os.path.join(directory, f"{method_name}-{n}"), process_group=groups[n])
+            else:
+                distributed.save(os.path.join(directory, f"{method_name}-{n}"), model, opt)
         dist.barrier()
     for n in SIZES:
         for m in SIZES:
             if rank < m:
                 path = os.path.join(directory, f"{method_name}-{n}")
-                restore = lambda model, opt, pruner, path=path: distributed.load(path, model, opt)
+                restore = standard_load if method_name == "stochastic" else distributed.load
+                restore = lambda model, opt, pruner, path=path, load=restore: load(path, model, opt)
                 model, opt, pruner, _ = train(
                     *case, mode="fsdp", group=groups[m], steps=rest, exact=True, start=first, state=restore
                 )
@@ -445,6 +454,14 @@ def checkpoint_cases(rank: int, world: int, directory: str, method_name: str) ->
                     assert torch.equal(got["masks"][name], mask), f"{label}: masks differ"
                     assert torch.equal(got["weights"][name], reference["weights"][name]), f"{label}: weights differ"
             dist.barrier()
+
+
+def standard_load(path: str, model, opt) -> None:
+    """torch.distributed.checkpoint's helpers: get_state_dict, dcp.load, set_state_dict."""
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path, process_group=distributed.sync_of(opt).group)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def nonfinite_on_one_rank(rank: int, world: int) -> None:

@@ -140,13 +140,60 @@ def test_tensor_learning_rate_is_bit_identical(name):
     _assert_equal(ours_params, ref_params)
 
 
-def test_sparsetrain_state_dict_stripped_of_its_entry_is_refused():
+def test_sparsetrain_state_dict_stripped_of_its_entry_still_resumes():
+    """Tools that keep only 'state' and 'param_groups' keep the pruning state (first parameter's entry)."""
     params = make_params(SHAPES)
     opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend="torch")
     opt.enable_pruning(params[0])
+    opt.set_mask(params[0], torch.rand(params[0].shape, generator=torch.Generator().manual_seed(3)) > 0.5)
     set_grads([params], 0)
     opt.step()
-    stripped = {k: v for k, v in opt.state_dict().items() if k != "sparsetrain"}
-    other = sparsetrain.optim.SGD(clone_params(params), lr=0.1, momentum=0.9, backend="torch")
+    stripped = {k: v for k, v in opt.state_dict().items() if k in ("state", "param_groups")}
+    other_params = clone_params(params)
+    other = sparsetrain.optim.SGD(other_params, lr=0.1, momentum=0.9, backend="torch", seed=99)
+    other.load_state_dict(stripped)
+    assert (other.base_seed, other.prune_events) == (opt.base_seed, opt.prune_events)
+    assert torch.equal(other.mask(other_params[0]), opt.mask(params[0]))
+    bare = {
+        "state": {k: {f: v for f, v in s.items() if f != "sparsetrain"} for k, s in stripped["state"].items()},
+        "param_groups": stripped["param_groups"],
+    }
     with pytest.raises(ValueError, match="without its 'sparsetrain' entry"):
-        other.load_state_dict(stripped)
+        other.load_state_dict(bare)
+
+
+def test_torch_distributed_checkpoint_helpers_resume_pruning_exactly():
+    """get_optimizer_state_dict / set_optimizer_state_dict (one process): the resumed run is the uninterrupted one."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4))
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, backend="torch", seed=5)
+        method = sparsetrain.methods.StochasticMagnitude(0.6, start=2, end=10, interval=2)
+        return model, opt, sparsetrain.Pruner(model, opt, method)
+
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.randn(16, 4)
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    straight, straight_opt, _ = build()
+    run(straight, straight_opt, 12)
+    first, first_opt, _ = build()
+    run(first, first_opt, 5)
+    saved = copy.deepcopy(get_optimizer_state_dict(first, first_opt))
+    assert set(saved) == {"state", "param_groups"}  # the helper drops other top-level keys
+    resumed, resumed_opt, resumed_pruner = build()
+    resumed.load_state_dict(first.state_dict())
+    set_optimizer_state_dict(resumed, resumed_opt, saved)
+    assert resumed_pruner.step_count == 5
+    run(resumed, resumed_opt, 7)
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    masks = [resumed_opt.mask(t.param) for t in resumed_pruner.targets]
+    assert all(torch.equal(m, straight_opt.mask(q)) for m, q in zip(masks, (straight[0].weight, straight[2].weight)))
+    assert 0 < sum(int((~m).sum()) for m in masks)  # something was pruned after the resume too

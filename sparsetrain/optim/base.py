@@ -456,6 +456,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         history, so anything that checkpoints the optimizer resumes pruning exactly.
 
         Algorithm buffers of parameters that never took a step are left out, as torch.optim leaves them.
+        The ``"sparsetrain"`` entry is also kept in the first parameter's state, so tools that keep only
+        ``state`` and ``param_groups`` (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``)
+        keep it; with FSDP2 shards this is collective (see :func:`sparsetrain.distributed.portable_state_dict`).
         """
         sd = super().state_dict()
         for key, saved in sd["state"].items():
@@ -473,7 +476,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         }
         if self.pruner is not None:
             sd["sparsetrain"]["pruner"] = self.pruner.schedule_state_dict()
-        return sd
+        return distributed.portable_state_dict(self, sd)  # survives torch.distributed.checkpoint's helpers
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict saved by the same optimizer class (or by torch.optim's same algorithm).
@@ -483,6 +486,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         stay float64, step counts become float32, algorithm buffers take :meth:`buffer_dtype`. A
         saved pruner state goes to the attached :class:`~sparsetrain.Pruner` (or to the next one attached).
         """
+        state_dict = distributed.from_portable_state_dict(self, state_dict)
         if compat.is_torch_state_dict(state_dict):
             state_dict = compat.from_torch_state_dict(self, state_dict)
             state_dict["sparsetrain"]["format"] = STATE_FORMAT
@@ -526,6 +530,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.pruner is not None and self.loaded_pruner_state is not None:
             self.pruner.load_schedule_state_dict(self.loaded_pruner_state)
             self.loaded_pruner_state = None
+        distributed.loaded(self)
 
     def torch_group_keys(self) -> tuple[str, ...]:
         """Param-group keys that identify this algorithm in a torch.optim state_dict."""

@@ -68,9 +68,8 @@ def from_torch_state_dict(opt: FusedOptimizer, state_dict: dict[str, Any]) -> di
     if any(isinstance(saved, dict) and "mask_words" in saved for saved in states):
         raise ValueError(
             f"{name}.load_state_dict: a sparsetrain state_dict without its 'sparsetrain' entry (the base seed, "
-            "event counter and pruner state); save and load the optimizer's whole state_dict (tools that keep "
-            "only 'state' and 'param_groups', such as torch.distributed.checkpoint's get_optimizer_state_dict, "
-            "drop it)"
+            "event counter and pruner state), neither at the top nor in the first parameter's state; save and "
+            "load the optimizer's whole state_dict"
         )
     groups = state_dict["param_groups"]
     expected = opt.torch_group_keys()
