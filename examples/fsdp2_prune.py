@@ -6,9 +6,9 @@
 
 The masks it prints are the same for 1, 2 or 4 ranks with the same seed: every rank steps its
 shard with element indices of the full tensor, and what needs the whole tensor (statistics,
-thresholds, group scores) is summed across ranks in one collective on the steps that read it.
-With ``--checkpoint`` it saves with torch.distributed.checkpoint halfway and resumes from it,
-which also works on a different number of ranks.
+thresholds, group scores) is reduced across ranks in at most one collective per step, only on
+the steps that read it. With ``--checkpoint`` it saves with torch.distributed.checkpoint's
+helpers halfway and resumes from it, which also works on a different number of ranks.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def main() -> None:
         mask = opt.mask(target.param).full_tensor()  # gathered from every rank's shard
         if rank == 0:
             print(f"{target.name}: {1 - mask.float().mean().item():.1%} pruned, mask checksum {int(mask.sum())}")
-    table = pruner.summary()  # of this rank's shards
+    table = pruner.summary()  # of the full tensors: every rank calls it (one collective)
     if rank == 0:
-        print(table if world == 1 else f"rank 0's shards:\n{table}")
+        print(table)
     dist.destroy_process_group()
 
 

@@ -12,20 +12,26 @@ a multiple of 32 needs nothing special) and step all local shards in one fused c
 ``shard_offsets`` are the shards' element offsets in the full tensors: the random stream and the
 group indices are those of the unsharded tensor, and so are the masks.
 
-What needs the whole tensor is reduced across ranks with ``torch.distributed.all_reduce``, all of
-it batched into one float64 buffer per round (:class:`ShardSync`):
+What needs the whole tensor crosses ranks in at most ONE collective per optimizer step, only on
+the steps that read it: one ``all_gather`` of a float64 buffer, reduced on every rank in rank
+order (:func:`exchange`, :class:`ShardSync`):
 
 * per-tensor statistics (alive count, sum |w|, kernel sum, sum |g|): each step writes the local
   shard's partial sums; they are summed across ranks only before a step that reads them
   (stochastic events and the step before each, selective decay's mean |g|) and never otherwise;
-* group scores (GReg picks and magnitude ratios, structured magnitude): partial per-group sums;
-* magnitude thresholds: the radix select's histograms (two rounds of 16 / 15 bits: an exact
-  k-th value cannot come out of one round of bounded size), with pending statistics riding along.
+* group scores (GReg picks and magnitude ratios, structured magnitude, coupled groups included):
+  per-unit partial sums (maxima for the L-inf norm);
+* magnitude thresholds: every rank's coarse histogram and the local values of the bins around
+  its estimate, from which the exact k-th value is read off (:mod:`sparsetrain.selection`; a
+  second round only when a rank's values lie far from its estimate), pending statistics riding
+  along;
+* ``metrics()`` / ``summary()``: zero, row and column counts (:func:`zero_counts`).
 
-Checkpoints (:func:`save`, :func:`load`) go through ``torch.distributed.checkpoint``: per-element
-state (momentum, moments, masks packed per row of dim 0) is saved as DTensors, so a checkpoint
-written on N ranks loads on M ranks; everything else (statistics reduced to their global values,
-coefficients, step counts, seeds, the attached pruner's state) is saved once.
+Checkpoints: the optimizer's ``state_dict()`` is made portable (:func:`portable_state_dict`):
+its own entry also rides in the first parameter's state, per-element state and masks (packed
+per row of dim 0) are DTensors, statistics are global sums. So torch.distributed.checkpoint's
+standard helpers save and load it, and a checkpoint written on N ranks loads on M ranks
+(:func:`save` and :func:`load` are those calls).
 """
 
 from __future__ import annotations
@@ -146,11 +152,6 @@ def exchange(
         t.copy_(rows[:, start : start + n].amax(dim=0).view(t.shape).to(t.dtype))
         start += n
     return rows[:, start:] if gathered is not None else None
-
-
-def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    """Sum each of ``tensors`` across the ranks of ``group``, in place, in ONE collective (:func:`exchange`)."""
-    exchange(list(tensors), group)
 
 
 class ShardSync:

@@ -208,37 +208,6 @@ def group_scores(weight: Tensor, structure: str, norm: float = 1.0) -> Tensor:
     raise ValueError(f"unknown group structure {structure!r}; use 'filters' or 'channels'")
 
 
-def group_scores_many(
-    weights: Sequence[Tensor], structure: str, norm: float = 1.0, *, sync: distributed.ShardSync | None = None
-) -> list[Tensor]:
-    """:func:`group_scores` of several weights; DTensor shards are scored in one collective.
-
-    Filters of a ``Shard(0)`` weight lie whole on one rank, so their norms are computed there and
-    summed with zeros from the other ranks: the same values as one process. Groups spread over
-    ranks (``channels``) sum float64 partial ``|w|**norm`` sums, then take the root.
-    """
-    sync = _sync_for(weights, sync)
-    if sync is None:
-        return [group_scores(w, structure, norm) for w in weights]
-    partials = []
-    for w in weights:
-        shard = local(w).detach().float()
-        if structure == "filters":
-            scores = torch.zeros(w.shape[0], dtype=torch.float64, device=shard.device)
-            first = distributed.shard_offset(w) // max(1, math.prod(w.shape[1:]))
-            scores[first : first + shard.shape[0]] = group_scores(shard, structure, norm).double()
-        elif structure == "channels":
-            per_channel = shard.shape[0] * math.prod(shard.shape[2:])
-            scores = shard.double().abs().pow(norm).transpose(0, 1).reshape(w.shape[1], per_channel).sum(dim=1)
-        else:
-            raise ValueError(f"unknown group structure {structure!r}; use 'filters' or 'channels'")
-        partials.append(scores)
-    sync.reduce(partials)
-    if structure == "filters":
-        return [p.float() for p in partials]
-    return [p.pow(1.0 / norm).float() for p in partials]
-
-
 def group_layout(shape: torch.Size, structure: str | None) -> tuple[int, int]:
     """(groups G, inner) such that element i belongs to group (i // inner) % G."""
     numel = math.prod(shape)

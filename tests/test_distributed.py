@@ -1,9 +1,12 @@
 """Many ranks (gloo, CPU, spawned processes): FSDP2 and DDP give the masks of one process.
 
 Four ranks are spawned once for the module and run every test's 1-, 2- and 4-rank cases on
-sub-groups made once (see tests/distributed_cases.py). Cases: an MLP with uneven and empty shards whose offsets are not
-multiples of 32, a small CNN, a small transformer block; StochasticMagnitude, GReg-1 (filters),
-global Magnitude and SelectiveDecay, several pruning events each.
+sub-groups made once (see tests/distributed_cases.py). Cases: an MLP with uneven and empty
+shards whose offsets are not multiples of 32, a small CNN, a small transformer block;
+StochasticMagnitude, GReg-1 (coupled filters, traced), global Magnitude and SelectiveDecay,
+several pruning events each, with FSDP2 and with the Pruner given the DDP wrapper itself. The
+collectives inside every optimizer.step are counted (torch.distributed's functions patched, and
+CommDebugMode) and checked: at most one per step, none where nothing is read across ranks.
 """
 
 import os
@@ -20,6 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 @pytest.fixture(scope="module")
 def ranks():
     pool = cases.Ranks()
+    pool.run(cases.subgroups_ready, timeout=120)  # start-up (spawn, imports, groups) before the first test
     yield pool
     pool.close()
 
