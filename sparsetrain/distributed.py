@@ -414,7 +414,7 @@ def from_portable_state_dict(optimizer: FusedOptimizer, sd: Any) -> Any:
         saved = dict(saved)
         blob = saved.pop(META_KEY, None)
         if blob is not None and meta is None:
-            meta = torch.load(io.BytesIO(blob), weights_only=False) if isinstance(blob, bytes) else blob
+            meta = torch.load(io.BytesIO(blob), weights_only=True) if isinstance(blob, bytes) else blob
         for field, value in list(saved.items()):
             if is_sharded(value):
                 saved[field] = value.to_local()
