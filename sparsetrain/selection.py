@@ -3,7 +3,8 @@
 The global threshold is found by a multi-tensor radix select on the float32 bit patterns of |w|
 (monotone for non-negative floats): four passes of 8 bits, each a 256-bin histogram summed over
 all tensors, processed in chunks, so extra memory is O(bins + chunk) and nothing is concatenated or
-sorted. The result equals ``torch.kthvalue`` of the concatenated magnitudes.
+sorted. The result equals ``torch.kthvalue`` of the concatenated magnitudes. Over DTensor shards
+(FSDP2) the same exact value comes from one round of communication (see :func:`_kth_sharded`).
 """
 
 from __future__ import annotations
