@@ -528,6 +528,10 @@ class Pruner:
                 f"pruner state: the {type(self.method).__name__} state has {got}; expected some of {sorted(expected)}"
             )
         self.history.check_state_dict(state["history"])
+        if "shrinks" in state:
+            from .shrink import check_records
+
+            check_records(state["shrinks"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (same targets)."""

@@ -151,8 +151,7 @@ def _refuse(pruner: Pruner, model: nn.Module, inner: nn.Module) -> None:
             "shrink() needs coupled channel groups (coupled=True with example_inputs=): with coupled=False a "
             "removed filter's consumers still read it, so the smaller model would compute something else"
         )
-    compiled = getattr(torch, "_dynamo", None) and torch._dynamo.eval_frame.OptimizedModule
-    if any(hasattr(m, "_orig_mod") or (compiled and isinstance(m, compiled)) for m in (model, inner)):
+    if any(hasattr(m, "_orig_mod") for m in (model, inner)):  # torch.compile's OptimizedModule
         raise ShrinkError("shrink() cannot change a model under torch.compile: shrink the original module")
     if isinstance(model, nn.DataParallel):
         raise ShrinkError("shrink() does not re-wrap nn.DataParallel; use DistributedDataParallel")
@@ -328,6 +327,19 @@ def _restore_masks(pruner: Pruner, stripped: list[tuple[nn.Module, str, Any]]) -
         zero_grads.clear()
 
 
+def check_records(records: Any) -> None:
+    """Raise a clear error unless ``records`` is a list of ``{layer name: [channel index, ...]}``."""
+    if not isinstance(records, list) or not all(
+        isinstance(record, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(i, int) and i >= 0 for i in v)
+            for k, v in record.items()
+        )
+        for record in records
+    ):
+        raise ValueError("recorded shrinks must be a list of {layer name: [channel index, ...]}")
+
+
 def _records_of(state: Any) -> list[dict[str, list[int]]]:
     if isinstance(state, dict) and "sparsetrain" in state:
         state = (state["sparsetrain"] or {}).get("pruner") or {}
@@ -335,9 +347,5 @@ def _records_of(state: Any) -> list[dict[str, list[int]]]:
         state = state.get("shrinks")
     if not isinstance(state, list) or not state:
         raise ValueError("the state records no shrink (pass the optimizer's or pruner's state_dict saved after one)")
-    for record in state:
-        if not isinstance(record, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(i, int) for i in v) for k, v in record.items()
-        ):
-            raise ValueError("a recorded shrink must map layer names to lists of channel indices")
+    check_records(state)
     return state

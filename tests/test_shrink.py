@@ -13,6 +13,7 @@ import os
 import pytest
 import shrink_cases as cases
 import torch
+from torch import nn
 
 import sparsetrain
 from sparsetrain import backends, methods
@@ -223,7 +224,25 @@ def test_optimizer_state_that_cannot_be_sliced_is_refused():
     cases.train_steps(model, opt, cases.batches("mlp", 1), after=lambda: pruner.step(opt))  # masks still in place
 
 
-def test_ddp_with_auto_shrink_and_a_compiled_model_are_refused():
+def test_auto_shrink_under_ddp_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = cases.build("mlp")
+        net = nn.parallel.DistributedDataParallel(model)
+        opt = cases.optimizer("sgd", model.parameters())
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            sparsetrain.Pruner(net, opt, methods.Magnitude(0.5, structure="filters"),
+                               example_inputs=cases.probe("mlp"), shrink_after_prune=True)  # fmt: skip
+        assert opt.pruner is None and "mask_words" not in opt.state[model.fc1.weight]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_compiled_model_is_refused():
     model = cases.build("mlp")
     opt = cases.optimizer("sgd", model.parameters())
     pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"),
@@ -249,6 +268,15 @@ def test_rebuild_refuses_a_state_without_shrinks():
         rebuild(cases.build("mlp"), {"shrinks": []}, cases.probe("mlp"))
     with pytest.raises(ValueError, match="does not have"):
         rebuild(cases.build("mlp"), [{"nope": [0]}], cases.probe("mlp"))
+    with pytest.raises(ValueError, match="channel index"):
+        rebuild(cases.build("mlp"), [{"fc1": [0.5]}], cases.probe("mlp"))
+    model = cases.build("mlp")
+    opt = cases.optimizer("sgd", model.parameters())
+    pruner = sparsetrain.Pruner(model, opt, cases.method("oneshot"), example_inputs=cases.probe("mlp"))
+    state = pruner.state_dict()
+    with pytest.raises(ValueError, match="channel index"):
+        pruner.load_state_dict({**state, "shrinks": [{"fc1": "all"}]})
+    assert pruner.shrinks == []
 
 
 def test_the_shrink_benchmark_runs_and_counts_fewer_macs(tmp_path):
