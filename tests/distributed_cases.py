@@ -268,13 +268,18 @@ def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, ex
 
 
 def results(model, opt, pruner) -> dict[str, dict[str, torch.Tensor]]:
-    """Full (gathered) weights and masks of every pruned tensor, by parameter name (no DDP prefix)."""
+    """Full (gathered) weights and masks of every pruned tensor, by the Pruner's target name.
+
+    The names must be those of the model's own parameters (the module inside a DDP wrapper: no
+    ``module.`` prefix), so a run's results line up with one process's only if the Pruner names
+    its targets the same way whatever wraps the model.
+    """
     names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
     masks, weights = {}, {}
     for target in pruner.targets:
-        name = names[id(target.param)]
-        masks[name] = distributed.full(opt.mask(target.param))
-        weights[name] = distributed.full(target.param.detach())
+        assert target.name == names[id(target.param)], f"target {target.name} is {names[id(target.param)]}"
+        masks[target.name] = distributed.full(opt.mask(target.param))
+        weights[target.name] = distributed.full(target.param.detach())
     return {"masks": masks, "weights": weights}
 
 
@@ -306,6 +311,7 @@ def match_cases(rank: int, world: int, mode: str, cases: list[tuple[str, str]], 
                 model, opt, pruner, counts = train(*case, mode=mode, group=groups[size])
                 got = results(model, opt, pruner)
                 want = reference[case]
+                assert list(got["masks"]) == list(want["masks"]), f"{mode} {case}: targets {list(got['masks'])}"
                 for name, mask in want["masks"].items():
                     label = f"{mode} {case} on {size} ranks, rank {rank}: {name}"
                     assert torch.equal(got["masks"][name], mask), f"{label}: masks differ from one process"
