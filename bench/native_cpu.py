@@ -3,7 +3,10 @@
 A list of fp32 tensors (the first ResNet-50 shapes up to about 10M elements) takes, per thread count:
 
 * torch.optim.SGD(foreach=True), momentum 0.9 + weight decay, no pruning at all;
-* the native SGD step with momentum + L2 + a 50%-sparse mask and statistics, no pruning event;
+* the native SGD step with momentum + L2 + a 50%-sparse mask, no pruning event and no statistics (the
+  step a pruning method takes away from its events);
+* the same step with statistics (the step before a sampling event: alive count, sums of |w| and |g|,
+  and the sampling kernel's sum);
 * the same step with a stochastic sampling event (Philox draws and the decision on every live weight);
 * torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask + statistics), without and
   with a sampling event;
@@ -29,11 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import resnet50_shapes  # noqa: E402
-
-from sparsetrain import contract, masks, philox  # noqa: E402
-from sparsetrain.backends import module  # noqa: E402
+from sparsetrain import contract, masks, philox
+from sparsetrain.backends import module
+from sparsetrain.benchmarks.shapes import resnet50_shapes
 
 
 def _shapes(elements: int) -> list[tuple[int, ...]]:
@@ -82,10 +83,10 @@ def _inputs(shapes, algo: str):
     )
 
 
-def _fused(x, backend: str, algo: str, prune: str) -> None:
+def _fused(x, backend: str, algo: str, prune: str, stats: bool = True) -> None:
     common = dict(
         mask_words=x["mask_words"],
-        stats=x["stats"],
+        stats=x["stats"] if stats else [],
         tensor_coefs=x["tensor_coefs"],
         group_coefs=[],
         group_inner=[],
@@ -111,6 +112,11 @@ def _fused(x, backend: str, algo: str, prune: str) -> None:
         )  # fmt: skip
 
 
+CASES = (
+    ("none", False, "non-event"),
+    ("none", True, "non-event with statistics"),
+    ("stochastic", True, "sampling event"),
+)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 _clock = time.perf_counter
 
@@ -174,13 +180,15 @@ def main() -> None:
         adamw = _torch_optim(shapes, "AdamW")
         row["torch.optim.AdamW foreach"] = _time(adamw.step, args.reps)
         for algo, label in (("sgd", "SGD"), ("adam", "AdamW")):
-            for prune, kind in (("none", "non-event"), ("stochastic", "sampling event")):
+            for prune, stats, kind in CASES:
                 x = copy.deepcopy(base[algo])
-                row[f"native {label} {kind}"] = _time(lambda x=x, a=algo, p=prune: _fused(x, "native", a, p), args.reps)
+                row[f"native {label} {kind}"] = _time(
+                    lambda x=x, a=algo, p=prune, st=stats: _fused(x, "native", a, p, st), args.reps
+                )
                 if args.reference:
                     x = copy.deepcopy(base[algo])
                     row[f"torch reference {label} {kind}"] = _time(
-                        lambda x=x, a=algo, p=prune: _fused(x, "torch", a, p), 1, warmup=0
+                        lambda x=x, a=algo, p=prune, st=stats: _fused(x, "torch", a, p, st), 1, warmup=0
                     )
         rows.append(row)
     keys = list(rows[0].keys())[1:]
@@ -205,13 +213,15 @@ def main() -> None:
     lines.append("")
     for r in rows:
         t = r["threads"]
-        lines.append(
-            f"- {t} thread(s): native SGD non-event / torch.optim.SGD = "
-            f"{r['native SGD non-event'] / r['torch.optim.SGD foreach']:.2f}; SGD event / non-event = "
-            f"{r['native SGD sampling event'] / r['native SGD non-event']:.2f}; native AdamW non-event / "
-            f"torch.optim.AdamW = {r['native AdamW non-event'] / r['torch.optim.AdamW foreach']:.2f}; "
-            f"AdamW event / non-event = {r['native AdamW sampling event'] / r['native AdamW non-event']:.2f}"
-        )
+        parts = []
+        for label, optim in (("SGD", "torch.optim.SGD foreach"), ("AdamW", "torch.optim.AdamW foreach")):
+            plain, with_stats = r[f"native {label} non-event"], r[f"native {label} non-event with statistics"]
+            event = r[f"native {label} sampling event"]
+            parts.append(
+                f"native {label} non-event / {optim.split()[0]} = {plain / r[optim]:.2f}; {label} event / non-event = "
+                f"{event / plain:.2f} (/ non-event with statistics = {event / with_stats:.2f})"
+            )
+        lines.append(f"- {t} thread(s): " + "; ".join(parts))
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

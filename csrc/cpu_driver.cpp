@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 
 #include "driver.h"
 
@@ -22,22 +23,20 @@ namespace {
 constexpr int64_t CHUNK_WORDS = 2048;
 constexpr int LANES = 8;
 constexpr int BLOCK_WORDS = 8;  // words handled together: the element loops run over 256 elements
-constexpr int BLOCK = BLOCK_WORDS * 32;  // independent fp64 accumulators per statistic (fixed order, vectorizable)
+constexpr int BLOCK = BLOCK_WORDS * 32;
+constexpr int QUADS = BLOCK / 4;  // Philox calls per block
 
 struct Partials {
   double v[NUM_PARTIALS];
 };
 
-// Uniforms of the 32 elements whose global indices start at `first`: 8 Philox calls side by side
-// when `first` is a multiple of 4, else one call per element.
-inline void uniforms32(uint64_t seed, uint64_t first, float* u) {
-  if ((first & 3) != 0) {
-    for (int k = 0; k < 32; ++k) u[k] = uniform_at(seed, first + k);
-    return;
-  }
-  uint32_t c0[8], c1[8], c2[8], c3[8];
+// Uniforms of the BLOCK elements whose global indices start at `first` (a multiple of 4): the
+// QUADS Philox calls of the block side by side, so that each round is one vector loop. Words whose
+// bits are all zero are still drawn (their uniforms are never read); the stream is position-keyed.
+inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
+  alignas(64) uint32_t c0[QUADS], c1[QUADS], c2[QUADS], c3[QUADS];
   const uint64_t quad = first >> 2;
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < QUADS; ++j) {
     c0[j] = static_cast<uint32_t>(quad + j);
     c1[j] = static_cast<uint32_t>((quad + j) >> 32);
     c2[j] = 0;
@@ -46,9 +45,11 @@ inline void uniforms32(uint64_t seed, uint64_t first, float* u) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (uint32_t round = 0; round < 10; ++round) {
     const uint32_t rk0 = k0 + round * PHILOX_KEY_A, rk1 = k1 + round * PHILOX_KEY_B;
-    for (int j = 0; j < 8; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], rk0, rk1);
+#pragma omp simd
+    for (int j = 0; j < QUADS; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], rk0, rk1);
   }
-  for (int j = 0; j < 8; ++j) {
+#pragma omp simd
+  for (int j = 0; j < QUADS; ++j) {
     u[4 * j + 0] = uniform(c0[j]);
     u[4 * j + 1] = uniform(c1[j]);
     u[4 * j + 2] = uniform(c2[j]);
@@ -56,18 +57,39 @@ inline void uniforms32(uint64_t seed, uint64_t first, float* u) {
   }
 }
 
-// Words [word_begin, word_end) of one tensor. ADAM and PRUNE are compile-time so that the element
-// loop has no switch in it; the remaining flags are loop-invariant.
-template <typename T, bool ADAM, int PRUNE>
-__attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, const TensorScalars& s, const TensorJob& job, int64_t word_begin, int64_t word_end) {
+// Words [word_begin, word_end) of one tensor. Compile-time: the parameter type, the number of
+// optimizer states (SGD: 0 without momentum, 1 with; Adam: 2, 3 with AMSGrad) and the prune mode,
+// so that the element loop has no switch and no null state pointer in it; the remaining flags are
+// loop-invariant selects. Each block of 256 elements is one fused loop that reads the parameter,
+// gradient and states once, runs the element contract and stores every element back (dead ones
+// with their own value), then a fixed-order pass adds the block's statistics in fp64.
+template <typename T, int STATES, int PRUNE>
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run_chunk(Flags f, const TensorScalars& s,
+                                                                      const TensorJob& job, int64_t word_begin,
+                                                                      int64_t word_end) {
+  constexpr bool ADAM = STATES >= 2;
   f.adam = ADAM;
   f.prune = PRUNE;
-  T* param = static_cast<T*>(job.param);
-  const T* grad = static_cast<const T*>(job.grad);
+  f.momentum = STATES == 1 || ADAM;
+  f.amsgrad = STATES == 3;
+  T* __restrict param = static_cast<T*>(job.param);
+  const T* __restrict grad = static_cast<const T*>(job.grad);
+  float* __restrict st0 = job.state[0];
+  float* __restrict st1 = job.state[1];
+  float* __restrict st2 = job.state[2];
   const bool draw = PRUNE == PRUNE_STOCHASTIC && s.sample;
-  const bool kernel_on = f.has_stats && s.kernel_on;
+  const bool has_stats = f.has_stats;
+  const bool kernel_on = has_stats && s.kernel_on;
+  const bool groups = f.has_groups;
   int64_t alive = 0;
   double sum_w[LANES] = {}, sum_kernel[LANES] = {}, sum_g[LANES] = {};
+  alignas(64) float lam[BLOCK], u[BLOCK], abs_w[BLOCK], abs_g[BLOCK], kernel[BLOCK];
+  alignas(64) int32_t flagged[BLOCK], keep[BLOCK];
+  for (int k = 0; k < BLOCK; ++k) {
+    lam[k] = 0.0f;
+    u[k] = 0.0f;
+    flagged[k] = 0;
+  }
   for (int64_t block = word_begin; block < word_end; block += BLOCK_WORDS) {
     const int words = static_cast<int>(std::min<int64_t>(BLOCK_WORDS, word_end - block));
     const int64_t base = block * 32;
@@ -81,65 +103,71 @@ __attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, co
       any |= bits[i];
     }
     if (any == 0) continue;  // dead words: their elements are neither read nor written
-    // per-element flags as int32 (bool arrays keep GCC from vectorizing the selects); a tail block
-    // zero-fills past the end so that every loop runs over the whole block
-    alignas(64) float w[BLOCK], g[BLOCK], st[3][BLOCK], lam[BLOCK], u[BLOCK], nw[BLOCK];
-    alignas(64) int32_t live[BLOCK], flagged[BLOCK], keep[BLOCK];
-    for (int k = 0; k < BLOCK; ++k) live[k] = static_cast<int32_t>((bits[k / 32] >> (k % 32)) & 1u);
-    if (n < BLOCK) {
-      for (int k = n; k < BLOCK; ++k) w[k] = g[k] = st[0][k] = st[1][k] = st[2][k] = 0.0f;
-    }
-    for (int k = 0; k < n; ++k) {
-      w[k] = static_cast<float>(param[base + k]);
-      g[k] = static_cast<float>(grad[base + k]);
-    }
-    for (int i = 0; i < 3; ++i) {
-      if (job.state[i] != nullptr) {
-        for (int k = 0; k < n; ++k) st[i][k] = job.state[i][base + k];
-      } else if (n == BLOCK) {
-        for (int k = 0; k < BLOCK; ++k) st[i][k] = 0.0f;
-      }
-    }
-    if (f.has_groups) {
-      for (int k = 0; k < BLOCK; ++k) {
-        const int64_t j = group_index(job.shard_offset + base + std::min(k, n - 1), job.inner, job.groups);
+    if (groups) {
+      for (int k = 0; k < n; ++k) {
+        const int64_t j = group_index(job.shard_offset + base + k, job.inner, job.groups);
         lam[k] = job.group[j];
         flagged[k] = job.group[job.groups + j] != 0.0f ? 1 : 0;
       }
-    } else {
-      for (int k = 0; k < BLOCK; ++k) {
-        lam[k] = 0.0f;
-        flagged[k] = 0;
-      }
     }
     if (draw) {
-      for (int i = 0; i < BLOCK / 32; ++i) uniforms32(job.seed, static_cast<uint64_t>(job.shard_offset + base + 32 * i), u + 32 * i);
-    } else {
-      for (int k = 0; k < BLOCK; ++k) u[k] = 0.0f;
-    }
-#pragma omp simd
-    for (int k = 0; k < BLOCK; ++k) {
-      float wk = w[k], a = st[0][k], b = st[1][k], c = st[2][k];
-      keep[k] = static_cast<int32_t>(step_element<PRUNE>(f, s, wk, g[k], a, b, c, lam[k], flagged[k] != 0, u[k])) & live[k];
-      nw[k] = wk;
-      st[0][k] = a;
-      st[1][k] = b;
-      st[2][k] = c;
-    }
-    // writes: live elements get their new values (zero when pruned now), dead ones keep theirs
-#pragma omp simd
-    for (int k = 0; k < n; ++k) {  // unconditional stores of selects: vectorizable
-      const T raw = param[base + k];
-      param[base + k] = live[k] != 0 ? static_cast<T>(nw[k]) : raw;
-    }
-    for (int i = 0; i < 3; ++i) {
-      float* state = job.state[i];
-      if (state == nullptr) continue;
-#pragma omp simd
-      for (int k = 0; k < n; ++k) {
-        const float raw = state[base + k];
-        state[base + k] = live[k] != 0 ? st[i][k] : raw;
+      const uint64_t first = static_cast<uint64_t>(job.shard_offset + base);
+      if ((first & 3) == 0) {
+        uniforms_block(job.seed, first, u);
+      } else {  // a shard that starts inside a Philox quad: one call per element
+        for (int k = 0; k < n; ++k) u[k] = uniform_at(job.seed, first + k);
       }
+    }
+    alignas(64) int32_t live[BLOCK];
+    for (int k = 0; k < BLOCK; ++k) live[k] = static_cast<int32_t>((bits[k / 32] >> (k % 32)) & 1u);
+    // fp32 parameters are read and written in place; bf16 / fp16 ones go through float copies
+    // (their conversions do not vectorize, the element loop then does)
+    constexpr bool F32 = std::is_same<T, float>::value;
+    alignas(64) float wbuf[F32 ? 1 : BLOCK], gbuf[F32 ? 1 : BLOCK];
+    float* __restrict pw;
+    const float* __restrict pg;
+    if constexpr (F32) {
+      pw = param + base;
+      pg = grad + base;
+    } else {
+      for (int k = 0; k < n; ++k) {
+        wbuf[k] = static_cast<float>(param[base + k]);
+        gbuf[k] = static_cast<float>(grad[base + k]);
+      }
+      pw = wbuf;
+      pg = gbuf;
+    }
+    float* __restrict s0 = st0 + base;
+    float* __restrict s1 = st1 + base;
+    float* __restrict s2 = st2 + base;
+#pragma omp simd
+    for (int k = 0; k < n; ++k) {
+      const float w_old = pw[k];
+      const float g = pg[k];
+      const float a_old = STATES >= 1 ? s0[k] : 0.0f;
+      const float b_old = STATES >= 2 ? s1[k] : 0.0f;
+      const float c_old = STATES >= 3 ? s2[k] : 0.0f;
+      float w = w_old, a = a_old, b = b_old, c = c_old;
+      const bool kept = step_element<PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
+      const bool on = live[k] != 0;
+      pw[k] = on ? w : w_old;  // dead elements are stored back unchanged
+      if (STATES >= 1) s0[k] = on ? a : a_old;
+      if (STATES >= 2) s1[k] = on ? b : b_old;
+      if (STATES >= 3) s2[k] = on ? c : c_old;
+      const int32_t kp = live[k] & static_cast<int32_t>(kept);
+      keep[k] = kp;
+      abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
+      abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
+    }
+    if constexpr (!F32) {
+      for (int k = 0; k < n; ++k) {
+        if (live[k] != 0) param[base + k] = static_cast<T>(wbuf[k]);
+      }
+    }
+    for (int k = n; k < BLOCK; ++k) {
+      keep[k] = 0;
+      abs_w[k] = 0.0f;
+      abs_g[k] = 0.0f;
     }
     for (int i = 0; i < words; ++i) {
       uint32_t keep_bits = 0;
@@ -147,13 +175,7 @@ __attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, co
       if (f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(keep_bits);
       alive += __builtin_popcount(keep_bits);
     }
-    if (f.has_stats) {  // float terms selected first (one vector width), then added in fp64
-      alignas(64) float abs_w[BLOCK], abs_g[BLOCK], kernel[BLOCK];
-#pragma omp simd
-      for (int k = 0; k < BLOCK; ++k) {
-        abs_w[k] = keep[k] != 0 ? fabs_(nw[k]) : 0.0f;
-        abs_g[k] = keep[k] != 0 ? fabs_(g[k]) : 0.0f;
-      }
+    if (has_stats) {  // float terms first (one vector width), then added in fp64 in a fixed order
       for (int k = 0; k < BLOCK; k += LANES) {
 #pragma omp simd
         for (int j = 0; j < LANES; ++j) {
@@ -163,7 +185,10 @@ __attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, co
       }
       if (kernel_on) {
 #pragma omp simd
-        for (int k = 0; k < BLOCK; ++k) kernel[k] = keep[k] != 0 ? kernel_term(s, nw[k]) : 0.0f;
+        for (int k = 0; k < BLOCK; ++k) {
+          const float term = kernel_term(s, abs_w[k]);  // computed for every element, then selected
+          kernel[k] = keep[k] != 0 ? term : 0.0f;
+        }
         for (int k = 0; k < BLOCK; k += LANES) {
 #pragma omp simd
           for (int j = 0; j < LANES; ++j) sum_kernel[j] += static_cast<double>(kernel[k + j]);
@@ -183,25 +208,26 @@ __attribute__((target_clones("avx2", "default"))) Partials run_chunk(Flags f, co
 
 using ChunkFn = Partials (*)(Flags, const TensorScalars&, const TensorJob&, int64_t, int64_t);
 
-template <typename T, bool ADAM>
+template <typename T, int STATES>
 ChunkFn pick_prune(int prune) {
   switch (prune) {
     case PRUNE_STOCHASTIC:
-      return &run_chunk<T, ADAM, PRUNE_STOCHASTIC>;
+      return &run_chunk<T, STATES, PRUNE_STOCHASTIC>;
     case PRUNE_LOW:
-      return &run_chunk<T, ADAM, PRUNE_LOW>;
+      return &run_chunk<T, STATES, PRUNE_LOW>;
     case PRUNE_HIGH:
-      return &run_chunk<T, ADAM, PRUNE_HIGH>;
+      return &run_chunk<T, STATES, PRUNE_HIGH>;
     case PRUNE_GROUP:
-      return &run_chunk<T, ADAM, PRUNE_GROUP>;
+      return &run_chunk<T, STATES, PRUNE_GROUP>;
     default:
-      return &run_chunk<T, ADAM, PRUNE_NONE>;
+      return &run_chunk<T, STATES, PRUNE_NONE>;
   }
 }
 
 template <typename T>
 ChunkFn pick(const Flags& f) {
-  return f.adam ? pick_prune<T, true>(f.prune) : pick_prune<T, false>(f.prune);
+  if (f.adam) return f.amsgrad ? pick_prune<T, 3>(f.prune) : pick_prune<T, 2>(f.prune);
+  return f.momentum ? pick_prune<T, 1>(f.prune) : pick_prune<T, 0>(f.prune);
 }
 
 ChunkFn pick(const Flags& f, at::ScalarType dtype) {
