@@ -79,6 +79,8 @@ def method(name: str):
 def optimizer(name: str, params, backend: str = "torch"):
     if name == "sgd":
         return sparsetrain.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4, backend=backend)
+    if name == "adam":
+        return sparsetrain.optim.Adam(params, lr=3e-3, weight_decay=1e-3, backend=backend)
     return sparsetrain.optim.AdamW(params, lr=3e-3, weight_decay=1e-2, amsgrad=name == "amsgrad", backend=backend)
 
 

@@ -75,13 +75,15 @@ def test_continuing_after_a_shrink_matches_the_masked_model(model_name, method_n
                 assert value.shape == p.shape
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
-def test_shrink_on_other_cpu_backends(backend):
+@pytest.mark.parametrize(
+    "backend, opt_name, steps", [("native", "sgd", 30), ("native", "adam", 30), ("triton", "adamw", 8)]
+)  # interpreted Triton: a short run
+def test_shrink_on_other_cpu_backends(backend, opt_name, steps):
     usable, reason = backends.availability(backend)
     if not usable:
         pytest.skip(reason)
-    masked, *_ = fused_run("mlp", "oneshot", "adamw", shrink=False, steps=8, backend=backend)  # interpreted: short
-    small, _, pruner, _ = fused_run("mlp", "oneshot", "adamw", shrink=True, steps=8, backend=backend)
+    masked, *_ = fused_run("mlp", "oneshot", opt_name, shrink=False, steps=steps, backend=backend)
+    small, _, pruner, _ = fused_run("mlp", "oneshot", opt_name, shrink=True, steps=steps, backend=backend)
     assert pruner.shrinks
     probe = cases.probe("mlp")
     close(cases.outputs(small, probe), cases.outputs(masked, probe))
