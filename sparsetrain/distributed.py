@@ -13,16 +13,17 @@ a multiple of 32 needs nothing special) and step all local shards in one fused c
 group indices are those of the unsharded tensor, and so are the masks.
 
 What needs the whole tensor crosses ranks in at most ONE collective per optimizer step, only on
-the steps that read it: one ``all_gather`` of a float64 buffer, reduced on every rank in rank
-order (:func:`exchange`, :class:`ShardSync`):
+the steps that read it: one ``all_reduce`` of a float64 buffer (an ``all_gather`` reduced on every
+rank when maxima ride along; :func:`exchange`, :class:`ShardSync`):
 
 * per-tensor statistics (alive count, sum |w|, kernel sum, sum |g|): each step writes the local
   shard's partial sums; they are summed across ranks only before a step that reads them
   (stochastic events and the step before each, selective decay's mean |g|) and never otherwise;
 * group scores (GReg picks and magnitude ratios, structured magnitude, coupled groups included):
   per-unit partial sums (maxima for the L-inf norm);
-* magnitude thresholds: every rank's coarse histogram and the local values of the bins around
-  its estimate, from which the exact k-th value is read off (:mod:`sparsetrain.selection`; a
+* magnitude thresholds: the coarse histograms and every rank's local values of the bins around
+  its estimate (each rank in its own slots of the summed buffer), from which the exact k-th value
+  is read off (:mod:`sparsetrain.selection`; a
   second round only when a rank's values lie far from its estimate), pending statistics riding
   along;
 * ``metrics()`` / ``summary()``: zero, row and column counts (:func:`zero_counts`).
@@ -117,41 +118,41 @@ def group_of(params: list[Tensor]) -> dist.ProcessGroup | None:
     return next(iter(groups.values()))
 
 
-def exchange(
-    sums: list[Tensor], group: dist.ProcessGroup | None, *, maxes: list[Tensor] = (), gathered: Tensor | None = None
-) -> Tensor | None:
-    """ONE collective: sum ``sums`` and take the maximum of ``maxes`` across ranks (in place), and
-    gather ``gathered`` (a float64 vector) from every rank.
+def exchange(sums: list[Tensor], group: dist.ProcessGroup | None, *, maxes: list[Tensor] = ()) -> None:
+    """ONE collective: sum ``sums`` (or take the maximum of ``maxes``) across ranks, in place.
 
-    Everything travels as float64 in one ``all_gather`` (exact for integers below 2**53) and is
-    reduced on every rank in rank order, so every rank gets the very same bits. Returns the
-    gathered ``[world, len(gathered)]`` table (None when ``gathered`` is None). Nothing is
+    Everything travels as float64 in one buffer (exact for integers below 2**53): an
+    ``all_reduce`` for sums; with ``maxes``, an ``all_gather`` reduced on every rank in rank order
+    (sums and maxima in the same round). Every rank gets the very same bits. Nothing is
     communicated for a group of one rank (or when there is nothing to exchange).
     """
     maxes = list(maxes)
     world = 1 if group is None else dist.get_world_size(group)
-    if world == 1 or not (sums or maxes or gathered is not None):
-        return None if gathered is None else gathered.reshape(1, -1).to(torch.float64)
-    parts = [t.detach().reshape(-1).to(torch.float64) for t in (*sums, *maxes)]
-    if gathered is not None:
-        parts.append(gathered.reshape(-1).to(torch.float64))
-    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    table = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(table, flat, group=group)
-    rows = torch.stack(table)
+    if world == 1 or not (sums or maxes):
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in (*sums, *maxes)])
+    if not maxes:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        rows = None
+    else:
+        table = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(table, flat, group=group)
+        rows = torch.stack(table)
     start = 0
     for t in sums:
         n = t.numel()
-        total = rows[0, start : start + n].clone()
-        for other in rows[1:, start : start + n]:  # rank order: identical sums on every rank
-            total += other
+        if rows is None:
+            total = flat[start : start + n]
+        else:
+            total = rows[0, start : start + n].clone()
+            for other in rows[1:, start : start + n]:  # rank order: identical sums on every rank
+                total += other
         t.copy_(total.view(t.shape).to(t.dtype))
         start += n
     for t in maxes:
         n = t.numel()
         t.copy_(rows[:, start : start + n].amax(dim=0).view(t.shape).to(t.dtype))
         start += n
-    return rows[:, start:] if gathered is not None else None
 
 
 class ShardSync:
@@ -179,18 +180,15 @@ class ShardSync:
         if not self._pending:
             self.stats_global = True
 
-    def reduce(
-        self, tensors: list[Tensor], *, maxes: list[Tensor] = (), gathered: Tensor | None = None
-    ) -> Tensor | None:
-        """Sum ``tensors`` (and any pending statistics), take the maximum of ``maxes`` and gather
-        ``gathered`` across ranks, all in one collective (see :func:`exchange`)."""
+    def reduce(self, tensors: list[Tensor], *, maxes: list[Tensor] = ()) -> None:
+        """Sum ``tensors`` (and any pending statistics) and take the maximum of ``maxes`` across
+        ranks, all in one collective (see :func:`exchange`)."""
         pending, self._pending = self._pending, []
         if self.world_size > 1:
             self.collectives += 1
-        out = exchange(pending + list(tensors), self.group, maxes=maxes, gathered=gathered)
+        exchange(pending + list(tensors), self.group, maxes=maxes)
         if pending:
             self.stats_global = True
-        return out
 
     def flush(self) -> None:
         """Run the pending statistics reduction now (no-op when nothing is pending)."""

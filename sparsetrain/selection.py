@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import distributed
@@ -98,69 +99,77 @@ def _radix_select(selections, ks, passes, prefixes, sync=None) -> list[float]:
 
 
 COARSE_BITS = 15  # |x| bit patterns have a zero sign bit: the top 16 bits take 2**15 values
-CANDIDATES = 4096  # per rank and selection: local values sent with the coarse histogram
+CANDIDATES = 16384  # per selection: local values sent with the coarse histogram, shared by the ranks
 
 
-def _window(counts: Tensor, rank: int) -> tuple[int, int]:
-    """Bins ``[lo, hi]`` around local rank ``rank`` (1-based) holding at most :data:`CANDIDATES` values."""
+def _capacity(world: int) -> int:
+    """Candidate slots of each rank per selection (the buffer stays :data:`CANDIDATES` long up to 32 ranks)."""
+    return max(512, CANDIDATES // world)
+
+
+def _window(counts: Tensor, rank: int, capacity: int) -> tuple[int, int]:
+    """Bins ``[lo, hi]`` around local rank ``rank`` (1-based) holding at most ``capacity`` values."""
     cumulative = torch.cumsum(counts, 0)
     total = int(cumulative[-1]) if counts.numel() else 0
     if total == 0:
         return 1, 0
     bin_of = lambda r: int(torch.searchsorted(cumulative, min(max(r, 1), total)))  # noqa: E731
-    lo, hi = bin_of(rank - CANDIDATES // 2), bin_of(rank + CANDIDATES // 2)
+    lo, hi = bin_of(rank - capacity // 2), bin_of(rank + capacity // 2)
     size = lambda a, b: int(cumulative[b]) - (int(cumulative[a - 1]) if a > 0 else 0) if a <= b else 0  # noqa: E731
     for a, b in ((lo, hi), (lo, hi - 1), (lo + 1, hi), (lo + 1, hi - 1)):
-        if size(a, b) <= CANDIDATES:
+        if size(a, b) <= capacity:
             return a, b
-    return 1, 0  # pragma: no cover (the inner bins hold fewer than CANDIDATES ranks)
+    return 1, 0  # pragma: no cover (the inner bins hold fewer than capacity ranks)
 
 
 def _kth_sharded(selections, ks, totals, sync, k_offsets) -> list[float | None]:
     """Exact k-th values over DTensor shards in ONE collective (a second only where it cannot be).
 
-    Every rank sends, per selection, its histogram of the top 16 bits of |x| (``2**15`` bins) and
-    every local value of the bins around its own estimate of the k-th value (the bins around local
-    rank ``k * local / total``, at most :data:`CANDIDATES` values), all in one ``all_gather``. The
-    summed histogram names the bin of the k-th value and its rank inside that bin; when every rank
-    either sent that whole bin or holds nothing in it (always so for shards of at most
-    :data:`CANDIDATES` elements, and for shards of one distribution whose estimates are close), the
-    k-th value is read off the gathered values. Otherwise one more round sums the histograms of the
-    low 16 bits inside that bin (the exact radix select's second pass).
+    One summed buffer per call carries, per selection, the histogram of the top 16 bits of |x|
+    (``2**15`` bins) and, in each rank's own slots, that rank's local values of the bins around its
+    estimate of the k-th value (the bins around local rank ``k * local / total``, whole bins, at
+    most :func:`_capacity` values). The summed histogram names the bin of the k-th value and its
+    rank inside that bin; when the candidates in that bin are as many as the histogram counts
+    there (every rank sent that bin whole or holds nothing in it: always so for small shards, and
+    in practice for shards of one distribution), the k-th value is read off them. Otherwise one
+    more round sums the histograms of the low 16 bits inside that bin (the exact radix select's
+    second pass).
     """
     bins = 1 << COARSE_BITS
-    payload = []
+    world, rank = sync.world_size, dist.get_rank(sync.group)
+    capacity = _capacity(world)
+    width = 1 + bins + world * capacity
+    payloads = []
     for index, tensors in enumerate(selections):
         counts = _histogram(tensors, 16, COARSE_BITS, 0)
         numel = sum(local(t).numel() for t in tensors)
-        estimate = round(ks[index] * numel / max(totals[index], 1))
-        lo, hi = _window(counts, estimate)
+        lo, hi = _window(counts, round(ks[index] * numel / max(totals[index], 1)), capacity)
         picked = [bits[((bits >> 16) >= lo) & ((bits >> 16) <= hi)] for bits in map(_magnitude_bits, tensors)]
-        picked = torch.cat(picked).to(torch.float64) if picked else torch.zeros(0, dtype=torch.float64)
-        sent = torch.full((CANDIDATES,), -1.0, dtype=torch.float64)
-        sent[: picked.numel()] = picked.cpu()
-        offset = torch.zeros(1) if k_offsets is None else k_offsets[index].reshape(1).cpu()
-        offset = offset.to(torch.float64)
-        payload.append(torch.cat([offset, torch.tensor([lo, hi], dtype=torch.float64), counts.double().cpu(), sent]))
-    width = 3 + bins + CANDIDATES
-    rows = sync.reduce([], gathered=torch.cat(payload))
+        picked = torch.cat(picked).to(torch.float64).cpu() if picked else torch.zeros(0, dtype=torch.float64)
+        payload = torch.zeros(width, dtype=torch.float64)
+        if k_offsets is not None:
+            payload[0] = float(k_offsets[index])
+        payload[1 : 1 + bins] = counts.double().cpu()
+        first = 1 + bins + rank * capacity
+        payload[first : first + picked.numel()] = picked + 1  # 0 marks an empty slot
+        payloads.append(payload)
+    summed = torch.cat(payloads)
+    sync.reduce([summed])
     out: list[float | None] = [None] * len(selections)
     unresolved = []
     for index in range(len(selections)):
-        part = rows[:, index * width : (index + 1) * width]
-        k = ks[index] + int(part[:, 0].sum()) if k_offsets is not None else ks[index]
+        part = summed[index * width : (index + 1) * width]
+        k = ks[index] + int(part[0]) if k_offsets is not None else ks[index]
         if not 1 <= k <= totals[index]:
             continue
-        counts = part[:, 3 : 3 + bins].sum(dim=0).long()
+        counts = part[1 : 1 + bins].long()
         cumulative = torch.cumsum(counts, 0)
         top = int(torch.searchsorted(cumulative, k))
         remaining = k - (int(cumulative[top - 1]) if top > 0 else 0)
-        covered = all(
-            int(part[r, 3 + top]) == 0 or int(part[r, 1]) <= top <= int(part[r, 2]) for r in range(part.shape[0])
-        )
-        if covered:
-            values = part[:, 3 + bins :].reshape(-1)
-            inside = values[(values >= 0) & (torch.div(values, 1 << 16, rounding_mode="floor") == top)]
+        values = part[1 + bins :]
+        values = values[values > 0] - 1
+        inside = values[torch.div(values, 1 << 16, rounding_mode="floor") == top]
+        if inside.numel() == int(counts[top]):  # every value of that bin was sent
             pattern = int(torch.sort(inside).values[remaining - 1])
             out[index] = torch.tensor(pattern, dtype=torch.int32).view(torch.float32).item()
         else:

@@ -193,6 +193,9 @@ EXTRA_METHODS = {  # outside the main matrix: checked on FSDP2 by shard_extras
     "largest_global": lambda: methods.Magnitude(0.4, scope="global", largest=True, start=1, end=7, interval=2),
     "largest_layer": lambda: methods.Magnitude(0.4, largest=True, schedule="cubic", start=1, end=7, interval=2),
     "magnitude_filters": lambda: methods.Magnitude(0.5, structure="filters", start=1, end=7, interval=2),
+    "magnitude_filters_max": lambda: methods.Magnitude(
+        0.5, structure="filters", norm=float("inf"), start=1, end=7, interval=2
+    ),
 }
 
 
@@ -241,7 +244,7 @@ def train(model_name, method_name, *, mode="single", group=None, steps=STEPS, ex
     opt = optimizer_for(model_name, model.parameters())
     x, y = data(model_name)
     options = {}
-    if method_name in ("greg1", "magnitude_filters"):  # coupled channel groups, traced; the read-out keeps its outputs
+    if method_name in ("greg1", "magnitude_filters", "magnitude_filters_max"):  # coupled groups, traced
         inner = model.module if mode == "ddp" else model
         options["exclude"] = [[n for n, m in inner.named_modules() if isinstance(m, nn.Linear)][-1]]
         options["example_inputs"] = x[:2]
@@ -502,9 +505,10 @@ def shard_extras(rank: int, world: int) -> None:
 
     groups = subgroups()
     cases = [("mlp", "largest_global"), ("mlp", "largest_layer"), ("cnn", "magnitude_filters")]
+    cases.append(("cnn", "magnitude_filters_max"))  # L-inf group scores: maxima across ranks
     reference = {case: reference_of(case, rank) for case in cases}
     generator = torch.Generator().manual_seed(5)
-    shapes = [(301, 50), (97, 41), (5003,)]  # 5003 / 4 ranks > CANDIDATES: bins must be sent, not whole shards
+    shapes = [(301, 50), (97, 41), (5003,)]  # shards above the candidate capacity: bins are sent, not shards
     spread = [torch.randn(shape, generator=generator) for shape in shapes]
     ordered = [torch.sort(t.reshape(-1).abs()).values.reshape(t.shape) for t in spread]  # rank 0 small, rank 3 large
     for size in (2, 4):
@@ -534,7 +538,7 @@ def shard_extras(rank: int, world: int) -> None:
                 got = results(model, opt, pruner)
                 for name, mask in reference[case]["masks"].items():
                     assert torch.equal(got["masks"][name], mask), f"{case} on {size} ranks: {name} masks differ"
-                if case[1] != "magnitude_filters":
+                if not case[1].startswith("magnitude_filters"):
                     assert all(n <= 1 for n in counts), f"{case}: collectives per step {counts}"
                     fraction = sum(int((~m).sum()) for m in got["masks"].values()) / sum(
                         m.numel() for m in got["masks"].values()
