@@ -129,21 +129,22 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
     ``structured`` defaults to True for structured methods and needs ``example_inputs`` (a tensor,
     a tuple of arguments or a dict of keyword arguments).
 
-    Not for FSDP2 (DTensor) parameters, which no rank holds whole: gather the full model (a
-    checkpoint of :func:`sparsetrain.distributed.save` loaded on one process, or
-    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with
-    ``StateDictOptions(full_state_dict=True)``) into an unsharded model and export from a
-    one-process Pruner (README, many ranks).
+    Not for FSDP2 (DTensor) parameters, which no rank holds whole: gather the full model and
+    optimizer state dicts on every rank (``torch.distributed.checkpoint.state_dict.get_state_dict``
+    with ``StateDictOptions(full_state_dict=True, cpu_offload=True)``), then on one process load
+    them into a plain model, its optimizer and a Pruner with the same method, and export there
+    (README, many ranks).
     """
     from .distributed import is_sharded
 
     sharded = [t.name for t in pruner.targets if is_sharded(t.param)]
     if sharded:
         raise RuntimeError(
-            f"export() needs whole tensors, but {sharded[0]} is an FSDP2 shard (DTensor): load the checkpoint of "
-            "sparsetrain.distributed.save (or the full state dict from torch.distributed.checkpoint.state_dict."
-            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) into an unsharded "
-            "model on one process, attach a Pruner with the same method there and export from it"
+            f"export() needs whole tensors, but {sharded[0]} is an FSDP2 shard (DTensor): on every rank gather "
+            "model_sd, optim_sd = torch.distributed.checkpoint.state_dict.get_state_dict(model, opt, options="
+            "StateDictOptions(full_state_dict=True, cpu_offload=True)); then on rank 0 load model_sd into a plain "
+            "model, build its optimizer and a Pruner with the same method, opt.load_state_dict(optim_sd) and "
+            "export from that Pruner"
         )
     model = copy.deepcopy(unwrap(pruner.model))
     _strip_parametrizations(model)

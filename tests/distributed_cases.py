@@ -559,7 +559,33 @@ def shard_extras(rank: int, world: int) -> None:
                     assert "FSDP2 shard" in str(error) and "full_state_dict" in str(error), error
                 else:
                     raise AssertionError("export() of FSDP2 shards did not refuse")
+                if case[1] == "magnitude_filters":  # the way the refusal names: full state dicts, one process
+                    export_from_full_state_dicts(case, model, opt, reference[case]["masks"], rank)
         dist.barrier()
+
+
+def export_from_full_state_dicts(case, model, opt, masks, rank: int) -> None:
+    """Gather full model and optimizer state dicts (collective), then on rank 0: a plain model, optimizer
+    and Pruner load them and export the smaller model, with the masks of one process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, opt, options=options)
+    if rank != 0:
+        return
+    torch.manual_seed(0)
+    plain = MODELS[case[0]][0]()
+    plain.load_state_dict(model_state)
+    plain_opt = optimizer_for(case[0], plain.parameters())
+    x = data(case[0])[0][:2]
+    last = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear)][-1]
+    pruner = sparsetrain.Pruner(plain, plain_opt, EXTRA_METHODS[case[1]](), exclude=[last], example_inputs=x)
+    plain_opt.load_state_dict(optim_state)
+    assert pruner.step_count == STEPS, pruner.step_count
+    for target in pruner.targets:
+        assert torch.equal(plain_opt.mask(target.param), masks[target.name]), f"{target.name}: masks differ"
+    small = pruner.export(x)  # checks its outputs against the masked model's
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in plain.parameters())
 
 
 def subgroups_ready(rank: int, world: int) -> None:
