@@ -43,8 +43,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .stream_random import block_uniforms, element_uniforms
-from .streaming import block_elements, load_block, store_block, unpack_live
+from .stream_random import UNIFORM_SCALE, block_uniforms, element_uniforms, philox_keys
+from .streaming import block_elements, load_block, load_block_f32, store_block, unpack_live
 
 # Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
@@ -86,6 +86,7 @@ NUM_PARTIALS = tl.constexpr(4)
 # A block with at most 1 live element in SPARSE_BLOCK takes the predicated path (dead elements are
 # neither read nor written): at 1/8 live, about 1 - (7/8)^8 = 66% of its 32-byte sectors hold one.
 SPARSE_BLOCK = tl.constexpr(8)
+NEG_LOG2E = tl.constexpr(-1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
@@ -230,26 +231,27 @@ def fused_step_kernel(
         sample = 0
         sample_c = 0.0
         inv_tm = 0.0
-        seed = 0
+        keys = 0
         if PRUNE == PRUNE_STOCHASTIC:
             count = tl.load(coef_ptr + COEF_PRUNE_COUNT)
             kernel_sum = tl.load(stats_ptr + STAT_SUM_KERNEL).to(tl.float32)
             tm = tl.load(stats_ptr + STAT_TM).to(tl.float32)
             # sampling needs all three > 0 (integer flags: the interpreter has no scalar-bool &)
             sample = tl.where(count > 0, 1, 0) * tl.where(kernel_sum > 0, 1, 0) * tl.where(tm > 0, 1, 0)
-            sample_c = count / tl.where(sample != 0, kernel_sum, 1.0)
-            inv_tm = 1.0 / tl.where(sample != 0, tm, 1.0)
-            seed = tl.load(seeds + t)
+            # c / UNIFORM_SCALE: the decision compares draws, uniforms / UNIFORM_SCALE (see stream_random)
+            sample_c = count / (tl.where(sample != 0, kernel_sum, 1.0) * UNIFORM_SCALE)
+            inv_tm = (1.0 / tl.where(sample != 0, tm, 1.0)) * NEG_LOG2E  # exp(-|w| / tm) = exp2(|w| * inv_tm)
+            keys = philox_keys(tl.load(seeds + t))  # the key schedule, once per program
         threshold = tl.load(coef_ptr + COEF_THRESHOLD) if (PRUNE == PRUNE_LOW or PRUNE == PRUNE_HIGH) else 0.0
         kernel_on = 0
         inv_tm_now = 0.0
         if HAS_STATS:
             tm_now = _kernel_scale(stats_ptr, coef_ptr)
             kernel_on = tl.where(tm_now > 0, 1, 0)
-            inv_tm_now = (1.0 / tl.where(tm_now > 0, tm_now, 1.0)).to(tl.float32)
+            inv_tm_now = ((1.0 / tl.where(tm_now > 0, tm_now, 1.0)) * NEG_LOG2E).to(tl.float32)  # as inv_tm
         # statistics: per-thread fp64 sums over the program's blocks (no cross-thread exchange per block),
         # reduced across the program once at its end; a fixed order, so deterministic
-        acc_alive = tl.zeros([WORDS, 8], dtype=tl.float64)
+        acc_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
         acc_w = tl.zeros([WORDS, 8], dtype=tl.float64)
         acc_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
         acc_g = tl.zeros([WORDS, 8], dtype=tl.float64)
@@ -276,7 +278,7 @@ def fused_step_kernel(
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
-                        sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
                         True,
@@ -291,7 +293,7 @@ def fused_step_kernel(
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
-                        sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
                         False,
@@ -312,7 +314,7 @@ def _step_block(
     local, numel, words, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
     shard_offset, group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
     one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
@@ -336,17 +338,18 @@ def _step_block(
 
     # every load of the block first: their addresses depend on nothing loaded, so all of them are in
     # flight together (one memory round trip per block)
-    w_raw = load_block(param_ptr, offs, io, ALIGNED, FULL)
-    g_raw = load_block(grad_ptr, offs, io, ALIGNED, FULL)
+    start = local * (WORDS * 32)
+    w_in = load_block_f32(param_ptr, offs, start, io, ALIGNED, FULL)  # exact: rounds back to what was read
+    g_raw = load_block_f32(grad_ptr, offs, start, io, ALIGNED, FULL)
     if IS_ADAM:
-        m_old = load_block(state1_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
-        v_old = load_block(state2_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
+        m_old = load_block_f32(state1_ptr, offs, start, io, ALIGNED, FULL)
+        v_old = load_block_f32(state2_ptr, offs, start, io, ALIGNED, FULL)
         if AMSGRAD:
-            vmax_old = load_block(state3_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
+            vmax_old = load_block_f32(state3_ptr, offs, start, io, ALIGNED, FULL)
     elif HAS_MOMENTUM:
-        buf_old = load_block(state1_ptr, offs, io, ALIGNED, FULL).to(tl.float32)
-    g_raw = tl.where(live, g_raw.to(tl.float32), 0.0)
-    w = tl.where(live, w_raw.to(tl.float32), 0.0)
+        buf_old = load_block_f32(state1_ptr, offs, start, io, ALIGNED, FULL)
+    g_raw = tl.where(live, g_raw, 0.0)
+    w = tl.where(live, w_in, 0.0)
     g = -g_raw if MAXIMIZE else g_raw
 
     # regularization gradient; terms whose per-tensor coefficient is zero are skipped by uniform branches
@@ -398,19 +401,22 @@ def _step_block(
         w = w - lr * g
     if REGULARIZE:
         if L1_PROX:
-            if l1 != 0:  # uniform per tensor
-                w = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0)) * tl.maximum(tl.abs(w) - lr * l1, 0.0)
+            if l1 != 0:  # uniform per tensor; sign(w) * max(|w| - s, 0) as w - clamp(w, -s, s) (same rounding)
+                shrink = lr * l1
+                w = w - tl.minimum(tl.maximum(w, -shrink), shrink)
 
     # pruning decision on the updated weights
     keep = live
     if PRUNE == PRUNE_STOCHASTIC:
         if sample != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
-            q = tl.minimum(sample_c * tl.exp(-tl.abs(w) * inv_tm), 1.0)
+            # q = min(c * exp(-|w| / tm), 1); u < 1 always, so u >= q is u >= c * exp(-|w| / tm); compared
+            # as draw >= q / UNIFORM_SCALE (equal up to roundings of relative 2**-24, inside the tie band)
+            q = sample_c * tl.exp2(tl.abs(w) * inv_tm)
             if QUAD_STREAM:  # one Philox call per four elements
-                u = block_uniforms(seed, local * (WORDS * 32) + shard_offset, WORDS)
+                draw = block_uniforms(keys, local * (WORDS * 32) + shard_offset, WORDS, True)
             else:  # some shard starts inside a quad of the stream: one call per element
-                u = element_uniforms(seed, global_offs)
-            keep = live & (u >= q)
+                draw = element_uniforms(keys, global_offs, True)
+            keep = live & (draw >= q)
     elif PRUNE == PRUNE_LOW:
         keep = live & (tl.abs(w) >= threshold)
     elif PRUNE == PRUNE_HIGH:
@@ -421,7 +427,8 @@ def _step_block(
 
     # writes: pruned-now elements become zero; dead-before elements get back what was read
     w = tl.where(keep, w, 0.0)
-    store_block(param_ptr, offs, tl.where(live, w.to(PARAM_DTYPE), w_raw), io, ALIGNED, FULL)
+    # chosen in fp32, then rounded once: 16-bit parameters are packed two to a register in one instruction
+    store_block(param_ptr, offs, tl.where(live, w, w_in).to(PARAM_DTYPE), io, ALIGNED, FULL)
     if IS_ADAM:
         store_block(state1_ptr, offs, tl.where(keep, m, tl.where(live, 0.0, m_old)), io, ALIGNED, FULL)
         store_block(state2_ptr, offs, tl.where(keep, v, tl.where(live, 0.0, v_old)), io, ALIGNED, FULL)
@@ -433,16 +440,16 @@ def _step_block(
         new_words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, :], axis=1)  # packed as unpack_live reads
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
-    part_alive = tl.zeros([WORDS, 8], dtype=tl.float64)
+    part_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
     part_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
     if HAS_STATS:
         abs_w = tl.abs(w)
-        part_alive = _quad_sums(keep.to(tl.float64), WORDS)  # exact count
+        part_alive = _quad_sums(keep.to(tl.int32), WORDS)  # exact count, summed as integers
         part_w = _quad_sums(abs_w.to(tl.float64), WORDS)
         if kernel_on != 0:
-            part_kernel = _quad_sums(tl.where(keep, tl.exp(-abs_w * inv_tm_now), 0.0).to(tl.float64), WORDS)
+            part_kernel = _quad_sums(tl.where(keep, tl.exp2(abs_w * inv_tm_now), 0.0).to(tl.float64), WORDS)
         part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), WORDS)
     return part_alive, part_w, part_kernel, part_g
 
@@ -471,7 +478,7 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 def _partial_row(alive, sum_w, sum_kernel, sum_g):
     """The four fixed-order sums of a program's per-thread statistics, as one [4] row."""
     i = tl.arange(0, NUM_PARTIALS)
-    a, b, c, d = tl.sum(alive), tl.sum(sum_w), tl.sum(sum_kernel), tl.sum(sum_g)
+    a, b, c, d = tl.sum(alive).to(tl.float64), tl.sum(sum_w), tl.sum(sum_kernel), tl.sum(sum_g)
     return tl.where(i == 0, a, tl.where(i == 1, b, tl.where(i == 2, c, d)))
 
 

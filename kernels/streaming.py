@@ -22,7 +22,9 @@ def block_pointers(base, offs, ALIGNED: tl.constexpr):
     ptrs = base + offs
     if ALIGNED:
         ptrs = tl.multiple_of(ptrs, [16, 16])
-    return ptrs
+    # at most 4 consecutive elements per thread: every tensor of a block shares one register layout
+    # (16-byte accesses for 32-bit values, 8-byte for 16-bit ones), so no values move between threads
+    return tl.max_contiguous(ptrs, [1, 4])
 
 
 @triton.jit
@@ -31,6 +33,28 @@ def load_block(base, offs, mask, ALIGNED: tl.constexpr, FULL: tl.constexpr):
         value = tl.load(block_pointers(base, offs, ALIGNED))
     else:
         value = tl.load(block_pointers(base, offs, ALIGNED), mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
+def load_block_f32(base, offs, start, mask, ALIGNED: tl.constexpr, FULL: tl.constexpr):
+    """``load_block(...).to(tl.float32)`` (``start``: the block's first element, ``offs[0, 0]``). A full
+    block of bfloat16 is read as int32 pairs and widened by bit operations (a shift for the low
+    element, an and for the high one: one instruction each, where the plain conversion spends a byte
+    permute and a shift on each high element). The result's bits never come from a conversion of
+    the loaded value, so selecting it back for a store does not fold into a 16-bit select."""
+    if FULL and base.dtype.element_ty == tl.bfloat16:
+        WORDS: tl.constexpr = offs.shape[0]
+        pair_offs = tl.arange(0, WORDS)[:, None] * 16 + tl.arange(0, 16)[None, :]  # int32, from the block's start
+        ptrs = (base + start).to(tl.pointer_type(tl.int32)) + pair_offs
+        if ALIGNED:
+            ptrs = tl.multiple_of(ptrs, [16, 16])
+        packed = tl.load(tl.max_contiguous(ptrs, [1, 2]))  # two pairs (four elements) per thread
+        low = (packed << 16).to(tl.float32, bitcast=True)
+        high = (packed & -65536).to(tl.float32, bitcast=True)
+        value = tl.reshape(tl.join(low, high), [WORDS, 32])
+    else:
+        value = load_block(base, offs, mask, ALIGNED, FULL).to(tl.float32)
     return value
 
 
@@ -58,4 +82,4 @@ def block_elements(local, numel, WORDS: tl.constexpr, FULL: tl.constexpr):
 @triton.jit
 def unpack_live(words, inside):
     """The elements of the block whose mask bit is set, among those ``inside``."""
-    return inside & (((words[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0)
+    return inside & ((words[:, None] & (1 << tl.arange(0, 32))[None, :]) != 0)  # one bit test per element

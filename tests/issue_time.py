@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparsetrain.backends.triton_backend import AUTO_WARPS
-from sparsetrain.kernels import fused_step
+from sparsetrain.kernels import fused_step, stream_random
 
 TARGET = GPUTarget("cuda", 90, 32)
 ISSUE_RATE = 132 * 4 * 1.755e9  # warp instructions per second, H100 SXM
@@ -57,7 +57,8 @@ def full_block_kernel(
     BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """The fused step's work for BLOCKS live full blocks of one program (unrolled), nothing else."""
-    acc_alive = tl.zeros([WORDS, 8], dtype=tl.float64)
+    keys = stream_random.philox_keys(seed)  # once per program, as the fused kernel does
+    acc_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
     acc_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     acc_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     acc_g = tl.zeros([WORDS, 8], dtype=tl.float64)
@@ -73,7 +74,7 @@ def full_block_kernel(
                 state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, group_rem + b * (WORDS * 32), group_first,
                 inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
                 one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-                bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, seed, threshold, kernel_on,
+                bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on,
                 inv_tm_now, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                 HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS, True,
             )  # fmt: skip
@@ -113,6 +114,10 @@ CASES = [
     ("adamw bf16 event", {**ADAMW, **EVENT}, tl.bfloat16, 22.25, 0.60),
     ("sgd fp32 group penalty (greg)", dict(HAS_GROUPS=True), tl.float32, 20.125, 0.60),
     ("sgd fp32 group penalty, group prune event", dict(HAS_GROUPS=True, PRUNE=4), tl.float32, 20.25, 0.60),
+    # non-event steps whose statistics the next step reads (selective decay; the two steps before a
+    # stochastic event)
+    ("sgd fp32 non-event, statistics kept", dict(HAS_STATS=True), tl.float32, 20.125, 0.30),
+    ("adamw fp32 non-event, statistics kept", {**ADAMW, "HAS_STATS": True}, tl.float32, 28.125, 0.30),
 ]
 
 

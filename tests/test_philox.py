@@ -38,16 +38,20 @@ try:
     import triton
     import triton.language as tl
 
-    from sparsetrain.kernels.stream_random import block_uniforms
+    from sparsetrain.kernels.stream_random import UNIFORM_SCALE, block_uniforms, element_uniforms, philox_keys
 except ImportError:  # the torch-only install: the Triton comparisons skip
     triton = None
 
 if triton is not None:
 
     @triton.jit
-    def _stream_kernel(index_ptr, ints_ptr, uniforms_ptr, block_ptr, seed, n, BLOCK: tl.constexpr, WORDS: tl.constexpr):
-        """Triton's own randint4x / rand4x at ``index >> 2``, word ``index & 3``; and the fused kernel's
-        4-wide block helper on elements [WORDS * 32 * p, WORDS * 32 * (p + 1)) of program p."""
+    def _stream_kernel(
+        index_ptr, ints_ptr, uniforms_ptr, block_ptr, ours_ptr, draws_ptr, block_draws_ptr, seed, n,
+        BLOCK: tl.constexpr, WORDS: tl.constexpr,
+    ):  # fmt: skip
+        """Triton's own randint4x / rand4x at ``index >> 2``, word ``index & 3``; the fused kernel's
+        Philox (per element, and 4-wide on the block [WORDS * 32 * p, WORDS * 32 * (p + 1)) of program
+        p), as uniforms and as draws (uniforms / UNIFORM_SCALE up to one rounding)."""
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = idx < n
         index = tl.load(index_ptr + idx, mask=inside, other=0)
@@ -60,16 +64,24 @@ if triton is not None:
         tl.store(uniforms_ptr + idx, uniform, mask=inside)
         start = tl.program_id(0).to(tl.int64) * (WORDS * 32)
         rows = tl.arange(0, WORDS)[:, None] * 32 + tl.arange(0, 32)[None, :]
-        tl.store(block_ptr + start + rows, block_uniforms(seed, start, WORDS))
+        keys = philox_keys(seed)
+        tl.store(block_ptr + start + rows, block_uniforms(keys, start, WORDS))
+        tl.store(block_draws_ptr + start + rows, block_uniforms(keys, start, WORDS, True))
+        tl.store(ours_ptr + idx, element_uniforms(keys, index), mask=inside)
+        tl.store(draws_ptr + idx, element_uniforms(keys, index, True), mask=inside)
 
 
-def _triton_stream(seed: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_stream(seed: int, index: torch.Tensor) -> dict[str, torch.Tensor]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted
-    ints = torch.empty(index.numel(), dtype=torch.int32, device=device)
-    uniforms = torch.empty(index.numel(), dtype=torch.float32, device=device)
-    blocks = torch.empty(4 * 256, dtype=torch.float32, device=device)
-    _stream_kernel[(4,)](index.to(device), ints, uniforms, blocks, seed, index.numel(), BLOCK=256, WORDS=8)
-    return ints.cpu(), uniforms.cpu(), blocks.cpu()
+    names = ("uniforms", "ours", "draws")
+    out = {name: torch.empty(index.numel(), dtype=torch.float32, device=device) for name in names}
+    out["ints"] = torch.empty(index.numel(), dtype=torch.int32, device=device)
+    out |= {name: torch.empty(4 * 256, dtype=torch.float32, device=device) for name in ("blocks", "block_draws")}
+    _stream_kernel[(4,)](
+        index.to(device), out["ints"], out["uniforms"], out["blocks"], out["ours"], out["draws"], out["block_draws"],
+        seed, index.numel(), BLOCK=256, WORDS=8,
+    )  # fmt: skip
+    return {name: value.cpu() for name, value in out.items()}
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 977, philox.event_seed(7, 3, 11)])
@@ -82,11 +94,19 @@ def test_stream_matches_triton_rand4x(seed):
             torch.tensor([3, 4, 2**34 - 1, 2**34, 2**34 + 1, 2**35 + 12345, 2**62 + 5]),  # counter carries into c1
         ]
     )
-    ints, uniforms, blocks = _triton_stream(seed, index)
-    assert torch.equal(ints.to(torch.int64) & 0xFFFFFFFF, philox.randint(seed, index))
-    assert torch.equal(uniforms, philox.rand(seed, index))
+    out = _triton_stream(seed, index)
+    assert torch.equal(out["ints"].to(torch.int64) & 0xFFFFFFFF, philox.randint(seed, index))
+    assert torch.equal(out["uniforms"], philox.rand(seed, index))
+    assert torch.equal(out["ours"], philox.rand(seed, index))  # the kernel's own Philox, bit for bit
     # the kernel's 4-wide block layout: element 32 r + c at [r, c]
-    assert torch.equal(blocks, philox.rand(seed, torch.arange(4 * 256)))
+    dense = philox.rand(seed, torch.arange(4 * 256))
+    assert torch.equal(out["blocks"], dense)
+    # draws: |float(int32 word)|, the uniform / UNIFORM_SCALE up to three fp32 roundings (the scale held
+    # in fp32 among them) and one unit of the word (the uniform widens -x - 1 where the draw widens -x):
+    # far inside the tie band (1e-6)
+    scale = float(UNIFORM_SCALE.value if hasattr(UNIFORM_SCALE, "value") else UNIFORM_SCALE)
+    for draws, uniforms in ((out["draws"], philox.rand(seed, index)), (out["block_draws"], dense)):
+        torch.testing.assert_close(draws.double() * scale, uniforms.double(), rtol=2**-22, atol=2 * scale)
 
 
 def test_dense_and_scattered_indices_agree():
