@@ -118,6 +118,10 @@ CASES = [
     # stochastic event)
     ("sgd fp32 non-event, statistics kept", dict(HAS_STATS=True), tl.float32, 20.125, 0.30),
     ("adamw fp32 non-event, statistics kept", {**ADAMW, "HAS_STATS": True}, tl.float32, 28.125, 0.30),
+    # 16-bit parameters with optimizer states in their dtype (the optimizers' default, as torch.optim):
+    # fewer bytes, so the same instructions weigh more
+    ("sgd bf16 event, bf16 states", {**EVENT, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16, 10.25, 0.60),
+    ("adamw bf16 event, bf16 states", {**ADAMW, **EVENT, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16, 14.25, 0.60),
 ]
 
 
@@ -158,10 +162,13 @@ def executed(listing: list[tuple[int, str]]) -> list[str]:
 
 
 def compile_case(switches: dict, dtype) -> tuple[triton.compiler.CompiledKernel, int]:
+    switches = dict(switches)
+    state = _short(switches.pop("STATE_DTYPE", tl.float32))  # a pointer type here, not a switch
     constexprs = {**BASE, **switches, "PARAM_DTYPE": dtype, "WORDS": WORDS, "BLOCKS": BLOCKS}
     signature = {name: "*fp32" for name in POINTERS}
     signature |= {"mask_ptr": "*i32", "partials": "*fp64", "param_ptr": f"*{_short(dtype)}"}
     signature |= {"grad_ptr": f"*{_short(dtype)}", **SCALARS, **{name: "fp32" for name in FLOATS}}
+    signature |= {name: f"*{state}" for name in ("state1_ptr", "state2_ptr", "state3_ptr")}
     signature |= {k: "constexpr" for k in constexprs}
     ordered = {name: signature[name] for name in full_block_kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(ordered.values()) if kind.startswith("*")}

@@ -28,7 +28,7 @@ def test_kernels_lower_for_sm90_without_spills():
     # parameters at 4 elements per thread): at least one load per tensor read (w, g, states) and one
     # store per tensor written; unaligned tensors use none. Every switch combination must lower.
     streamed = {"sgd": (3, 2), "adamw": (5, 4)}  # (reads, writes) with momentum / amsgrad on
-    for report in reports[:7]:
+    for report in reports[:9]:
         assert not report["variant"].startswith("switch:")
         if report["variant"].endswith("unaligned"):
             assert report["vector_loads"] == report["vector_stores"] == 0, report
@@ -42,7 +42,7 @@ def test_kernels_lower_for_sm90_without_spills():
 
 # Issue time / memory floor of the fused step's cases, from the sm_90 SASS (method: tests/issue_time.py).
 # Cases still above their target fail strictly as expected failures, so meeting a target is noticed.
-NOT_MET = {"adamw fp32 non-event, statistics kept"}
+NOT_MET = {"adamw fp32 non-event, statistics kept", "sgd bf16 event, bf16 states", "adamw bf16 event, bf16 states"}
 
 
 @pytest.fixture(scope="module")
