@@ -161,6 +161,35 @@ def executed(listing: list[tuple[int, str]]) -> list[str]:
     return [text for text in counted if not text.startswith("NOP")]
 
 
+def loads_after_first_use(listing: list[str]) -> list[str]:
+    """The block data loads that issue after an instruction has used a value loaded by an earlier load
+    of the same block (empty: every load of each block is in flight before the first use).
+
+    ``listing``: the straight-line instructions (see :func:`executed`). Block data loads are the
+    vector loads (``LDG.E.64`` / ``LDG.E.128``: the weights, gradients and states of a full block); a
+    block ends at its first global store. A use is any later instruction reading one of the loaded
+    registers (a 64-bit or 128-bit load writes 2 or 4 consecutive registers)."""
+    late, loaded, used = [], set(), False
+    for text in listing:
+        opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+        operands = text[text.index(opcode) + len(opcode) :]
+        registers = [int(r) for r in re.findall(r"(?<![\w.])R(\d+)", operands)]
+        if opcode.startswith("STG"):
+            loaded, used = set(), False
+            continue
+        wide = re.match(r"LDG\.E\.(64|128)\b", opcode)
+        if wide:
+            if used:
+                late.append(text)
+            loaded |= set(range(registers[0], registers[0] + int(wide.group(1)) // 32))
+            continue
+        # the first register is written, unless the instruction writes a predicate or stores
+        writes_register = re.match(r"\s*R\d+", operands) is not None and not opcode.startswith("ST")
+        if loaded and set(registers[1:] if writes_register else registers) & loaded:
+            used = True
+    return late
+
+
 def compile_case(switches: dict, dtype) -> tuple[triton.compiler.CompiledKernel, int]:
     switches = dict(switches)
     state = _short(switches.pop("STATE_DTYPE", tl.float32))  # a pointer type here, not a switch
@@ -200,6 +229,7 @@ def measure(name: str, switches: dict, dtype, bytes_per_element: float, target: 
         "issue_over_floor": round(issue_s / floor_s, 3),
         "target": target,
         "branches": sum(1 for text in instructions if re.search(r"\bBRA\b", text)),
+        "loads_after_first_use": loads_after_first_use(instructions),
         "opcodes": _histogram(instructions),
     }
 
