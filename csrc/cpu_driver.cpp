@@ -159,6 +159,31 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
       abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
     }
+    if constexpr (PRUNE == PRUNE_NM) {  // n is a multiple of M: groups never straddle a block
+      const int m = s.nm_m, nn = s.nm_n;
+      for (int g0 = 0; g0 < n; g0 += m) {
+        float a[32];
+        uint32_t lv = 0;
+        for (int j = 0; j < m; ++j) {
+          lv |= static_cast<uint32_t>(keep[g0 + j]) << j;
+          a[j] = fabs_(pw[g0 + j]);
+        }
+        const uint32_t kb = nm_group_keep(a, lv, nn, m);
+        if (kb == lv) continue;
+        for (int j = 0; j < m; ++j) {
+          if (((lv & ~kb) >> j) & 1u) {
+            const int k = g0 + j;
+            pw[k] = 0.0f;
+            if (STATES >= 1) s0[k] = 0.0f;
+            if (STATES >= 2) s1[k] = 0.0f;
+            if (STATES >= 3) s2[k] = 0.0f;
+            keep[k] = 0;
+            abs_w[k] = 0.0f;
+            abs_g[k] = 0.0f;
+          }
+        }
+      }
+    }
     if constexpr (!F32) {
       for (int k = 0; k < n; ++k) {
         if (live[k] != 0) param[base + k] = static_cast<T>(wbuf[k]);
@@ -219,6 +244,8 @@ ChunkFn pick_prune(int prune) {
       return &run_chunk<T, STATES, PRUNE_HIGH>;
     case PRUNE_GROUP:
       return &run_chunk<T, STATES, PRUNE_GROUP>;
+    case PRUNE_NM:
+      return &run_chunk<T, STATES, PRUNE_NM>;
     default:
       return &run_chunk<T, STATES, PRUNE_NONE>;
   }
@@ -253,6 +280,14 @@ void run(Call& call) {
   for (size_t t = 0; t < n; ++t) {
     const TensorJob& job = call.jobs[t];
     scalars[t] = prepare_tensor(f, call.hyper, lr, lr_on_device, job.coefs, job.stats, *job.step);
+    if (f.prune == PRUNE_NM) {  // checked for every tensor before any is modified
+      const int m = scalars[t].nm_m;
+      TORCH_CHECK(m != 0, "sparsetrain: prune='nm' needs an N:M pattern in tensor_coefs[", t,
+                  "][COEF_NM] (contract.nm_code(n, m)), got ", job.coefs[COEF_NM]);
+      TORCH_CHECK(job.numel % m == 0 && job.shard_offset % m == 0, "sparsetrain: prune='nm' with M=", m,
+                  " needs tensors (and shards) whose element count and offset are multiples of M; tensor ", t,
+                  " has ", job.numel, " elements at offset ", job.shard_offset);
+    }
     fns[t] = pick(f, call.dtypes[t]);
     const int64_t words = (job.numel + 31) / 32;
     first_chunk[t + 1] = first_chunk[t] + std::max<int64_t>(1, (words + CHUNK_WORDS - 1) / CHUNK_WORDS);

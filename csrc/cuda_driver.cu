@@ -353,6 +353,9 @@ void run(Call& call, at::TensorList params, const at::Tensor& seeds) {
     TORCH_CHECK(params[t].is_cuda() && params[t].device() == device, "sparsetrain: the CUDA driver got params[", t,
                 "] on ", params[t].device(), ", expected ", device);
   }
+  TORCH_CHECK(call.flags.prune != PRUNE_NM,
+              "sparsetrain: the CUDA driver does not take N:M decisions yet; use backend='torch' or 'triton' for "
+              "prune='nm' on CUDA tensors");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor lr, found_inf, seeds_device;
   if (call.lr_tensor != nullptr) {

@@ -72,7 +72,7 @@ inline Call unpack(at::TensorList params, at::TensorList grads, std::vector<at::
               " entries, expected ", n);
   TORCH_CHECK(shard_offsets.empty() || shard_offsets.size() == n, "sparsetrain: shard_offsets has ",
               shard_offsets.size(), " entries, expected ", n, " (or none)");
-  TORCH_CHECK(flags.prune >= PRUNE_NONE && flags.prune <= PRUNE_GROUP, "sparsetrain: unknown prune mode ",
+  TORCH_CHECK(flags.prune >= PRUNE_NONE && flags.prune <= PRUNE_NM, "sparsetrain: unknown prune mode ",
               flags.prune);
   flags.has_mask = !mask_words.empty();
   flags.has_stats = !stats.empty();
@@ -81,6 +81,8 @@ inline Call unpack(at::TensorList params, at::TensorList grads, std::vector<at::
               "sparsetrain: stochastic pruning needs stats and tensor_coefs");
   TORCH_CHECK(!(flags.prune == PRUNE_LOW || flags.prune == PRUNE_HIGH) || !tensor_coefs.empty(),
               "sparsetrain: threshold pruning needs tensor_coefs");
+  TORCH_CHECK(flags.prune != PRUNE_NM || (!tensor_coefs.empty() && !mask_words.empty()),
+              "sparsetrain: N:M pruning needs mask_words and tensor_coefs");
   TORCH_CHECK(flags.prune != PRUNE_GROUP || flags.has_groups, "sparsetrain: group pruning needs group_coefs");
   TORCH_CHECK(!flags.regularize || !tensor_coefs.empty(), "sparsetrain: regularize=True needs tensor_coefs");
   if (flags.prune == PRUNE_STOCHASTIC) {

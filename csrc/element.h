@@ -22,12 +22,14 @@
 namespace sparsetrain {
 
 // Layouts of sparsetrain/contract.py (the agreement tests against the torch reference fail on a mismatch).
-enum Coef : int { COEF_L2 = 0, COEF_L1, COEF_SD, COEF_SD_BETA, COEF_THRESHOLD, COEF_PRUNE_COUNT, COEF_TEMPERATURE };
+enum Coef : int {
+  COEF_L2 = 0, COEF_L1, COEF_SD, COEF_SD_BETA, COEF_THRESHOLD, COEF_PRUNE_COUNT, COEF_TEMPERATURE, COEF_NM
+};
 constexpr int NUM_COEFS = 8;
 enum Stat : int { STAT_ALIVE = 0, STAT_SUM_ABS_W, STAT_SUM_KERNEL, STAT_SUM_ABS_G, STAT_TM };
 constexpr int NUM_STATS = 5;
 constexpr int NUM_PARTIALS = 4;  // the summed statistics (all but STAT_TM)
-enum Prune : int { PRUNE_NONE = 0, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP };
+enum Prune : int { PRUNE_NONE = 0, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP, PRUNE_NM };
 
 // ---------------------------------------------------------------------------------------------
 // Bits of floats (no type punning through unions: memcpy on the host, intrinsics on the device)
@@ -188,9 +190,20 @@ struct TensorScalars {
   float l2, l1, l1_shrink, sd, sd_scale;
   float sample_c, tm, threshold, tm_now_f, inv_tm_now;
   double tm_now;
+  int nm_n, nm_m;  // N:M pattern (prune == PRUNE_NM); nm_m == 0 when tensor_coefs[COEF_NM] holds none
   float step;  // after this step's increment
   bool first, sample, kernel_on;
 };
+
+// N:M pattern from tensor_coefs[COEF_NM] = m * 64 + n (contract.nm_code); m = 0 when it holds none.
+ST_HD void nm_decode(float code, int& n, int& m) {
+  const int value = code >= 0.0f && code < 4096.0f ? static_cast<int>(code) : 0;
+  n = value % 64;
+  m = value / 64;
+  const bool valid = static_cast<float>(value) == code && (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) &&
+                     n >= 1 && n < m;
+  if (!valid) n = m = 0;
+}
 
 // lr_value: the learning rate (from lr_tensor when one is given, else hyper.lr); coefs / stats may be
 // null (no coefficients / no statistics); step_before: the tensor's step count before this call.
@@ -238,6 +251,7 @@ ST_HD TensorScalars prepare_tensor(const Flags& f, const Hyper& h, double lr_val
     s.sample_c = s.sample ? count / kernel_sum : 0.0f;
   }
   if (f.prune == PRUNE_LOW || f.prune == PRUNE_HIGH) s.threshold = coefs[COEF_THRESHOLD];
+  if (f.prune == PRUNE_NM) nm_decode(coefs[COEF_NM], s.nm_n, s.nm_m);
   if (f.has_stats) {  // this step's kernel scale: temperature * mean |w| of the last step
     const double prev_alive = stats[STAT_ALIVE];
     const double temperature = coefs != nullptr ? static_cast<double>(coefs[COEF_TEMPERATURE]) : 0.0;
@@ -308,7 +322,23 @@ ST_HD bool keep_element(const Flags& f, const TensorScalars& s, float w, float u
   if (prune == PRUNE_LOW) return !(fabs_(w) < s.threshold);
   if (prune == PRUNE_HIGH) return !(fabs_(w) > s.threshold);
   if (prune == PRUNE_GROUP) return !group_flagged;
-  return true;
+  return true;  // none, and N:M (decided per group by the drivers after the element step: nm_group_keep)
+}
+
+// N:M decision of one group of m <= 32 elements: a[k] = |w_k| of the updated weights, bit k of
+// `live` set for live elements. Element j stays when it is live and fewer than n live elements of
+// the group outrank it (larger |w|, or equal |w| and a lower index). Returns the keep bits.
+ST_HD uint32_t nm_group_keep(const float* a, uint32_t live, int n, int m) {
+  uint32_t keep = 0;
+  for (int j = 0; j < m; ++j) {
+    int rank = 0;
+    for (int k = 0; k < m; ++k) {
+      const bool beats = ((live >> k) & 1u) != 0 && (a[k] > a[j] || (a[k] == a[j] && k < j));
+      rank += beats ? 1 : 0;
+    }
+    keep |= static_cast<uint32_t>(((live >> j) & 1u) != 0 && rank < n) << j;
+  }
+  return keep;
 }
 
 // One live element, all of it: regularize, update, proximal L1, decide, mask. w and the states are

@@ -15,6 +15,15 @@ Selective decay's ``gbar`` is ``stats[STAT_SUM_ABS_G] / stats[STAT_ALIVE]`` of t
 statistics: ``q = min(1, c * exp(-|w| / Tm))`` with ``Tm = stats[STAT_TM]`` and
 ``c = tensor_coefs[COEF_PRUNE_COUNT] / stats[STAT_SUM_KERNEL]``, so that the expected number of
 weights pruned at the event is ``COEF_PRUNE_COUNT`` (up to the clamp at 1 and one step's drift).
+N:M pruning (``prune="nm"``, pattern ``tensor_coefs[COEF_NM] = nm_code(n, m)``) cuts the flat
+tensor into groups of ``M`` consecutive elements (global indices ``[g*M, (g+1)*M)``; for a weight
+viewed as ``[out, in*...]`` with a row length divisible by ``M`` these are ``M`` consecutive weights
+of one row, along the input dimension) and keeps, of each group, the live elements whose rank is
+below ``N``, ranking on the updated weight: element ``j``'s rank is the number of live elements
+``k`` of its group with ``|w_k| > |w_j|``, or ``|w_k| == |w_j|`` and ``k < j`` (ties go to the lower
+index). Dead elements stay dead and are never counted, so a group keeps ``min(N, live)`` elements:
+exactly ``N`` of every ``M`` when it had at least ``N`` live ones.
+
 Each step's ``STAT_SUM_KERNEL`` is accumulated with ``Tm = temperature * mean|w|`` of the previous
 step, which is stored beside it as ``STAT_TM``.
 """
@@ -28,6 +37,7 @@ COEF_SD_BETA = 3
 COEF_THRESHOLD = 4
 COEF_PRUNE_COUNT = 5
 COEF_TEMPERATURE = 6
+COEF_NM = 7
 NUM_COEFS = 8
 
 STAT_ALIVE = 0
@@ -40,4 +50,27 @@ NUM_STATS = 5
 GROUP_LAM = 0
 GROUP_PRUNE = 1
 
-PRUNE_MODES = ("none", "stochastic", "low", "high", "group")
+PRUNE_MODES = ("none", "stochastic", "low", "high", "group", "nm")
+
+NM_GROUP_SIZES = (2, 4, 8, 16, 32)
+"""The group sizes ``M`` of N:M pruning: powers of two up to 32, so that a group never straddles a mask word."""
+
+
+def nm_code(n: int, m: int) -> float:
+    """The value of ``tensor_coefs[COEF_NM]`` for an N:M pattern (``m * 64 + n``, exact in float32)."""
+    if m not in NM_GROUP_SIZES:
+        raise ValueError(f"N:M pruning: M must be one of {NM_GROUP_SIZES}, got {m!r}")
+    if not (isinstance(n, int) and 1 <= n < m):
+        raise ValueError(f"N:M pruning: N must be an integer with 1 <= N < M = {m}, got {n!r}")
+    return float(m * 64 + n)
+
+
+def nm_pattern(code: float) -> tuple[int, int]:
+    """``(n, m)`` from ``tensor_coefs[COEF_NM]``; raises ``ValueError`` when no pattern is set there."""
+    value = int(code)
+    n, m = value % 64, value // 64
+    if value != code or m not in NM_GROUP_SIZES or not 1 <= n < m:
+        raise ValueError(
+            f"prune='nm' needs an N:M pattern in tensor_coefs[COEF_NM] (contract.nm_code(n, m)), got {code!r}"
+        )
+    return n, m

@@ -38,7 +38,7 @@ PRUNING_KEYS = ("mask_words", "stats", "coefs", "group_coefs", "group_inner")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # param-group keys a saved group may lack (older state_dicts): the optimizer's defaults fill them
 OPTIONAL_GROUP_KEYS = ("foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay")
-COEF_NAMES = ("l2", "l1", "sd", "sd_beta", "threshold", "prune_count", "temperature")
+COEF_NAMES = ("l2", "l1", "sd", "sd_beta", "threshold", "prune_count", "temperature", "nm")
 
 
 def where(group: int, index: int) -> str:
@@ -225,7 +225,13 @@ def coefficient(name: str, value: Any, label: str) -> float:
     """A per-tensor coefficient: known name, not NaN, not negative (``threshold`` may be +inf)."""
     if name not in COEF_NAMES:
         raise ValueError(f"set_coefs({label}): unknown coefficient {name!r}; choose from {', '.join(COEF_NAMES)}")
-    return number(f"set_coefs({label}): {name}", value, low=0.0, finite=name != "threshold")
+    value = number(f"set_coefs({label}): {name}", value, low=0.0, finite=name != "threshold")
+    if name == "nm" and value != 0.0:
+        try:
+            contract.nm_pattern(value)
+        except ValueError as exc:
+            raise ValueError(f"set_coefs({label}): {exc}") from None
+    return value
 
 
 def mask_for(label: str, param: Tensor, alive: Any) -> None:

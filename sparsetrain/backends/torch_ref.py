@@ -18,6 +18,7 @@ from .. import philox
 from ..contract import (
     COEF_L1,
     COEF_L2,
+    COEF_NM,
     COEF_PRUNE_COUNT,
     COEF_SD,
     COEF_SD_BETA,
@@ -30,6 +31,7 @@ from ..contract import (
     STAT_SUM_ABS_W,
     STAT_SUM_KERNEL,
     STAT_TM,
+    nm_pattern,
 )
 
 
@@ -112,6 +114,8 @@ class _Pruning:
             return alive & ~(w.abs() < coefs[COEF_THRESHOLD])
         if self.prune == "high":
             return alive & ~(w.abs() > coefs[COEF_THRESHOLD])
+        if self.prune == "nm":
+            return nm_keep(coefs[COEF_NM], w, alive, self.shard_offsets[t] if self.shard_offsets else 0)
         flagged = self.group_coefs[t][GROUP_PRUNE][self.group_index(t, w.numel(), w.device)] != 0
         return alive & ~flagged
 
@@ -132,6 +136,26 @@ class _Pruning:
                 [live.sum(), (w64 * live).sum(), kernel.sum(), (g.double().abs() * live).sum(), w64.new_tensor(tm)]
             )
         )
+
+
+def nm_keep(code: Tensor | float, w: Tensor, alive: Tensor, offset: int = 0) -> Tensor:
+    """N:M decision (contract module docstring): the live elements of flat ``w`` that rank below ``N`` in their group.
+
+    ``offset`` is the global index of ``w[0]`` (a shard's offset): it and ``w.numel()`` must be
+    multiples of ``M`` so that no group is split.
+    """
+    n, m = nm_pattern(float(code))
+    if offset % m or w.numel() % m:
+        raise RuntimeError(
+            f"prune='nm' with M={m} needs tensors (and shards) whose element count and offset are multiples of M; "
+            f"got {w.numel()} elements at offset {offset}"
+        )
+    a, live = w.abs().view(-1, m), alive.view(-1, m)
+    index = torch.arange(m, device=w.device)
+    # beats[g, j, k]: live element k of group g outranks element j
+    beats = (a.unsqueeze(1) > a.unsqueeze(2)) | ((a.unsqueeze(1) == a.unsqueeze(2)) & (index < index.unsqueeze(1)))
+    rank = (beats & live.unsqueeze(1)).sum(-1)
+    return alive & (rank < n).view(-1)
 
 
 def _work(buffer: Tensor) -> Tensor:
@@ -161,8 +185,18 @@ def _apply(pruning: _Pruning, t: int, param: Tensor, buffers: list[Tensor], upda
     pruning.finish(t, new_w, g_raw, new_alive)
 
 
-def _pruning(kw: dict) -> _Pruning:
-    return _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__})
+def _pruning(kw: dict, params: list[Tensor]) -> _Pruning:
+    pruning = _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__})
+    if pruning.prune == "nm":  # every tensor checked before any is modified
+        for t, param in enumerate(params):
+            n, m = nm_pattern(float(pruning.tensor_coefs[t][COEF_NM]))
+            offset = pruning.shard_offsets[t] if pruning.shard_offsets else 0
+            if offset % m or param.numel() % m:
+                raise RuntimeError(
+                    f"prune='nm' with M={m} needs tensors (and shards) whose element count and offset are multiples "
+                    f"of M; tensor {t} has {param.numel()} elements at offset {offset}"
+                )
+    return pruning
 
 
 def _lr(lr: float, lr_tensor: Tensor | None) -> float | Tensor:
@@ -192,7 +226,7 @@ def sgd_step(
     """Fused SGD step (torch.optim.SGD semantics) plus regularization, pruning and masks."""
     if _skip(found_inf):
         return
-    pruning = _pruning(pruning_kw)
+    pruning = _pruning(pruning_kw, params)
     lr = _lr(lr, lr_tensor)
     for t, (param, grad) in enumerate(zip(params, grads)):
         steps[t].add_(1)
@@ -241,7 +275,7 @@ def adam_step(
     """Fused Adam / AdamW step (torch.optim semantics) plus regularization, pruning and masks."""
     if _skip(found_inf):
         return
-    pruning = _pruning(pruning_kw)
+    pruning = _pruning(pruning_kw, params)
     lr = _lr(lr, lr_tensor)
     for t, (param, grad) in enumerate(zip(params, grads)):
         steps[t].add_(1)

@@ -347,6 +347,8 @@ def _launch(
     device = params[0].device
     if prune != "none" and not (mask_words and tensor_coefs):
         raise RuntimeError(f"prune={prune!r} needs mask_words and tensor_coefs")
+    if prune == "nm":
+        raise RuntimeError("prune='nm' is not implemented by the Triton backend yet; use backend='torch' or 'native'")
     if prune == "stochastic" and not stats:
         raise RuntimeError("prune='stochastic' needs stats")
     if prune == "group" and not group_coefs:
