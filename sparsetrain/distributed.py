@@ -389,6 +389,21 @@ def portable_state_dict(optimizer: FusedOptimizer, sd: dict[str, Any]) -> dict[s
     return sd
 
 
+def carried_meta(sd: Any) -> dict[str, Any] | None:
+    """The ``"sparsetrain"`` entry of an optimizer state_dict: top level, or carried in a parameter's
+    state (a dict that went through ``torch.distributed.checkpoint``'s helpers); ``None`` if absent."""
+    if not isinstance(sd, dict):
+        return None
+    if isinstance(sd.get(META_KEY), dict):
+        return sd[META_KEY]
+    state = sd.get("state")
+    for saved in state.values() if isinstance(state, dict) else ():
+        blob = saved.get(META_KEY) if isinstance(saved, dict) else None
+        if blob is not None:
+            return torch.load(io.BytesIO(blob), weights_only=True) if isinstance(blob, bytes) else blob
+    return None
+
+
 def from_portable_state_dict(optimizer: FusedOptimizer, sd: Any) -> Any:
     """Undo :func:`portable_state_dict` (also on a dict that lost its top-level ``"sparsetrain"``
     entry, as ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes it):

@@ -341,8 +341,9 @@ def check_records(records: Any) -> None:
 
 
 def _records_of(state: Any) -> list[dict[str, list[int]]]:
-    if isinstance(state, dict) and "sparsetrain" in state:
-        state = (state["sparsetrain"] or {}).get("pruner") or {}
+    meta = distributed.carried_meta(state)  # an optimizer state_dict, also one through DCP's helpers
+    if meta is not None:
+        state = meta.get("pruner") or {}
     if isinstance(state, dict):
         state = state.get("shrinks")
     if not isinstance(state, list) or not state:
