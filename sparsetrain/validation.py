@@ -13,6 +13,8 @@ Defined behaviour on every backend (documented here because the checks enforce i
 * gradients must have their parameter's shape, dtype and device (a backend reads them with the
   parameter's element width); the Triton backend also needs dense (contiguous) fp32 / bf16 / fp16
   tensors;
+* a parameter whose elements share memory (stride 0 over a dimension, as ``expand`` makes, or
+  interleaved strides) is refused at ``step`` before anything changes, on every backend;
 * a checkpoint is checked whole (keys, dtypes, shapes, mask word counts, values) before anything is
   replaced: mask words int32 ``[ceil(numel / 32)]`` with zero padding bits, statistics float64
   ``[NUM_STATS]``, coefficients float32 ``[NUM_COEFS]``, group tables float32 ``[2, G]``; algorithm
@@ -197,6 +199,23 @@ def step_tensors(calls: list[Any], backend: str) -> None:
                             f"{label} ({describe(p)}): its {name} has strides {tuple(x.stride())}, not contiguous; "
                             "the Triton backend needs contiguous tensors (call .contiguous() on it)"
                         )
+            if overlapping(p):
+                raise RuntimeError(
+                    f"{label} ({describe(p)}) has strides {tuple(p.stride())}: some of its elements share memory "
+                    "(an expanded or overlapping view), so it cannot be updated in place (call .clone() on it)"
+                )
+
+
+def overlapping(x: Tensor) -> bool:
+    """Whether elements of ``x`` may share memory: with its dimensions of size > 1 sorted by stride,
+    each stride must exceed the span of the smaller ones (a stride 0 never does). Dense layouts
+    (contiguous, channels_last, transposed) and sliced views with gaps pass."""
+    span = 0
+    for size, stride in sorted(((n, s) for n, s in zip(x.shape, x.stride()) if n > 1), key=lambda d: d[1]):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 # ----------------------------------------------------------------------------------------- pruning

@@ -253,6 +253,23 @@ def test_a_gradient_that_does_not_match_its_parameter_is_refused_before_any_upda
     snap.unchanged()
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ["expanded", "interleaved"])
+def test_a_parameter_whose_elements_share_memory_is_refused_before_any_update(backend, case):
+    opt, params = _stepped(backend=backend, momentum=0.9)
+    if case == "expanded":  # stride 0: the torch reference used to update step and momentum, then raise
+        extra, strides = torch.zeros(1, 4).expand(3, 4).requires_grad_(), r"\(0, 1\)"
+    else:
+        extra, strides = torch.zeros(16).as_strided((3, 3), (2, 1)).requires_grad_(), r"\(2, 1\)"
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3, 3 if case == "interleaved" else 4)
+    snap = Snapshot(opt)
+    match = "parameter 0 of param group 1" + (r" \(shape.*strides " + strides if backend == "torch" else "")
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    snap.unchanged()
+
+
 @pytest.mark.skipif(not triton_usable()[0], reason="needs the Triton backend")
 @pytest.mark.parametrize("case", ["fp64", "channels_last", "stride0"])
 def test_a_later_group_the_triton_backend_cannot_step_is_refused_before_any_launch(case):
