@@ -207,3 +207,43 @@ def test_magnitude_largest_reaches_its_target(schedule, scope):
     else:
         total = sum(sizes)
         assert sum(dead) / total == pytest.approx(round(0.3 * total) / total, abs=0 if schedule == "oneshot" else 0.03)
+
+
+@pytest.mark.parametrize("prune", ["low", "stochastic"])
+def test_an_event_step_refuses_cuda_graph_capture_before_anything_changes(monkeypatch, prune):
+    """CPU stand-in for a capture (the capture state is mocked; tests/test_gpu.py captures for real): an
+    event's host-chosen seeds and decision would be replayed by every replay, so the step is refused."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(37, 5))
+    opt = sparsetrain.optim.SGD([w], lr=0.1, momentum=0.9, backend="torch")
+    opt.enable_pruning(w)
+    opt.set_coefs(w, threshold=0.5, prune_count=3.0, temperature=1.0)
+    w.grad = torch.randn_like(w)
+    opt.step()  # statistics for the stochastic rule
+    w.grad = torch.randn_like(w)
+    state = {k: v for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}  # every tensor of the state
+    before = (w.detach().clone(), {k: v.clone() for k, v in state.items()}, opt.prune_events)
+    opt.schedule_pruning(prune)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=rf"pruning event \('{prune}'\).*captured in a CUDA graph"):
+        opt.step()
+    torch.testing.assert_close(w.detach(), before[0], rtol=0, atol=0)
+    for key, value in before[1].items():
+        torch.testing.assert_close(opt.state[w][key], value, rtol=0, atol=0)
+    assert opt.prune_events == before[2] and opt._pending_prune == prune  # the event stays pending
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step()  # outside the capture the event is taken
+    assert opt._pending_prune == "none" and opt.prune_events == before[2] + (prune == "stochastic")
+
+
+def test_a_step_without_an_event_is_not_refused_under_capture(monkeypatch):
+    w = nn.Parameter(torch.randn(9, 4))
+    opt = sparsetrain.optim.SGD([w], lr=0.1, backend="torch")
+    opt.enable_pruning(w)
+    w.grad = torch.ones_like(w)
+    expected = w.detach() - 0.1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    opt.step()
+    torch.testing.assert_close(w.detach(), expected)

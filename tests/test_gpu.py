@@ -107,6 +107,26 @@ def test_optimizer_parity_on_cuda(name):
     assert max_rel_err(ours, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("prune", ["low", "stochastic"])
+def test_an_event_step_is_refused_inside_a_cuda_graph_capture(prune):
+    params = make_params([(4097,)], device=CUDA)
+    opt = sparsetrain.optim.SGD(params, lr=0.05, momentum=0.9, backend="triton", capturable=True)
+    opt.enable_pruning(params[0])
+    opt.set_coefs(params[0], threshold=0.1, prune_count=10.0, temperature=1.0)
+    set_grads([params], 0)
+    opt.step()  # warm-up and statistics outside the graph
+    before = params[0].detach().clone()
+    opt.schedule_pruning(prune)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.testing.assert_close(params[0].detach(), before, rtol=0, atol=0)
+    assert opt._pending_prune == prune
+    opt.step()  # eagerly, the event is taken
+    assert opt._pending_prune == "none"
+
+
 def test_cuda_graph_capture_matches_eager_and_has_no_host_sync():
     params = make_params([(4097,), (31, 9)], device=CUDA)
     eager = clone_params(params)

@@ -405,6 +405,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _eager_step(self) -> None:
+        events.refuse_capture(self._pending_prune)
         cached, self._found_inf_cache = self._found_inf_cache, None
         prune = self._pending_prune
         calls = self._calls()

@@ -12,7 +12,9 @@ masked tensor of the optimizer:
   event stays pending and is taken by the next step that runs, with the event counter, the
   pruner's step count and the method's schedule unchanged;
 * compiled steps run the same step (see :mod:`sparsetrain.optim.compiled`), so they take every
-  event on the step it is scheduled for.
+  event on the step it is scheduled for;
+* an event step is not captured in a CUDA graph (:func:`refuse_capture`): it raises before anything
+  changes, and the event stays pending.
 """
 
 from __future__ import annotations
@@ -32,6 +34,22 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
+def refuse_capture(prune: str) -> None:
+    """Raise before anything changes when a pruning event would be captured in a CUDA graph.
+
+    An event's seeds, its decision rule and the event counter are chosen on the host for that one
+    step; a graph replays its captured kernels with their captured arguments, so every replay would
+    repeat the same decision with the same random numbers. Capture non-event steps; take events
+    eagerly (between replays).
+    """
+    if prune != "none" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"a pruning event ({prune!r}) is scheduled for this step, which is being captured in a CUDA graph: "
+            "its seeds and decision are chosen on the host for this step only, so every replay would repeat "
+            "them; run event steps outside the graph (capture non-event steps only)"
+        )
+
+
 def decide_without_gradient(opt: FusedOptimizer, prune: str) -> None:
     """Apply the pending decision ``prune`` to every masked parameter that has no gradient now."""
     index = opt._param_index()
