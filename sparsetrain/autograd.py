@@ -184,7 +184,9 @@ class MaskedPruner(Pruner):
 
     Your optimizer's state for pruned weights is not masked (the masked gradient is zero, so they
     receive no gradient; their decoupled weight decay and momentum may move the stored value,
-    which the forward masks).
+    which the forward masks). Methods never score those moved values: before a method reads a
+    weight (scores, thresholds, GReg's magnitudes) its pruned originals are set to zero in place
+    (:meth:`~sparsetrain.Pruner.weight`).
 
     Per-group penalties (GReg's ``lam``) and selective decay act inside the fused optimizers'
     update; with this path use methods whose regularization is L2 / L1 or none

@@ -438,8 +438,11 @@ class CoupledGroups:
                 alive[m.units.cpu() + g.offset] |= live[m.positions.cpu()]
         return [alive[g.offset : g.offset + g.size] for g in self.groups]
 
-    def scores(self, norm: float = 1.0, *, mean: bool = False, sync: Any = None) -> list[Tensor]:
+    def scores(self, norm: float = 1.0, *, mean: bool = False, sync: Any = None, weight_of: Any = None) -> list[Tensor]:
         """Per group, per unit: the Lp norm of all its scored member slices (``mean``: mean |w| instead).
+
+        ``weight_of(param)``: the tensor read for a member parameter (default the parameter itself;
+        :meth:`sparsetrain.Pruner.group_scores` passes one that zeroes pruned elements first).
 
         DTensor shards (FSDP2, ``Shard(0)``): each rank sums ``|w|**p`` over its own rows, and the
         partial sums of every group (maxima for ``p = inf``) are reduced in ONE collective through
@@ -458,7 +461,7 @@ class CoupledGroups:
                 if not m.scored:
                     continue
                 full_shape = m.param.shape
-                w = distributed.local(m.param).detach().double().abs()
+                w = distributed.local(m.param if weight_of is None else weight_of(m.param)).detach().double().abs()
                 positions, units = m.positions.to(device), (m.units + g.offset).to(device)
                 if distributed.is_sharded(m.param):
                     sharded = True

@@ -27,6 +27,7 @@ from . import distributed
 from .coupled import CoupledGroups, unwrap
 from .methods.base import Method, check_ratio
 from .metrics import History
+from .optim import dead
 from .optim.base import FusedOptimizer
 from .selection import group_layout
 from .validation import integer
@@ -286,6 +287,7 @@ class Pruner:
             self._check_auto_shrink()
         self.shrinks: list[dict[str, list[int]]] = []
         self._structured_event = False
+        self._read_versions: dict[Tensor, int] = {}  # version of each target when weight() last zeroed its dead
         saved = optimizer.loaded_pruner_state
         if saved is not None:
             self._check_names(saved)
@@ -373,6 +375,25 @@ class Pruner:
     def coefs(self, target: Target) -> Tensor:
         """The target's per-tensor coefficients (float32 ``[NUM_COEFS]`` in the optimizer state; writable)."""
         return self.optimizer.state[target.param]["coefs"]
+
+    def weight(self, param: Tensor) -> Tensor:
+        """``param`` as methods score it: every pruned element +0.0.
+
+        A write since the last read can leave pruned elements nonzero: a ``MaskedPruner``'s torch
+        optimizer moves the masked originals (momentum, Adam, decoupled weight decay), a user loads a
+        dense checkpoint. Such a tensor's pruned elements are zeroed here in place (they are masked
+        or dead anyway), once per write (the version counter), so that no score, threshold or
+        statistic counts a pruned weight. Returns ``param`` itself.
+        """
+        shard = distributed.local(param)
+        recorded = self._read_versions.get(param)
+        dead.rezero_written([shard], None if recorded is None else [recorded], self.optimizer.state, [param])
+        self._read_versions[param] = shard._version
+        return param
+
+    def group_scores(self, norm: float = 1.0, *, mean: bool = False) -> list[Tensor]:
+        """Per channel group, per unit: :meth:`CoupledGroups.scores` of the weights as :meth:`weight` reads them."""
+        return self.groups.scores(norm, mean=mean, sync=self.sync, weight_of=self.weight)
 
     @property
     def sync(self) -> distributed.ShardSync | None:

@@ -149,3 +149,63 @@ def test_torch_save_of_a_live_model_loads_into_a_plain_model_and_back():
     live.load_state_dict(state)
     live_pruner.load_state_dict(pruner.state_dict())
     torch.testing.assert_close(live(x), model(x), rtol=0, atol=0)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8))
+
+
+def _adam_steps(model, opt, pruner, steps, before_pruner_step=None):
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 8, generator=gen)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if before_pruner_step is not None:
+            before_pruner_step(step)
+        pruner.step()
+        opt.zero_grad()
+
+
+def test_structured_event_scores_the_masked_weights_not_the_moved_originals():
+    # AdamW (no weight decay) keeps moving the masked originals with its moments after the first event;
+    # the second event must rank the channels by the weights the model computes with
+    model = _mlp(1)
+    method = methods.Magnitude(0.5, structure="filters", schedule="linear", start=4, end=24, interval=10)
+    pruner = MaskedPruner(model, method, include=["0"], coupled=False)
+    (target,) = [t for t in pruner.targets if t.param.dim() == 2]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3, weight_decay=0.0)
+    seen = {}
+
+    def record(step):
+        if step == 24:  # the second event: what the decision should see
+            alive_rows = pruner.mask(target.param).any(dim=1)
+            original = target.param.detach().abs().sum(dim=1)
+            seen["moved"] = original[~alive_rows].min() > original[alive_rows].min()
+            seen["scores"] = (target.param.detach() * pruner.mask(target.param)).abs().sum(dim=1)
+            seen["alive"] = alive_rows
+
+    _adam_steps(model, opt, pruner, range(25), record)
+    assert int((~seen["alive"]).sum()) == 2  # the first event (k = 2 of 10 at half the schedule)
+    assert seen["moved"]  # the dead rows' originals grew above a live row's: the case this test is about
+    expected_dead = torch.zeros(10, dtype=torch.bool)
+    expected_dead[torch.topk(seen["scores"], 5, largest=False).indices] = True  # the dead (scores 0) among them
+    assert torch.equal(~pruner.mask(target.param).any(dim=1), expected_dead)
+    assert torch.equal(expected_dead & ~seen["alive"], ~seen["alive"])  # nothing dead is revived
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_unstructured_thresholds_ignore_the_moved_originals(scope):
+    # the dead weights are the first of each event's count only if they are read as zeros
+    model = _mlp(1)
+    method = methods.Magnitude(0.6, scope=scope, schedule="linear", start=4, end=24, interval=10)
+    pruner = MaskedPruner(model, method)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3, weight_decay=0.0)
+    _adam_steps(model, opt, pruner, range(25))
+    dead = [int((~pruner.mask(t.param)).sum()) for t in pruner.targets]
+    sizes = [t.param.numel() for t in pruner.targets]
+    if scope == "layer":
+        assert dead == [round(0.6 * n) for n in sizes]
+    else:
+        assert sum(dead) == round(0.6 * sum(sizes))

@@ -147,7 +147,7 @@ class GReg1(Method):
 
     # -- picking and growing
     def pick(self, pruner) -> None:
-        scores = pruner.groups.scores(mean=True, sync=pruner.sync)  # mean |w| over all member slices of each channel
+        scores = pruner.group_scores(mean=True)  # mean |w| over all member slices of each channel
         for g, score in zip(pruner.groups.groups, scores):
             n = min(math.ceil(g.ratio * g.size), g.size - 1)
             self.picked[g.name] = torch.topk(score, n, largest=False).indices.cpu()
@@ -172,7 +172,7 @@ class GReg1(Method):
 
     def _magnitude_ratios(self, pruner) -> dict[str, float]:
         out = {}
-        scores = pruner.groups.scores(mean=True, sync=pruner.sync)
+        scores = pruner.group_scores(mean=True)
         for g, score in zip(pruner.groups.groups, scores):
             picked = torch.zeros(g.size, dtype=torch.bool)
             picked[self.picked[g.name]] = True

@@ -137,11 +137,11 @@ class Magnitude(Method):
                 k = prune_count(level * t.ratio, t.param.numel())
                 alive = torch.ones(t.param.numel(), dtype=torch.bool, device=t.param.device)
                 if k:  # one-shot, exact ties as torch.nn.utils.prune: a sharded weight is gathered once
-                    magnitudes = full(t.param).detach().abs().reshape(-1)
+                    magnitudes = full(pruner.weight(t.param)).detach().abs().reshape(-1)
                     alive[torch.topk(magnitudes, k, largest=self.largest).indices] = False
                 pruner.optimizer.set_mask(t.param, alive.reshape(t.param.shape))
         else:
-            tensors = [t.param for t in pruner.targets]
+            tensors = [pruner.weight(t.param) for t in pruner.targets]
             total = sum(x.numel() for x in tensors)
             k = prune_count(level * self.target, total)
             if k:
@@ -166,7 +166,7 @@ class Magnitude(Method):
     def _group_flags(self, pruner, level: float) -> list[torch.Tensor]:
         """Per channel group, 1.0 on the ``level * ratio`` channels of smallest group norm."""
         out = []
-        for g, scores in zip(pruner.groups.groups, pruner.groups.scores(self.norm, sync=pruner.sync)):
+        for g, scores in zip(pruner.groups.groups, pruner.group_scores(self.norm)):
             # counts of the original size; channels a shrink removed were the first of them
             k = max(prune_count(level * g.ratio, g.size + g.removed) - g.removed, 0)
             flags = torch.zeros_like(scores)
@@ -205,7 +205,7 @@ class Magnitude(Method):
             opt.schedule_pruning("group")
         else:
             if self.scope == "global":
-                tensors = [t.param for t in pruner.targets]
+                tensors = [pruner.weight(t.param) for t in pruner.targets]
                 total = sum(x.numel() for x in tensors)
                 k = prune_count(level * self.target, total)
                 if self.largest:
@@ -218,7 +218,7 @@ class Magnitude(Method):
                 counts = [prune_count(level * t.ratio, t.param.numel()) for t in pruner.targets]
                 chosen = [(t, k) for t, k in zip(pruner.targets, counts) if k]
                 values = self._thresholds(
-                    [[t.param] for t, _ in chosen],
+                    [[pruner.weight(t.param)] for t, _ in chosen],
                     [k for _, k in chosen],
                     [t.param.numel() for t, _ in chosen],
                     pruner.sync,

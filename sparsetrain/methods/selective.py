@@ -86,7 +86,9 @@ class SelectiveDecay(Method):
         level = sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
         counts = [prune_count(level * t.ratio, t.param.numel()) for t in pruner.targets]
         chosen = [(t, k) for t, k in zip(pruner.targets, counts) if k]
-        values = kth_smallest_abs_many([[t.param] for t, _ in chosen], [k for _, k in chosen], sync=pruner.sync)
+        values = kth_smallest_abs_many(
+            [[pruner.weight(t.param)] for t, _ in chosen], [k for _, k in chosen], sync=pruner.sync
+        )
         kth = {t.name: v for (t, _), v in zip(chosen, values)}
         for t in pruner.targets:
             pruner.coefs(t)[COEF_THRESHOLD] = next_float32(kth[t.name], math.inf) if t.name in kth else 0.0
