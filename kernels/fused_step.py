@@ -69,6 +69,7 @@ PRUNE_STOCHASTIC = tl.constexpr(1)
 PRUNE_LOW = tl.constexpr(2)
 PRUNE_HIGH = tl.constexpr(3)
 PRUNE_GROUP = tl.constexpr(4)
+PRUNE_NM = tl.constexpr(5)
 # Layout constants mirrored from sparsetrain.contract (checked equal by the host launcher).
 COEF_L2 = tl.constexpr(0)
 COEF_L1 = tl.constexpr(1)
@@ -77,6 +78,7 @@ COEF_SD_BETA = tl.constexpr(3)
 COEF_THRESHOLD = tl.constexpr(4)
 COEF_PRUNE_COUNT = tl.constexpr(5)
 COEF_TEMPERATURE = tl.constexpr(6)
+COEF_NM = tl.constexpr(7)
 STAT_ALIVE = tl.constexpr(0)
 STAT_SUM_ABS_W = tl.constexpr(1)
 STAT_SUM_KERNEL = tl.constexpr(2)
@@ -160,6 +162,7 @@ def fused_step_kernel(
     QUAD_STREAM: tl.constexpr,
     WORDS: tl.constexpr,
     BLOCKS: tl.constexpr,
+    NM_M: tl.constexpr = 1,
 ):
     """One program per group of BLOCKS consecutive blocks (WORDS mask words = WORDS * 32 elements each)
     of one tensor: block_tensor / block_local name the tensor and the group's index in it."""
@@ -243,6 +246,7 @@ def fused_step_kernel(
             inv_tm = (1.0 / tl.where(sample != 0, tm, 1.0)) * NEG_LOG2E  # exp(-|w| / tm) = exp2(|w| * inv_tm)
             keys = philox_keys(tl.load(seeds + t))  # the key schedule, once per program
         threshold = tl.load(coef_ptr + COEF_THRESHOLD) if (PRUNE == PRUNE_LOW or PRUNE == PRUNE_HIGH) else 0.0
+        nm_n = (tl.load(coef_ptr + COEF_NM).to(tl.int32) % 64) if PRUNE == PRUNE_NM else 0  # contract.nm_code
         kernel_on = 0
         inv_tm_now = 0.0
         if HAS_STATS:
@@ -278,10 +282,10 @@ def fused_step_kernel(
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
-                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
+                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
-                        True,
+                        True, NM_M,
                     )  # fmt: skip
                     acc_alive, acc_w, acc_kernel, acc_g = _add4(
                         acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
@@ -293,10 +297,10 @@ def fused_step_kernel(
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
                         decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
-                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
+                        sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
-                        False,
+                        False, NM_M,
                     )  # fmt: skip
                     acc_alive, acc_w, acc_kernel, acc_g = _add4(
                         acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
@@ -315,11 +319,12 @@ def _step_block(
     shard_offset, group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
     one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
     bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
+    nm_n,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
     WIDE_GROUPS: tl.constexpr, PRUNE: tl.constexpr, ALIGNED: tl.constexpr, QUAD_STREAM: tl.constexpr,
-    WORDS: tl.constexpr, FULL: tl.constexpr,
+    WORDS: tl.constexpr, FULL: tl.constexpr, NM_M: tl.constexpr,
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element. Returns the block's statistics
     as [WORDS, 8] fp64 sums of four consecutive elements (alive, |w|, kernel terms, |g|; zeros unless
@@ -424,6 +429,8 @@ def _step_block(
     elif PRUNE == PRUNE_GROUP:
         flagged = tl.load(group_ptr + groups + group, mask=live, other=0.0)
         keep = live & (flagged == 0)
+    elif PRUNE == PRUNE_NM:
+        keep = live & _nm_keep(tl.abs(w), live, nm_n, WORDS, NM_M)
 
     # writes: pruned-now elements become zero; dead-before elements get back what was read
     w = tl.where(keep, w, 0.0)
@@ -452,6 +459,21 @@ def _step_block(
             part_kernel = _quad_sums(tl.where(keep, tl.exp2(abs_w * inv_tm_now), 0.0).to(tl.float64), WORDS)
         part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), WORDS)
     return part_alive, part_w, part_kernel, part_g
+
+
+@triton.jit
+def _nm_keep(a, live, n, WORDS: tl.constexpr, M: tl.constexpr):
+    """N:M decision (sparsetrain.contract) on [WORDS, 32] magnitudes: groups of M consecutive elements
+    (M divides 32, so a group lies in one mask word); element j stays when fewer than n live elements of
+    its group have a larger |w|, or an equal one at a lower index."""
+    G: tl.constexpr = WORDS * 32 // M
+    a2 = tl.reshape(a, [G, M])
+    live2 = tl.reshape(live.to(tl.int32), [G, M])
+    idx = tl.arange(0, M)
+    ak, aj = a2[:, None, :], a2[:, :, None]  # [G, j, k]
+    beats = (ak > aj) | ((ak == aj) & (idx[None, None, :] < idx[None, :, None]))
+    rank = tl.sum(tl.where(beats, live2[:, None, :], 0), axis=2)
+    return tl.reshape(rank < n, [WORDS, 32])
 
 
 @triton.jit

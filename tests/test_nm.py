@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, triton_usable
 from test_triton_backend import _call, _compare, _inputs
 
 import sparsetrain
@@ -18,6 +18,8 @@ from sparsetrain.backends.torch_ref import nm_keep
 
 NATIVE = backends.runs_on("native", DEVICE)
 needs_native = pytest.mark.skipif(not NATIVE[0], reason=f"native backend: {NATIVE[1]}")
+needs_triton = pytest.mark.skipif(not triton_usable()[0], reason=triton_usable()[1])
+FUSED = [pytest.param("native", marks=needs_native), pytest.param("triton", marks=needs_triton)]
 
 
 def _brute(w: torch.Tensor, alive: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -62,16 +64,16 @@ def _nm_inputs(sizes, algo, n, m, seed, dtype=torch.float32):
     return inputs
 
 
-@needs_native
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8), (9, 32)])
-def test_native_matches_reference(algo, n, m):
-    # odd row counts: 7 rows of 4*m, 3 rows of m, and one tensor over several of the driver's blocks
-    sizes = [7 * 4 * m, 3 * m, 1027 * m]
+def test_backend_matches_reference(backend, algo, n, m):
+    # odd row counts: 7 rows of 4*m, 3 rows of m, and one tensor over several blocks of either driver
+    sizes = [7 * 4 * m, 3 * m, (1027 if backend == "native" else 67) * m]
     inputs = _nm_inputs(sizes, algo, n, m, seed=n + m)
     ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
     _call(ref, "torch", algo=algo, prune="nm")
-    _call(out, "native", algo=algo, prune="nm")
+    _call(out, backend, algo=algo, prune="nm")
     for t, size in enumerate(sizes):
         a, b = masks.unpack(ref["mask_words"][t], size), masks.unpack(out["mask_words"][t], size)
         assert torch.equal(a, b), f"tensor {t}: {(a != b).sum()} mask bits differ"
@@ -93,7 +95,7 @@ def test_native_matches_reference_bf16():
     _compare(ref, out)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
 def test_bad_pattern_or_size_is_refused_before_anything_changes(backend):
     inputs = _nm_inputs([16, 10], "sgd", 2, 4, seed=1)  # 10 elements: not whole groups of 4
     before = copy.deepcopy(inputs)

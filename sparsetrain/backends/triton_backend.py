@@ -316,6 +316,30 @@ def _log_beta_table(device: torch.device, beta1: float, beta2: float) -> Tensor:
     return table
 
 
+def _nm_group_size(prune: str, params, tensor_coefs, shard_offsets) -> int:
+    """The group size M of an N:M decision (a compile-time constant of the kernel: one per call), 1 otherwise.
+
+    Reads the tensors' patterns (one device-to-host copy, at N:M events only) and checks every tensor
+    before any is modified.
+    """
+    if prune != "nm":
+        return 1
+    codes = torch.stack([c[contract.COEF_NM] for c in tensor_coefs]).tolist()
+    sizes = set()
+    for t, (param, code) in enumerate(zip(params, codes)):
+        _, m = contract.nm_pattern(code)
+        offset = shard_offsets[t] if shard_offsets else 0
+        if offset % m or param.numel() % m:
+            raise RuntimeError(
+                f"prune='nm' with M={m} needs tensors (and shards) whose element count and offset are multiples of M; "
+                f"tensor {t} has {param.numel()} elements at offset {offset}"
+            )
+        sizes.add(m)
+    if len(sizes) > 1:
+        raise RuntimeError(f"prune='nm' on the Triton backend takes one group size M per call, got {sorted(sizes)}")
+    return sizes.pop()
+
+
 def _launch(
     *,
     params,
@@ -347,8 +371,7 @@ def _launch(
     device = params[0].device
     if prune != "none" and not (mask_words and tensor_coefs):
         raise RuntimeError(f"prune={prune!r} needs mask_words and tensor_coefs")
-    if prune == "nm":
-        raise RuntimeError("prune='nm' is not implemented by the Triton backend yet; use backend='torch' or 'native'")
+    nm_m = _nm_group_size(prune, params, tensor_coefs, shard_offsets)
     if prune == "stochastic" and not stats:
         raise RuntimeError("prune='stochastic' needs stats")
     if prune == "group" and not group_coefs:
@@ -415,6 +438,7 @@ def _launch(
             WIDE_GROUPS=plan.wide_groups,
             WORDS=plan.words,
             BLOCKS=plan.blocks,
+            NM_M=nm_m,
             num_warps=LaunchConfig.num_warps or AUTO_WARPS[bool(is_adam)],
             enable_fp_fusion=True,  # explicit: Triton 3.10 changes the default
         )
