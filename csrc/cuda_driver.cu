@@ -28,7 +28,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "driver.h"
@@ -295,17 +297,19 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
   }
 }
 
-// Per device: one int ticket per tensor, kept at zero between launches by the kernel itself.
-at::Tensor tickets_for(const at::Device& device, int64_t n) {
+// Per device and stream: one int ticket per tensor, kept at zero between launches by the kernel
+// itself. Launches on one stream run in order and can share them; launches on two streams may run
+// at the same time, so each stream has its own (allocated on that stream, so that the caching
+// allocator orders their reuse with it).
+at::Tensor tickets_for(const c10::cuda::CUDAStream& stream, int64_t n) {
   static std::mutex lock;
-  static std::vector<at::Tensor> cache;
+  static std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor> cache;
   std::lock_guard<std::mutex> guard(lock);
-  const size_t index = static_cast<size_t>(device.index());
-  if (cache.size() <= index) cache.resize(index + 1);
-  if (!cache[index].defined() || cache[index].numel() < n) {
-    cache[index] = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(device));
+  at::Tensor& tickets = cache[{stream.device_index(), stream.id()}];
+  if (!tickets.defined() || tickets.numel() < n) {
+    tickets = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(stream.device()));
   }
-  return cache[index];
+  return tickets;
 }
 
 template <typename T>
@@ -331,8 +335,9 @@ void launch_dtype(const Call& call, const std::vector<size_t>& members, const at
   std::memcpy(table_host.data_ptr(), host.data(), bytes);
   at::Tensor table = table_host.to(device, /*non_blocking=*/true);
   at::Tensor partials = at::empty({chunks * NUM_PARTIALS}, at::TensorOptions().dtype(at::kDouble).device(device));
-  at::Tensor tickets = tickets_for(device, static_cast<int64_t>(host.size()));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  at::Tensor tickets = tickets_for(current, static_cast<int64_t>(host.size()));
+  const cudaStream_t stream = current.stream();
   const auto* table_ptr = reinterpret_cast<const DeviceTensor*>(table.data_ptr());
   const int n = static_cast<int>(host.size());
   if (call.flags.adam) {
