@@ -86,8 +86,8 @@ def sgd_step_(
         dampening: dampening of the momentum.
         nesterov: Nesterov momentum.
         maximize: maximize instead of minimize.
-        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"`` or ``"group"``: the decision taken
-            on the updated weights of every masked tensor of the call.
+        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"``, ``"group"`` or ``"nm"``: the decision
+            taken on the updated weights of every masked tensor of the call.
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
@@ -191,8 +191,8 @@ def adam_step_(
         decoupled: AdamW's decoupled weight decay.
         amsgrad: the AMSGrad variant.
         maximize: maximize instead of minimize.
-        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"`` or ``"group"``: the decision taken
-            on the updated weights of every masked tensor of the call.
+        prune: ``"none"``, ``"stochastic"``, ``"low"``, ``"high"``, ``"group"`` or ``"nm"``: the decision
+            taken on the updated weights of every masked tensor of the call.
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).

@@ -22,10 +22,7 @@ _MODULES = {
     "native": "sparsetrain.backends.native",
 }
 # Preference of backend="auto": the first usable backend that runs tensors on that device type.
-# CPU tensors stay on the reference for now: the MaskedPruner's resume test is not yet bit-identical
-# with the native driver (it leaves dead weights as they are where the reference writes zeros);
-# backend="native" selects it explicitly.
-AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("native", "torch")}
 
 
 class TensorList(list):
@@ -68,8 +65,8 @@ def resolve(requested: str | None, device: torch.device) -> str:
     """The backend to use for tensors on ``device``.
 
     ``requested`` ``None`` reads ``SPARSETRAIN_BACKEND`` (default ``"auto"``). ``"auto"`` picks
-    the first usable of native, triton, torch on CUDA devices, and torch elsewhere
-    (``"native"`` runs CPU tensors when asked for explicitly); every backend
+    the first usable of native, triton, torch on CUDA devices, native then torch on the
+    CPU, and torch elsewhere; every backend
     computes the same function, so the choice never changes results beyond rounding. An
     explicit backend that is not usable raises :class:`BackendUnavailableError` with the reason.
     """

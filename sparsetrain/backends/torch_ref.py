@@ -173,12 +173,23 @@ def _apply(pruning: _Pruning, t: int, param: Tensor, buffers: list[Tensor], upda
     alive = pruning.alive(t, numel, param.device)
     w = param.detach().reshape(-1).float()
     work = [_work(b) for b in buffers]
+    # elements dead before this step are not touched: they get back exactly what was read (as the
+    # native and Triton drivers, which never read them, leave them)
+    was_dead = ~alive
+    any_dead = bool(was_dead.any())
+    if any_dead:
+        w_dead = w[was_dead].clone()
+        states_dead = [state[was_dead].clone() for state in work]
     new_w, g_raw = update(w, alive, work)
     new_alive = pruning.decide(t, new_w, alive)
     dead = ~new_alive
     new_w = new_w.masked_fill(dead, 0.0)  # exactly +0.0, whatever the value (inf * 0 would be NaN, -w * 0 is -0.0)
-    for buffer, state in zip(buffers, work):
+    if any_dead:
+        new_w[was_dead] = w_dead
+    for i, (buffer, state) in enumerate(zip(buffers, work)):
         state.masked_fill_(dead, 0.0)
+        if any_dead:
+            state[was_dead] = states_dead[i]
         if state.data_ptr() != buffer.data_ptr():
             buffer.view(-1).copy_(state)
     param.detach().copy_(new_w.view_as(param).to(param.dtype))

@@ -23,8 +23,8 @@ class Method:
     optimizer step. Before a step a method writes per-tensor coefficients
     (``pruner.optimizer.set_coefs``, ``pruner.coefs(target)``) and per-group values
     (``pruner.group_coefs(target)``) into the optimizer state, and may schedule a pruning decision
-    (``pruner.optimizer.schedule_pruning(mode)``, mode ``"stochastic"``, ``"low"``, ``"high"`` or
-    ``"group"``); the fused op does the rest on the device.
+    (``pruner.optimizer.schedule_pruning(mode)``, mode ``"stochastic"``, ``"low"``, ``"high"``,
+    ``"group"`` or ``"nm"``); the fused op does the rest on the device.
 
     Attributes:
         structure: ``None`` (unstructured), ``"filters"`` (output rows / filters) or ``"channels"``

@@ -53,7 +53,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     Keyword Args (shared by every subclass):
         backend (str | None): ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``. Default ``None``: the
             environment variable ``SPARSETRAIN_BACKEND``, else ``"auto"`` (native, then triton, then torch for
-            CUDA tensors; torch for CPU tensors). An explicit backend that cannot run here raises
+            CUDA tensors; native, then torch for CPU tensors). An explicit backend that cannot run here raises
             :class:`~sparsetrain.BackendUnavailableError` with the reason, at construction.
         skip_nonfinite (bool): default ``False``. When ``True``, a step in which any gradient holds inf or
             NaN changes nothing (weights, states, masks, statistics, step counts); detected on the device,
