@@ -1,5 +1,7 @@
 """GPU-only checks (skipped without CUDA): compiled Triton kernels at scale, CUDA graphs, no host syncs."""
 
+import copy
+
 import pytest
 import torch
 from helpers import clone_params, make_params, max_rel_err, set_grads
@@ -157,3 +159,27 @@ def test_cuda_graph_capture_matches_eager_and_has_no_host_sync():
     # both: warm-up + sync-checked step + 3 (replays of the captured step, or eager steps) = 5 steps
     for a, b in zip(params, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_two_four_linear_runs_on_semi_structured_kernels():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("semi-structured sparsity needs sm_80 or later")
+    from sparsetrain.backends.torch_ref import nm_keep
+    from sparsetrain.nm import to_semi_structured
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).to(CUDA).half()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            w = layer.weight.view(-1)
+            keep = nm_keep(contract.nm_code(2, 4), w.float(), torch.ones_like(w, dtype=torch.bool))
+            w.mul_(keep)
+    dense = copy.deepcopy(model)
+    assert to_semi_structured(model) == ["0", "2"]
+    x = torch.randn(64, 256, device=CUDA, dtype=torch.half, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_()
+    out, ref = model(x), dense(x_dense)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(x.grad, x_dense.grad, rtol=2e-2, atol=2e-2)

@@ -154,3 +154,22 @@ def test_method_prunes_linear_and_conv_rows_two_of_four(backend):
         for a, b in zip(pruner.targets, pruner_ref.targets):
             assert torch.equal(opt.mask(a.param), opt_ref.mask(b.param))
             torch.testing.assert_close(a.param.detach(), b.param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_semi_structured_conversion_checks_before_converting():
+    from sparsetrain.nm import is_two_four, to_semi_structured
+
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0]])
+    assert is_two_four(w) and not is_two_four(w + 1) and not is_two_four(torch.ones(2, 6))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1), torch.nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        to_semi_structured(model)
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        to_semi_structured(model.half())
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        to_semi_structured(model, include=["1"])
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        to_semi_structured(model, include=["missing"])
+    assert model[0].weight.layout == torch.strided  # nothing converted
