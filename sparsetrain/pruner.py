@@ -447,13 +447,14 @@ class Pruner:
 
         Returns:
             ``{parameter name: {"weight_sparsity": f, "dead_outputs": f, "dead_inputs": f}}``, each a
-            fraction in ``[0, 1]``. :meth:`summary` prints the same as a table.
+            fraction in ``[0, 1]``. :meth:`summary` prints the same as a table. A 1-D member of a
+            channel group (bias, normalization entries) counts its masked entries (:meth:`dead_elements`).
 
         With FSDP2 shards the fractions are those of the full tensors, summed across ranks in one
         collective: every rank must call it. With DDP (or one process) it reads local tensors only.
         """
         if self.sync is not None:  # FSDP2 shards: global counts, one collective (every rank calls metrics())
-            zeros = [distributed.local(self.effective_weight(t)).detach() == 0 for t in self.targets]
+            zeros = [self.dead_elements(t) for t in self.targets]
             counts = distributed.zero_counts(zeros, [t.param for t in self.targets])
             return {
                 t.name: {
@@ -464,8 +465,21 @@ class Pruner:
                 for t, c in zip(self.targets, counts)
             }
         return {
-            t.name: {k: float(v) for k, v in layer_metrics(t, self.effective_weight(t)).items()} for t in self.targets
+            t.name: {k: float(v) for k, v in layer_metrics(t, ~self.dead_elements(t)).items()} for t in self.targets
         }
+
+    def dead_elements(self, target: Target) -> Tensor:
+        """Bool tensor (the local shard with FSDP2): the target's elements :meth:`metrics` and
+        :meth:`summary` count as zero.
+
+        A weight (2-D or more): zero as the model computes with it, or masked. A 1-D member (a
+        bias, a normalization layer's scale or shift): masked only, since such an entry can be 0
+        and alive (BatchNorm's shift starts at 0).
+        """
+        mask = distributed.local(self.optimizer.mask(target.param))
+        if target.param.dim() < 2:
+            return ~mask
+        return (distributed.local(self.effective_weight(target)).detach() == 0) | ~mask
 
     def summary(self, example_inputs: Tensor | tuple | None = None) -> str:
         """A per-layer table as text: name, shape, weight sparsity, dead outputs / inputs, parameters, MACs.

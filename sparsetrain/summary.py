@@ -23,9 +23,11 @@ class LayerRow:
     Attributes:
         name: the parameter's name in the model (``"features.0.weight"``).
         shape: the weight's shape.
-        sparsity: fraction of the weight's elements that are zero.
-        dead_outputs: outputs (rows of a linear weight, filters of a conv) whose incoming weights
-            are all zero; ``outputs`` is their total.
+        sparsity: fraction of the weight's elements that are zero (or masked); for a 1-D member of
+            a channel group (a bias, a normalization layer's scale or shift, which can be 0 and
+            alive), the fraction of its entries that are masked.
+        dead_outputs: outputs (rows of a linear weight, filters of a conv; the masked entries of a
+            1-D member) whose incoming weights are all zero; ``outputs`` is their total.
         dead_inputs: inputs (columns, input channels) whose weights are all zero; ``inputs`` is
             their total (``0`` for a 1-D weight).
         params: elements of the weight (and of the bias pruned with it).
@@ -88,10 +90,10 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
     With FSDP2 shards the counts are those of the full tensors (one collective, and the model's
     forward with ``example_inputs``): every rank must call it.
     """
-    from .distributed import local, zero_counts
+    from .distributed import zero_counts
 
     positions = _positions(pruner, example_inputs) if example_inputs is not None else {}
-    zeros = [(local(t.param).detach() == 0) | ~local(pruner.optimizer.mask(t.param)) for t in pruner.targets]
+    zeros = [pruner.dead_elements(t) for t in pruner.targets]  # 1-D members (BatchNorm entries): masked ones
     counts = zero_counts(zeros, [t.param for t in pruner.targets])  # FSDP2 shards: one collective
     rows = []
     for t, c in zip(pruner.targets, counts):
@@ -105,7 +107,7 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
         params, alive = c["numel"], nonzero
         if t.bias is not None:
             params += t.bias.numel()
-            alive += int(((t.bias.detach() != 0) & pruner.optimizer.mask(t.bias)).sum())
+            alive += int(pruner.optimizer.mask(t.bias).sum())  # a bias entry can be 0 and alive
         sparsity = 1.0 - nonzero / max(1, c["numel"])
         row = LayerRow(t.name, shape, sparsity, dead_outputs, outputs, dead_inputs, inputs, params, alive)
         if t.name in positions:

@@ -273,3 +273,36 @@ def test_masked_weight_triton_kernels_match_torch(numel, dtype):
     expected = masked_weight_grad(grad.float(), weight.float(), words, coefs).to(dtype)
     tol = 0 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(masked_weight_grad_triton(grad, weight, words, coefs), expected, rtol=tol, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_summary_and_metrics_count_batchnorm_entries_by_their_masks(masked):
+    # BatchNorm's shift starts at 0 and its alive entries may stay 0: a row of a 1-D member counts the
+    # masked (dead-channel) entries, not the zero values
+    from architectures import ResNet18
+
+    from sparsetrain.summary import layer_rows
+
+    torch.manual_seed(0)
+    model = ResNet18()
+    probe = torch.randn(2, 3, 16, 16)
+    method = methods.Magnitude(0.5, structure="filters")
+    if masked:
+        pruner = MaskedPruner(model, method, example_inputs=probe)
+    else:
+        pruner = sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), method,
+                                    example_inputs=probe)  # fmt: skip
+    rows = {r.name: r for r in layer_rows(pruner)}
+    metrics = pruner.metrics()
+    vectors = [t for t in pruner.targets if t.param.dim() == 1]
+    assert any(t.name.endswith("bn1.bias") for t in vectors)
+    for t in vectors:
+        dead = int((~pruner.mask(t.param)).sum())
+        assert dead == t.param.numel() // 2, t.name  # every channel group loses half its channels
+        row = rows[t.name]
+        assert (row.dead_outputs, row.outputs, row.alive_params, row.params) == (dead, t.param.numel(), dead, 2 * dead)
+        assert row.sparsity == 0.5, t.name
+        assert metrics[t.name]["weight_sparsity"] == 0.5, t.name
+        assert metrics[t.name]["dead_outputs"] == 0.5, t.name
+    text = pruner.summary()
+    assert "100.0%" not in text
