@@ -371,6 +371,12 @@ class Pruner:
         if self.optimizer.pruner is self:
             self.optimizer.pruner = None
 
+    def wants_stats(self) -> bool:
+        """Whether the coming optimizer step must compute statistics: the method reads them on this
+        step or on the next one (:meth:`Method.needs_stats`). Steps that need none compute none."""
+        step = self.step_count
+        return self.method.needs_stats(step) or self.method.needs_stats(step + 1)
+
     # -- what methods use
     def coefs(self, target: Target) -> Tensor:
         """The target's per-tensor coefficients (float32 ``[NUM_COEFS]`` in the optimizer state; writable)."""
@@ -401,7 +407,8 @@ class Pruner:
         return distributed.sync_of(self.optimizer)
 
     def stats(self, target: Target) -> Tensor:
-        """The target's statistics of the last step (float64 ``[NUM_STATS]`` on its device).
+        """The target's statistics of the last step that computed them (float64 ``[NUM_STATS]`` on its
+        device; steps compute them only when the method reads them, see :meth:`wants_stats`).
 
         With DTensor shards they are summed across ranks first when a step requested it.
         """

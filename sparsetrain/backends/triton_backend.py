@@ -233,9 +233,10 @@ def _plan(
     """
     static = (params, *state_lists, steps, mask_words, stats, coefs, group_coefs)
     plan = _plans.get(id(params))
+    no_stats = len(state_lists) + 3  # a step without statistics keeps the plan of the steps with them
     if (
         plan is not None
-        and all(_same(a, b) for a, b in zip(plan.static, static))
+        and all(_same(a, b) or (i == no_stats and not b) for i, (a, b) in enumerate(zip(plan.static, static)))
         and plan.param_ptrs == [p.data_ptr() for p in params]
         and plan.layout == (list(group_inner), list(shard_offsets))
     ):

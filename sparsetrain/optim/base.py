@@ -371,6 +371,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         values = philox.event_seeds(self.base_seed, call.indices, self.prune_events)
         return to_device(values, torch.int64, device)
 
+    def _stats_wanted(self, prune: str) -> bool:
+        """Whether this step computes statistics: when something reads them (statistics only when
+        consumed). Selective decay reads the previous step's every step; a stochastic event reads
+        them; an attached Pruner's method says which steps read them (``needs_stats``), so the step
+        before such a step computes them. Without a Pruner, always."""
+        if self.pruner is None or self.uses_sd or prune == "stochastic":
+            return True
+        return bool(self.pruner.wants_stats())
+
     def nonfinite_grads(self) -> bool:
         """Whether this step's gradients hold inf/NaN, so that ``skip_nonfinite=True`` skips it.
 
@@ -420,6 +429,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
             if prune != "none" and found_inf is not None and bool(found_inf):
                 return  # a skipped step changes nothing: the event stays pending for the next step that runs
+            stats_wanted = self._stats_wanted(prune)
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
                 if isinstance(lr, Tensor):
@@ -427,10 +437,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:
                     lr_args = {"lr": float(lr), "lr_tensor": None}
                 call_prune = prune if call.masked else "none"
+                pruning = call.lists["pruning"]
+                if pruning["stats"] and not stats_wanted:
+                    pruning = {**pruning, "stats": []}  # nothing reads this step's statistics
                 common = {
                     "found_inf": found_inf,
                     **lr_args,
-                    **call.lists["pruning"],
+                    **pruning,
                     "seeds": self._seeds(call, call_prune),
                     "prune": call_prune,
                     "regularize": call.masked and self.regularize,
