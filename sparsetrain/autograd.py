@@ -10,12 +10,14 @@ thresholds as the optimizer path (a zero-learning-rate fused step that only deci
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends
 from . import masks as mask_format
@@ -206,7 +208,8 @@ class MaskedPruner(Pruner):
         coupled: ``False`` prunes each structured layer's own filters without tracing (default ``True``).
         shrink_after_prune: remove the pruned channels from the live model after every structured
             pruning event (:meth:`~sparsetrain.Pruner.shrink`); pass your optimizer to :meth:`step`
-            so its state is sliced too (default ``False``).
+            so its state is sliced too: a step without an optimizer that has stepped the pruned
+            parameters is refused (default ``False``).
 
     Raises:
         ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected).
@@ -277,8 +280,43 @@ class MaskedPruner(Pruner):
                     self._hooks.append(module.register_state_dict_post_hook(_plain_state_dict_hook(attr)))
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
         self._maybe_shrink()
+        self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        if self.shrink_after_prune:
+            self._watch_optimizers()
 
     _shrink_in_init = False
+
+    def _watch_optimizers(self) -> None:
+        """Note every other optimizer that steps a pruned tensor (a global step hook), so that
+        :meth:`step` can refuse to go on without it before a shrink leaves its state at the old shapes."""
+        pruner = weakref.ref(self)
+        targets = {id(t.param) for t in self.targets}
+        checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
+
+        def seen(optimizer, args, kwargs) -> None:
+            owner = pruner()
+            if owner is None or optimizer is owner._mask_optimizer:
+                return
+            groups = len(optimizer.param_groups)
+            if checked.get(optimizer) != groups:
+                checked[optimizer] = groups
+                if any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
+                    owner._stepping.add(optimizer)
+
+        handle = register_optimizer_step_post_hook(seen)
+        weakref.finalize(self, handle.remove)
+        self._hooks.append(handle)
+
+    def _check_optimizers(self, optimizers: Sequence[Any]) -> None:
+        """With ``shrink_after_prune``: every optimizer that has stepped the pruned tensors is passed."""
+        missing = [o for o in self._stepping if all(o is not p for p in optimizers)]
+        if missing:
+            names = ", ".join(type(o).__name__ for o in missing)
+            raise ValueError(
+                f"MaskedPruner(shrink_after_prune=True): {names} steps the pruned parameters but was not passed to "
+                "pruner.step(); a shrink would leave its state (momentum, Adam moments) at the old shapes. Call "
+                "pruner.step(optimizer) with every optimizer of the model (nothing was changed)"
+            )
 
     def effective_weight(self, target: Target) -> Tensor:
         """The masked weight the model computes with."""
@@ -291,7 +329,13 @@ class MaskedPruner(Pruner):
         one refreshes the statistics on the current weights, one decides and masks. With
         ``shrink_after_prune`` a structured event then shrinks the model; ``optimizers`` (yours)
         have their state sliced with it.
+
+        Raises:
+            ValueError: with ``shrink_after_prune``, an optimizer that has stepped the pruned
+                parameters is not among ``optimizers`` (checked at every call, before anything changes).
         """
+        if self.shrink_after_prune:
+            self._check_optimizers(optimizers)
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
         self._structured_event |= mode == "group"

@@ -293,3 +293,37 @@ def test_the_shrink_benchmark_runs_and_counts_fewer_macs(tmp_path):
     for row in report["rows"]:
         assert row["params_after"] < 0.6 * row["params_before"] and 0.2 < row["mac_ratio"] < 0.6
     assert "| resnet-cnn (" in bench.markdown(report)
+
+
+@pytest.mark.parametrize("passed", ["none", "one of two"])
+def test_masked_pruner_refuses_to_step_without_the_optimizers_it_would_leave_stale(passed):
+    model = cases.build("cnn")
+    pruner = MaskedPruner(model, cases.method("oneshot"), example_inputs=cases.probe("cnn"), shrink_after_prune=True)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]  # biases and BatchNorm entries: shrunk too
+    opt = torch.optim.AdamW(weights, lr=3e-3)
+    other = torch.optim.SGD(rest, lr=1e-2, momentum=0.9)
+    given = () if passed == "none" else (opt,)
+    x, y = cases.batches("cnn", 1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    other.step()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    with pytest.raises(ValueError, match="SGD" if given else "AdamW, SGD|SGD, AdamW"):
+        pruner.step(*given)
+    assert pruner.step_count == 0 and not pruner.shrinks
+    assert [tuple(p.shape) for p in model.parameters()] == shapes
+    # with both, the run goes on through the shrink at step 5 and both optimizers' states are sliced
+    for x, y in cases.batches("cnn", 8):
+        opt.zero_grad()
+        other.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        other.step()
+        pruner.step(opt, other)
+    assert len(pruner.shrinks) == 1
+    for o in (opt, other):
+        for p, state in o.state.items():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    assert value.shape == p.shape
