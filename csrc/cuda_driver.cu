@@ -87,6 +87,65 @@ __device__ __forceinline__ void block_sum4(double v[NUM_PARTIALS], double (*shar
   }
 }
 
+// N:M decision for one lane's VEC consecutive elements (the lane's first element index is a multiple
+// of VEC, a tile's of 32 * VEC, and M divides 32): groups of M <= VEC lie inside the lane; a group of
+// M > VEC spans M / VEC neighbouring lanes, whose magnitudes and live bits come by shuffles. All
+// lanes of the warp must call it (M is the same for the whole warp). Returns the new keep bits.
+// Groups of M <= VEC inside one lane (fully unrolled: the magnitudes stay in registers).
+template <int VEC, int M>
+__device__ __forceinline__ uint32_t nm_lane_small(const float* a, uint32_t live, int n) {
+  uint32_t keep = 0;
+#pragma unroll
+  for (int g0 = 0; g0 < VEC; g0 += M) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      int rank = 0;
+#pragma unroll
+      for (int k = 0; k < M; ++k) {
+        const bool beats = ((live >> (g0 + k)) & 1u) != 0 && (a[g0 + k] > a[g0 + j] || (a[g0 + k] == a[g0 + j] && k < j));
+        rank += beats ? 1 : 0;
+      }
+      keep |= static_cast<uint32_t>(((live >> (g0 + j)) & 1u) != 0 && rank < n) << (g0 + j);
+    }
+  }
+  return keep;
+}
+
+template <int VEC>
+__device__ __forceinline__ uint32_t nm_lane_keep(const float* w, uint32_t live, int n, int m, int lane) {
+  float a[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) a[k] = fabs_(w[k]);
+  if (m == 2) return nm_lane_small<VEC, 2>(a, live, n);
+  if (m == 4) return nm_lane_small<VEC, 4>(a, live, n);
+  if (m == 8 && VEC >= 8) return nm_lane_small<VEC, (VEC >= 8 ? 8 : 4)>(a, live, n);
+  const int lanes = m / VEC;                  // lanes per group
+  const int first_lane = lane - lane % lanes;  // the group's first lane
+  const int mine = (lane % lanes) * VEC;       // index in the group of this lane's element 0
+  int rank[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) rank[j] = 0;
+  for (int r = 0; r < 32 / VEC; ++r) {  // a fixed trip count: every lane shuffles the same number of times
+    const int src = first_lane + (r < lanes ? r : 0);
+    const uint32_t their_live = __shfl_sync(FULL_WARP, live, src);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float ak = __shfl_sync(FULL_WARP, a[k], src);
+      const int index = r * VEC + k;
+      const bool counted = r < lanes && ((their_live >> k) & 1u) != 0;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const bool beats = ak > a[j] || (ak == a[j] && index < mine + j);
+        rank[j] += (counted && beats) ? 1 : 0;
+      }
+    }
+  }
+  uint32_t keep = 0;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) keep |= static_cast<uint32_t>(((live >> j) & 1u) != 0 && rank[j] < n) << j;
+  return keep;
+}
+
 template <typename T, bool ADAM>
 __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor* __restrict__ table, int num_tensors,
                                                              Flags flags, Hyper hyper, const double* lr_ptr,
@@ -218,6 +277,24 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
         }
         const bool keep = step_element(flags, s, w[k], g[k], st[0][k], st[1][k], st[2][k], lam, flagged, u[k]);
         keep_bits |= static_cast<uint32_t>(keep) << k;
+        if (flags.has_stats && keep && flags.prune != PRUNE_NM) {  // N:M: counted after its decision
+          acc[STAT_ALIVE] += 1.0;
+          acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
+          acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
+          if (s.kernel_on) acc[STAT_SUM_KERNEL] += static_cast<double>(kernel_term(s, w[k]));
+        }
+      }
+    }
+    if (flags.prune == PRUNE_NM && s.nm_m != 0) {  // warp-uniform: every lane takes part in the shuffles
+      keep_bits = nm_lane_keep<VEC>(w, keep_bits, s.nm_n, s.nm_m, lane);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const bool keep = (keep_bits >> k) & 1u;
+        if (((live_bits >> k) & 1u) && !keep) {
+          w[k] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < 3; ++i) st[i][k] = 0.0f;
+        }
         if (flags.has_stats && keep) {
           acc[STAT_ALIVE] += 1.0;
           acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
@@ -358,9 +435,6 @@ void run(Call& call, at::TensorList params, const at::Tensor& seeds) {
     TORCH_CHECK(params[t].is_cuda() && params[t].device() == device, "sparsetrain: the CUDA driver got params[", t,
                 "] on ", params[t].device(), ", expected ", device);
   }
-  TORCH_CHECK(call.flags.prune != PRUNE_NM,
-              "sparsetrain: the CUDA driver does not take N:M decisions yet; use backend='torch' or 'triton' for "
-              "prune='nm' on CUDA tensors");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor lr, found_inf, seeds_device;
   if (call.lr_tensor != nullptr) {

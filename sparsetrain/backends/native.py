@@ -73,6 +73,14 @@ def _require() -> None:
         raise RuntimeError(reason)
 
 
+def _check_nm(prune: str, params, tensor_coefs, shard_offsets) -> None:
+    """The CUDA kernel reads N:M patterns on the device: they are checked here first (the CPU driver checks its own)."""
+    if prune == "nm" and params[0].is_cuda:
+        from .torch_ref import check_nm
+
+        check_nm(params, tensor_coefs, shard_offsets)
+
+
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return [x if x.is_contiguous() else x.contiguous() for x in tensors]
 
@@ -129,6 +137,7 @@ def sgd_step(
     if not params:
         return
     _require()
+    _check_nm(prune, params, tensor_coefs, shard_offsets)
     buffers = _Float32Buffers(momentum_buffers)
     (momentum_buffers,) = buffers.lists
     torch.ops.sparsetrain_native.sgd_step_(
@@ -173,6 +182,7 @@ def adam_step(
     if not params:
         return
     _require()
+    _check_nm(prune, params, tensor_coefs, shard_offsets)
     buffers = _Float32Buffers(exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = buffers.lists
     torch.ops.sparsetrain_native.adam_step_(

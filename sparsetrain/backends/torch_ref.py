@@ -199,15 +199,21 @@ def _apply(pruning: _Pruning, t: int, param: Tensor, buffers: list[Tensor], upda
 def _pruning(kw: dict, params: list[Tensor]) -> _Pruning:
     pruning = _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__})
     if pruning.prune == "nm":  # every tensor checked before any is modified
-        for t, param in enumerate(params):
-            n, m = nm_pattern(float(pruning.tensor_coefs[t][COEF_NM]))
-            offset = pruning.shard_offsets[t] if pruning.shard_offsets else 0
-            if offset % m or param.numel() % m:
-                raise RuntimeError(
-                    f"prune='nm' with M={m} needs tensors (and shards) whose element count and offset are multiples "
-                    f"of M; tensor {t} has {param.numel()} elements at offset {offset}"
-                )
+        check_nm(params, pruning.tensor_coefs, pruning.shard_offsets)
     return pruning
+
+
+def check_nm(params: list[Tensor], tensor_coefs: list[Tensor], shard_offsets: list[int]) -> None:
+    """Raise unless every tensor has an N:M pattern whose M divides its element count and shard offset."""
+    codes = torch.stack([c[COEF_NM] for c in tensor_coefs]).tolist() if tensor_coefs else []
+    for t, param in enumerate(params):
+        _, m = nm_pattern(codes[t] if t < len(codes) else 0.0)
+        offset = shard_offsets[t] if shard_offsets else 0
+        if offset % m or param.numel() % m:
+            raise RuntimeError(
+                f"prune='nm' with M={m} needs tensors (and shards) whose element count and offset are multiples "
+                f"of M; tensor {t} has {param.numel()} elements at offset {offset}"
+            )
 
 
 def _lr(lr: float, lr_tensor: Tensor | None) -> float | Tensor:
