@@ -3,7 +3,8 @@
     python bench/host_overhead.py
 
 Measures the Python work ``opt.step()`` does per step for the ResNet-50 and GPT-2-medium parameter
-lists with the triton backend's plan cache warm: what remains between the user's call and the two
+lists with the triton backend's plan cache warm, and ``StochasticMagnitude.before_step`` at an
+event (the prune-count calibration of every tensor): what remains between the user's call and the two
 kernel launches. On a GPU this overlaps the previous step's kernels; it bounds the step time
 from below when the GPU work is shorter.
 """
@@ -52,6 +53,23 @@ def main() -> None:
             per_step = (time.perf_counter() - start) / steps
             what = "with a sampling event every step" if events else "plain step"
             print(f"{name}: {len(params)} tensors, {what}: host time {per_step * 1e6:.0f} us (launches stubbed)")
+        # StochasticMagnitude's calibration at an event (before the step): prune counts of every tensor
+        method = sparsetrain.methods.StochasticMagnitude(0.8, start=1, end=10**6, interval=1)
+        targets = [types.SimpleNamespace(param=p, ratio=0.8) for p in params]
+        pruner = types.SimpleNamespace(
+            targets=targets,
+            optimizer=opt,
+            stats=lambda t: opt.state[t.param]["stats"],
+            coefs=lambda t: opt.state[t.param]["coefs"],
+            sync=None,
+        )
+        for _ in range(5):
+            method.before_step(pruner, 10)
+        start = time.perf_counter()
+        for _ in range(steps):
+            method.before_step(pruner, 10)
+        per_call = (time.perf_counter() - start) / steps
+        print(f"{name}: StochasticMagnitude.before_step at an event: host time {per_call * 1e6:.0f} us")
 
 
 if __name__ == "__main__":

@@ -306,3 +306,28 @@ def test_summary_and_metrics_count_batchnorm_entries_by_their_masks(masked):
         assert metrics[t.name]["dead_outputs"] == 0.5, t.name
     text = pruner.summary()
     assert "100.0%" not in text
+
+
+def test_stochastic_prune_counts_are_the_per_tensor_formula_after_state_is_replaced():
+    """The batched calibration (cached views) writes alive - (numel - level * ratio * numel), clamped at
+    0, into every tensor's prune count, also after the optimizer's state tensors are replaced."""
+    from sparsetrain.contract import COEF_PRUNE_COUNT, STAT_ALIVE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Linear(40, 33), nn.Linear(33, 3))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, backend="torch")
+    method = sparsetrain.methods.StochasticMagnitude(0.7, start=1, end=10, interval=1)
+    pruner = sparsetrain.Pruner(model, opt, method)
+    for step in (3, 7, 7):
+        if step == 7:  # the second time: fresh statistics and coefficient tensors (as a checkpoint load makes)
+            for t in pruner.targets:
+                opt.state[t.param]["stats"] = pruner.stats(t).clone()
+                opt.state[t.param]["coefs"] = pruner.coefs(t).clone()
+        for t in pruner.targets:
+            pruner.stats(t)[STAT_ALIVE] = float(torch.randint(1, t.param.numel() + 1, ()))
+        method.before_step(pruner, step)
+        level = method.level(step)
+        for t in pruner.targets:
+            n = t.param.numel()
+            expected = (pruner.stats(t)[STAT_ALIVE] - (n - level * t.ratio * n)).clamp(min=0).float()
+            torch.testing.assert_close(pruner.coefs(t)[COEF_PRUNE_COUNT], expected, rtol=0, atol=0)

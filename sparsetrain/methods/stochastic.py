@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..contract import COEF_PRUNE_COUNT, STAT_ALIVE
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
@@ -114,17 +117,47 @@ class StochasticMagnitude(Method):
         return sparsity_at(step, target=1.0, start=self.start, end=self.end, kind=self.schedule)
 
     def before_step(self, pruner, step: int) -> None:
-        """At an event: set each tensor's expected prune count (on the device) and schedule sampling."""
+        """At an event: set each tensor's expected prune count (on the device) and schedule sampling.
+
+        expected count = wanted dead - already dead = alive - (numel - level * ratio * numel), clamped
+        at 0, from the statistics: a few batched device operations per device for all tensors (the
+        per-tensor views are kept while the optimizer's statistics and coefficient tensors stay).
+        """
         if not self.is_event(step):
             return
         level = self.level(step)
-        for target in pruner.targets:
-            numel = target.param.numel()
-            wanted_dead = level * target.ratio * numel
-            # expected count = wanted dead - already dead, computed on the device from the statistics
-            count = (pruner.stats(target)[STAT_ALIVE] - (numel - wanted_dead)).clamp(min=0)
-            pruner.coefs(target)[COEF_PRUNE_COUNT] = count.to(pruner.coefs(target).dtype)
+        targets = pruner.targets
+        if not targets:
+            pruner.optimizer.schedule_pruning("stochastic")
+            return
+        pruner.stats(targets[0])  # sharded parameters: the statistics summed across ranks first
+        state = pruner.optimizer.state
+        stats = [state[target.param]["stats"] for target in targets]
+        coefs = [state[target.param]["coefs"] for target in targets]
+        for views in self._views(targets, stats, coefs):
+            keep = [n - level * ratio * n for n, ratio in zip(views["numels"], views["ratios"])]
+            alive = torch.stack(views["alive"])
+            counts = (alive - torch.tensor(keep, dtype=alive.dtype).to(alive.device, non_blocking=True)).clamp_(min=0)
+            torch._foreach_copy_(views["counts"], counts.to(views["counts"][0].dtype).unbind())
         pruner.optimizer.schedule_pruning("stochastic")
+
+    def _views(self, targets: list[Any], stats: list[Tensor], coefs: list[Tensor]) -> list[dict[str, Any]]:
+        """Per device: the alive-count and prune-count scalar views, the numels and ratios, cached by
+        the identity of the statistics and coefficient tensors."""
+        tensors = stats + coefs
+        sizes = [(target.param.numel(), target.ratio) for target in targets]
+        cached = getattr(self, "_view_cache", None)
+        if cached is not None and cached[1] == sizes and all(a is b for a, b in zip(cached[0], tensors)):
+            return cached[2]
+        by_device: dict[torch.device, dict[str, list]] = {}
+        for target, s, c in zip(targets, stats, coefs):
+            views = by_device.setdefault(s.device, {"alive": [], "counts": [], "numels": [], "ratios": []})
+            views["alive"].append(s[STAT_ALIVE])
+            views["counts"].append(c[COEF_PRUNE_COUNT])
+            views["numels"].append(target.param.numel())
+            views["ratios"].append(target.ratio)
+        self._view_cache = (tensors, sizes, list(by_device.values()))
+        return self._view_cache[2]
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's bounds (the method keeps no other state; the stream's state is the optimizer's)."""
