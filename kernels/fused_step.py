@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .stream_random import UNIFORM_SCALE, block_uniforms, element_uniforms, philox_keys
-from .streaming import block_elements, load_block, load_block_f32, store_block, unpack_live
+from .streaming import block_elements, load_block_f32, store_block, unpack_live
 
 # Module-level values a kernel reads must be tl.constexpr; the host reads them with int(...).
 # Rows of the int64 per-tensor table (addresses and sizes), one column per tensor.
