@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import distributed
+from . import contract, distributed
 from . import masks as mask_format
 from .coupled import Removal, build_graph, removals, remove_units, unwrap
 from .optim.base import FusedOptimizer
@@ -269,6 +269,11 @@ def _commit(
                 continue  # statistics and coefficients: the removed elements were pruned, they add nothing
             elif isinstance(value, Tensor) and tuple(value.shape) == old_shape and value.dim() > 0:
                 state[key] = _take(value, kept)
+        if fused and "stats" in state and "mask_words" in state:  # steps that consume none leave them stale
+            with torch.no_grad():
+                alive = mask_format.unpack(state["mask_words"], param.numel(), param.shape)
+                state["stats"][contract.STAT_ALIVE] = alive.sum()
+                state["stats"][contract.STAT_SUM_ABS_W] = (param.detach().double().abs() * alive).sum()
 
 
 def _retrace(pruner: Pruner, inner: nn.Module, old_targets: list[str], old_groups: list, plan) -> None:
