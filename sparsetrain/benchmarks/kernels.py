@@ -106,7 +106,7 @@ def providers(device: torch.device, wanted: list[str] | None = None) -> tuple[li
 
 def models(size: str) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Model name -> parameter shapes at ``size`` (``quick`` and ``cpu`` keep the tensor counts and
-    divide the widths: the torch reference backend, the one CPUs run, is slow per element)."""
+    divide the widths: the torch reference backend, which every CPU can run, is slow per element)."""
     if size == "quick":
         return {
             "one tensor 128x128": ((128, 128),),
