@@ -46,11 +46,12 @@ VARIANTS = [
     ("sgd fp32 group wide", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=4, WIDE_GROUPS=True)),
     ("sgd bf16 stochastic bf16 states", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, IS_ADAM=False, PRUNE=1)),
     ("adamw fp16 stochastic fp16 states", dict(PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float16, IS_ADAM=True, PRUNE=1)),
+    ("sgd fp32 2:4", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=5, NM_M=4)),
 ]
 EVERYTHING_ON = dict(
     HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, DECOUPLED=True, AMSGRAD=True, HAS_MASK=True, HAS_STATS=True,
     REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, WIDE_GROUPS=False, HAS_FOUND_INF=True, LR_ON_DEVICE=True,
-    ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32,
+    ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32, NM_M=1,
 )  # fmt: skip
 SWITCHES = [
     k for k, v in EVERYTHING_ON.items() if isinstance(v, bool) and k not in ("ALIGNED", "QUAD_STREAM", "WIDE_GROUPS")

@@ -75,8 +75,8 @@ def full_block_kernel(
                 inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
                 one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
                 bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on,
-                inv_tm_now, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS, True,
+                inv_tm_now, 0, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
+                HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS, True, 1,
             )  # fmt: skip
             acc_alive, acc_w, acc_kernel, acc_g = fused_step._add4(
                 acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
