@@ -2,6 +2,7 @@
 
 from .adam import Adam, AdamW
 from .base import FusedOptimizer
+from .dead import rezero_pruned
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "FusedOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "FusedOptimizer", "rezero_pruned"]

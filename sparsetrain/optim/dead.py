@@ -8,7 +8,8 @@ not on another. Before each step the optimizer compares each masked parameter's 
 value it recorded after its last step, and zeroes the dead elements of the tensors that were
 written since. A steady training loop pays one integer read per masked tensor per step.
 
-Writes through ``.data`` or raw pointers bypass the version counter and are not detected.
+Writes through ``.data`` or raw pointers bypass the version counter and are not detected: the
+pruned elements they write stay in the model (on every backend) until :func:`rezero_pruned`.
 """
 
 from __future__ import annotations
@@ -43,3 +44,23 @@ def rezero_written(
                 owner = sources[index] if sources is not None else p
                 alive = mask_format.unpack(state[owner]["mask_words"], p.numel(), p.shape)
                 p.masked_fill_(~alive, 0.0)
+
+
+def rezero_pruned(optimizer: Any) -> None:
+    """Zero (+0.0) the pruned elements of every masked parameter of ``optimizer`` now.
+
+    Needed only after a write the version counter does not see: ``p.data.copy_(...)``, ``p.data = ...``
+    or a raw pointer. Writes through the parameter itself (``with torch.no_grad(): p.copy_(x)``,
+    ``model.load_state_dict``) are zeroed by the next step without it. Also takes a
+    ``MaskedPruner``'s ``optimizer`` (its masked originals).
+    """
+    from ..distributed import local
+
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "mask_words" in state:
+                    shard = local(p)
+                    alive = mask_format.unpack(state["mask_words"], shard.numel(), shard.shape)
+                    shard.masked_fill_(~alive, 0.0)
