@@ -294,6 +294,8 @@ class MaskedPruner(Pruner):
         checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
 
         def seen(optimizer, args, kwargs) -> None:
+            if torch.compiler.is_compiling():  # a compiled step traces no bookkeeping (no graph break)
+                return
             owner = pruner()
             if owner is None or optimizer is owner._mask_optimizer:
                 return
