@@ -98,7 +98,7 @@ def _lightning_run(tmp, method, seed, ckpt=None):
     save = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp), every_n_epochs=1, save_top_k=-1)
     trainer = lightning.Trainer(
         max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[save], deterministic=True,
+        enable_model_summary=False, callbacks=[save],
     )  # fmt: skip
     trainer.fit(module, loader, ckpt_path=ckpt)
     return module
