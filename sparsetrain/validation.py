@@ -199,7 +199,7 @@ def step_tensors(calls: list[Any], backend: str) -> None:
                             f"{label} ({describe(p)}): its {name} has strides {tuple(x.stride())}, not contiguous; "
                             "the Triton backend needs contiguous tensors (call .contiguous() on it)"
                         )
-            if overlapping(p):
+            if not p.is_contiguous() and overlapping(p):  # a contiguous tensor never overlaps itself
                 raise RuntimeError(
                     f"{label} ({describe(p)}) has strides {tuple(p.stride())}: some of its elements share memory "
                     "(an expanded or overlapping view), so it cannot be updated in place (call .clone() on it)"
