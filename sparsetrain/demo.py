@@ -358,7 +358,7 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
 
     table = _markdown(rows) + "\n\n" + _shrink_markdown(rows[-1])
     print(table)
-    run_info = provenance(device, rows[0]["backend"], epochs, time.perf_counter() - started)
+    run_info = provenance(device, rows[0]["backend"], epochs, time.perf_counter() - started, requested=backend)
     (out_dir / "results.md").write_text(_provenance_markdown(run_info) + "\n\n" + table + "\n")
     (out_dir / "results.json").write_text(json.dumps({"run": run_info, "rows": rows}, indent=2))
     histories = {decay: run["pruner"].history.as_dict() for decay, run in runs.items()}
@@ -373,13 +373,18 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
     return 0
 
 
-def provenance(device: torch.device, backend: str, epochs: int | None, seconds: float) -> dict:
-    """Where and how the results were made: device, versions, date, command and duration."""
+def provenance(
+    device: torch.device, backend: str, epochs: int | None, seconds: float, *, requested: str | None = None
+) -> dict:
+    """Where and how the results were made: device, versions, date, command and duration.
+
+    ``requested`` is the ``--backend`` given on the command line (``None``: the default, auto)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-    command = "sparsetrain demo" + (f" --epochs {epochs}" if epochs else "")
+    command = "sparsetrain demo" + (f" --backend {requested}" if requested else "")
+    command += f" --epochs {epochs}" if epochs else ""
     return {
         "device": name,
         "backend": backend,
