@@ -193,12 +193,6 @@ def step_tensors(calls: list[Any], backend: str) -> None:
                     raise RuntimeError(
                         f"{label} ({describe(p)}): the Triton backend supports fp32, bf16 and fp16 parameters"
                     )
-                for name, x in (("parameter", p), ("gradient", g)):
-                    if not x.is_contiguous():
-                        raise RuntimeError(
-                            f"{label} ({describe(p)}): its {name} has strides {tuple(x.stride())}, not contiguous; "
-                            "the Triton backend needs contiguous tensors (call .contiguous() on it)"
-                        )
             if not p.is_contiguous() and overlapping(p):  # a contiguous tensor never overlaps itself
                 raise RuntimeError(
                     f"{label} ({describe(p)}) has strides {tuple(p.stride())}: some of its elements share memory "

@@ -14,6 +14,7 @@ from functools import cache
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 BACKENDS = ("torch", "triton", "native")
 _MODULES = {
@@ -33,6 +34,33 @@ class TensorList(list):
     """
 
     __slots__ = ("__weakref__",)
+
+
+def contiguous_params(params: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """``params`` with every tensor in another dense layout (channels_last, a transposed view) replaced
+    by a contiguous copy, and the ``(param, copy)`` pairs to write back after the step.
+
+    The copy holds the elements in logical (row-major) order, so element indices, and with them the
+    random stream, the group index and the mask bits, are those of the contiguous layout: a model
+    steps to the same weights and masks in any dense layout. Costs one extra read and write of those
+    tensors per step; contiguous tensors are passed through untouched.
+    """
+    if all(p.is_contiguous() for p in params):
+        return params, []
+    out, pairs = [], []
+    for p in params:
+        if p.is_contiguous():
+            out.append(p)
+        else:
+            out.append(p.contiguous())
+            pairs.append((p, out[-1]))
+    return TensorList(out), pairs
+
+
+def write_back(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy the stepped contiguous stand-ins of :func:`contiguous_params` into their parameters."""
+    for param, copy in pairs:
+        param.copy_(copy)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..contract import PRUNE_MODES
+from . import contiguous_params, write_back
 
 _PRUNE_INDEX = {mode: index for index, mode in enumerate(PRUNE_MODES)}
 
@@ -138,6 +139,7 @@ def sgd_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
+    params, staged = contiguous_params(params)
     buffers = _Float32Buffers(momentum_buffers)
     (momentum_buffers,) = buffers.lists
     torch.ops.sparsetrain_native.sgd_step_(
@@ -147,6 +149,7 @@ def sgd_step(
         bool(l1_proximal),
     )  # fmt: skip
     buffers.store()
+    write_back(staged)
 
 
 def adam_step(
@@ -183,6 +186,7 @@ def adam_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
+    params, staged = contiguous_params(params)
     buffers = _Float32Buffers(exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = buffers.lists
     torch.ops.sparsetrain_native.adam_step_(
@@ -192,3 +196,4 @@ def adam_step(
         bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
     )  # fmt: skip
     buffers.store()
+    write_back(staged)
