@@ -8,23 +8,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain import methods
-
-
-class Residual(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the input (through a 1x1 conv + BN when the shape changes), then ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+from sparsetrain.demo import ResidualBlock as Residual
 
 
 def residual_cnn() -> nn.Module:

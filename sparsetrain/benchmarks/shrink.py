@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..demo import ResidualBlock
 from . import report as rep
 from .timing import synchronize
 
@@ -28,28 +29,12 @@ SIZES = {  # name -> (CNN width, CNN image side, MLP width, MLP tokens, batch)
 }
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
 def resnet(w: int) -> nn.Module:
     """A ResNet-style CNN: a stem, three stages of two BasicBlocks (widths w, 2w, 4w), a linear head."""
     layers: list[nn.Module] = [nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
     cin = w
     for i, cout in enumerate((w, 2 * w, 4 * w)):
-        layers += [_Block(cin, cout, 1 if i == 0 else 2), _Block(cout, cout, 1)]
+        layers += [ResidualBlock(cin, cout, 1 if i == 0 else 2), ResidualBlock(cout, cout, 1)]
         cin = cout
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
