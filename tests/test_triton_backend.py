@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICE, triton_usable
 from helpers import to_device
 
+import sparsetrain
 from sparsetrain import contract, masks, ops, philox
 
 pytestmark = pytest.mark.skipif(not triton_usable()[0], reason=triton_usable()[1])
@@ -322,8 +323,52 @@ def test_unaligned_tensors_take_the_scalar_path():
         out[key] = [_shifted(x) for x in out[key]]
     out["state_lists"][0] = [_shifted(x) for x in out["state_lists"][0]]
     _call(out, "triton", algo="sgd", prune="low")
-    assert next(reversed(triton_backend._plans.values())).aligned is False
+    assert next(reversed(triton_backend._plans.values())).aligned == [False, False]
     _compare(ref, out)
+
+
+def test_alignment_is_decided_per_tensor():
+    from sparsetrain.backends import triton_backend
+
+    sizes = [BLOCK + 3, 40, 2 * BLOCK + 5]
+    inputs = _inputs(sizes, [torch.float32] * 3, algo="sgd", prune="low", seed=14)
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo="sgd", prune="low")
+    out["params"][1] = _shifted(out["params"][1])  # only the middle tensor is unaligned
+    _call(out, "triton", algo="sgd", prune="low")
+    plan = next(reversed(triton_backend._plans.values()))
+    assert plan.aligned == [True, False, True]
+    assert sorted(key[1] for key, *_ in plan.launches) == [False, True]  # the others keep vector accesses
+    _compare(ref, out)
+
+
+def test_a_gradient_moving_to_an_unaligned_address_moves_its_tensor_to_the_scalar_launch():
+    from sparsetrain.backends import triton_backend
+
+    gen = torch.Generator().manual_seed(15)
+    shapes = [(33, 40), (7,), (2 * BLOCK + 5,)]
+    base = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    runs = {}
+    for backend in ("torch", "triton"):
+        params = [b.clone().requires_grad_() for b in base]
+        opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+        runs[backend] = (params, opt)
+    seen = []
+    moved = triton_backend._Plan.set_grad_ptrs
+    triton_backend._Plan.set_grad_ptrs = lambda self, *a: seen.append(moved(self, *a)) or seen[-1]
+    try:
+        for step in range(3):
+            grads = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+            for params, opt in runs.values():
+                for p, g in zip(params, grads):
+                    p.grad = _shifted(g.reshape(-1)).view(g.shape) if step == 2 and p is params[0] else g.clone()
+                opt.step()
+    finally:
+        triton_backend._Plan.set_grad_ptrs = moved
+    assert False in seen  # the cached plan saw the gradient move off alignment and was rebuilt
+    assert next(reversed(triton_backend._plans.values())).aligned == [False, True, True]
+    for a, b in zip(runs["torch"][0], runs["triton"][0]):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
 
 
 def _set_alive(inputs, t, alive):

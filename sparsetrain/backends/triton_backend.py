@@ -116,11 +116,12 @@ class _Plan:
         for row, column in enumerate(addresses):
             table[row] = torch.tensor(column, dtype=torch.int64)
         self.param_ptrs, self.grad_ptrs = addresses[int(fs.ROW_PARAM)], addresses[int(fs.ROW_GRAD)]
-        # vector accesses need every streamed tensor (parameters, states, gradients) 16-byte aligned;
+        # vector accesses need a tensor's streamed data (parameter, states, gradient) 16-byte aligned,
+        # decided per tensor: an unaligned one runs in a launch of its own with scalar accesses;
         # absent states have address 0
         streamed = (fs.ROW_PARAM, fs.ROW_STATE1, fs.ROW_STATE2, fs.ROW_STATE3)
-        self.static_aligned = all(_aligned(addresses[int(row)]) for row in streamed)
-        self.aligned = self.static_aligned and _aligned(self.grad_ptrs)
+        self.static_aligned = [all(addresses[int(row)][t] % 16 == 0 for row in streamed) for t in range(len(numels))]
+        self.aligned = _per_tensor_alignment(self.static_aligned, self.grad_ptrs)
         table[int(fs.ROW_NUMEL)] = torch.tensor(numels, dtype=torch.int64)
         table[int(fs.ROW_INNER)] = torch.tensor(inners, dtype=torch.int64)
         table[int(fs.ROW_GROUPS)] = torch.tensor(groups, dtype=torch.int64)
@@ -135,19 +136,20 @@ class _Plan:
         # one program per BLOCKS consecutive blocks of a tensor, one row of partial statistics per program
         programs = [math.ceil(max(1, math.ceil(n / (self.words * 32))) / self.blocks) for n in numels]
         first = [0] * num_tensors  # partial row of each tensor's first program
-        # ((param dtype, buffer dtype), program -> tensor, program -> group index, number of programs)
+        # (((param dtype, buffer dtype), aligned), program -> tensor, program -> group index, number of programs)
         self.launches = []
         base = 0
-        for dtype in sorted(set(dtypes), key=str):
+        keys = [(dtypes[t], self.aligned[t]) for t in range(num_tensors)]
+        for key in sorted(set(keys), key=str):
             block_tensor, block_local = [], []
-            for t in (t for t in range(num_tensors) if dtypes[t] == dtype):
+            for t in (t for t in range(num_tensors) if keys[t] == key):
                 first[t] = base
                 base += programs[t]
                 block_tensor += [t] * programs[t]
                 block_local += list(range(programs[t]))
             self.launches.append(
                 (
-                    dtype,
+                    key,
                     torch.tensor(block_tensor, dtype=torch.int32, device=device),
                     torch.tensor(block_local, dtype=torch.int32, device=device),
                     len(block_tensor),
@@ -174,11 +176,14 @@ class _Plan:
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
         self.num_partials = torch.tensor(programs, dtype=torch.int32, device=device)
 
-    def set_grad_ptrs(self, grad_ptrs: list[int], device: torch.device) -> None:
-        """Gradients moved: refresh their row of the address table (no host sync) and the alignment."""
+    def set_grad_ptrs(self, grad_ptrs: list[int], device: torch.device) -> bool:
+        """Gradients moved: refresh their row of the address table (no host sync). False (nothing
+        changed) when a tensor's alignment changed with them: its launch changes, the plan is rebuilt."""
+        if _per_tensor_alignment(self.static_aligned, grad_ptrs) != self.aligned:
+            return False
         self.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
         self.grad_ptrs = grad_ptrs
-        self.aligned = self.static_aligned and _aligned(grad_ptrs)
+        return True
 
 
 _plans: OrderedDict[int, _Plan] = OrderedDict()
@@ -193,9 +198,9 @@ def _dummy(device: torch.device) -> Tensor:
     return _dummies[device]
 
 
-def _aligned(addresses: list[int]) -> bool:
-    """Every streamed tensor starts on a 16-byte boundary: the kernel may then use vector loads."""
-    return all(a % 16 == 0 for a in addresses)
+def _per_tensor_alignment(static_aligned: list[bool], grad_ptrs: list[int]) -> list[bool]:
+    """Per tensor: its parameter, states and gradient start on 16-byte boundaries (vector accesses)."""
+    return [aligned and g % 16 == 0 for aligned, g in zip(static_aligned, grad_ptrs)]
 
 
 def _check(name: str, tensors: list[Tensor], device: torch.device, numels: list[int] | None = None) -> None:
@@ -242,10 +247,11 @@ def _plan(
     ):
         _plans.move_to_end(id(params))
         grad_ptrs = [g.data_ptr() for g in grads]
-        if grad_ptrs != plan.grad_ptrs:
-            _check("grads", grads, device, plan.numels)
-            plan.set_grad_ptrs(grad_ptrs, device)
-        return plan
+        if grad_ptrs == plan.grad_ptrs:
+            return plan
+        _check("grads", grads, device, plan.numels)
+        if plan.set_grad_ptrs(grad_ptrs, device):
+            return plan
     numels = [p.numel() for p in params]
     _check("params", params, device)
     unsupported = sorted({str(p.dtype) for p in params if p.dtype not in _PARAM_DTYPES})
@@ -405,7 +411,7 @@ def _launch_contiguous(
     seeds_arg = seeds if prune == "stochastic" else dummy
     lr_ptr = lr_tensor.to(torch.float32) if lr_tensor is not None else dummy
     log_betas = _log_beta_table(device, scalars["beta1"], scalars["beta2"])
-    for dtype, block_tensor, block_local, num_programs in plan.launches:
+    for (dtypes, aligned), block_tensor, block_local, num_programs in plan.launches:
         fs.fused_step_kernel[(num_programs,)](
             plan.table,
             plan.num_tensors,
@@ -426,8 +432,8 @@ def _launch_contiguous(
             scalars["eps"],
             1.0 - lr * scalars["weight_decay"],
             log_betas,
-            PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtype[0]]),
-            STATE_DTYPE=getattr(tl, _PARAM_DTYPES[dtype[1]]),
+            PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[dtypes[0]]),
+            STATE_DTYPE=getattr(tl, _PARAM_DTYPES[dtypes[1]]),
             IS_ADAM=is_adam,
             HAS_MOMENTUM=bool(flags.get("has_momentum")),
             NESTEROV=bool(flags.get("nesterov")),
@@ -442,7 +448,7 @@ def _launch_contiguous(
             PRUNE=contract.PRUNE_MODES.index(prune),
             HAS_FOUND_INF=found_inf is not None,
             LR_ON_DEVICE=lr_tensor is not None,
-            ALIGNED=plan.aligned,
+            ALIGNED=aligned,
             QUAD_STREAM=plan.quad_stream,
             WIDE_GROUPS=plan.wide_groups,
             WORDS=plan.words,
