@@ -169,15 +169,16 @@ def state_dtype(value: Any) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------------------------------- steps
-def step_tensors(calls: list[Any], backend: str) -> None:
+def step_tensors(calls: list[Any], backend: str, sharded: bool = True) -> None:
     """Before a step launches anything: every gradient matches its parameter; the backend can read both.
 
     ``calls`` are the optimizer's per-group calls (``params``, ``where``); gradients are read fresh.
+    ``sharded=False`` (no DTensor parameter) skips looking for shards.
     """
     triton = backend == "triton"
     for call in calls:
         for label, source in zip(call.where, call.sources):
-            p, g = local(source), local(source.grad)  # FSDP2: the rank's shards
+            p, g = (local(source), local(source.grad)) if sharded else (source, source.grad)  # FSDP2: the shards
             if g.layout != torch.strided:
                 raise RuntimeError(
                     f"{label} ({describe(p)}) has a {'sparse' if g.is_sparse else str(g.layout)} gradient; "

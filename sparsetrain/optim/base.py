@@ -420,7 +420,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         calls = self._calls()
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
-            validation.step_tensors(calls, backend)  # before anything is launched
+            validation.step_tensors(calls, backend, sharded=self.shard_sync is not None)  # before any launch
             grads = [[distributed.local(p.grad) for p in call.sources] for call in calls]
             sd_used = self.uses_sd and self.regularize
             found_inf = cached if cached is not None else self._found_inf([g for gs in grads for g in gs])
