@@ -36,31 +36,40 @@ class TensorList(list):
     __slots__ = ("__weakref__",)
 
 
-def contiguous_params(params: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """``params`` with every tensor in another dense layout (channels_last, a transposed view) replaced
-    by a contiguous copy, and the ``(param, copy)`` pairs to write back after the step.
+def stand_ins(
+    tensors: list[Tensor], dtype: torch.dtype | None = None
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """``tensors`` with each one a kernel cannot step as it is replaced by a contiguous copy (of ``dtype``
+    when given), and the ``(tensor, copy)`` pairs to :func:`write_back` after the step.
 
-    The copy holds the elements in logical (row-major) order, so element indices, and with them the
-    random stream, the group index and the mask bits, are those of the contiguous layout: a model
-    steps to the same weights and masks in any dense layout. Costs one extra read and write of those
-    tensors per step; contiguous tensors are passed through untouched.
+    Layouts: a tensor in another dense layout (channels_last, a transposed view) is copied in logical
+    (row-major) order, so element indices, and with them the random stream, the group index and the
+    mask bits, are those of the contiguous layout: a model steps to the same weights and masks in any
+    dense layout. Dtypes: ``dtype=torch.float32`` gives 16-bit optimizer buffers float32 working copies
+    for drivers that read float32; the step computes in float32 and each value is rounded once when
+    written back, the contract of every backend. Each copy costs one extra read and write of its
+    tensor per step; tensors that need none are passed through untouched.
     """
-    if all(p.is_contiguous() for p in params):
-        return params, []
+
+    def fits(x: Tensor) -> bool:
+        return x.is_contiguous() and (dtype is None or x.dtype == dtype)
+
+    if all(fits(x) for x in tensors):
+        return tensors, []
     out, pairs = [], []
-    for p in params:
-        if p.is_contiguous():
-            out.append(p)
+    for x in tensors:
+        if fits(x):
+            out.append(x)
         else:
-            out.append(p.contiguous())
-            pairs.append((p, out[-1]))
+            out.append(x.contiguous() if dtype is None else x.to(dtype, memory_format=torch.contiguous_format))
+            pairs.append((x, out[-1]))
     return TensorList(out), pairs
 
 
 def write_back(pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """Copy the stepped contiguous stand-ins of :func:`contiguous_params` into their parameters."""
-    for param, copy in pairs:
-        param.copy_(copy)
+    """Copy the stepped stand-ins of :func:`stand_ins` into the tensors they stood in for."""
+    for tensor, copy in pairs:
+        tensor.copy_(copy)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -16,10 +16,9 @@ from functools import cache
 from importlib import resources
 
 import torch
-from torch import Tensor
 
 from ..contract import PRUNE_MODES
-from . import contiguous_params, write_back
+from . import stand_ins, write_back
 
 _PRUNE_INDEX = {mode: index for index, mode in enumerate(PRUNE_MODES)}
 
@@ -82,33 +81,6 @@ def _check_nm(prune: str, params, tensor_coefs, shard_offsets) -> None:
         check_nm(params, tensor_coefs, shard_offsets)
 
 
-def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
-    return [x if x.is_contiguous() else x.contiguous() for x in tensors]
-
-
-class _Float32Buffers:
-    """float32 working copies of 16-bit algorithm buffers around a driver call (the drivers read float32).
-
-    The step computes in float32 and each buffer is rounded once when it is copied back, which is the
-    contract of every backend; the copies cost one extra pass over those buffers.
-    """
-
-    def __init__(self, *lists: list[Tensor]) -> None:
-        self.pairs: list[tuple[Tensor, Tensor]] = []
-        self.lists: list[list[Tensor]] = []
-        for buffers in lists:
-            self.lists.append([])
-            for buffer in buffers:
-                if buffer.dtype != torch.float32:
-                    self.pairs.append((buffer, buffer.float()))
-                    buffer = self.pairs[-1][1]
-                self.lists[-1].append(buffer)
-
-    def store(self) -> None:
-        for buffer, copy in self.pairs:
-            buffer.copy_(copy)
-
-
 def sgd_step(
     params,
     grads,
@@ -139,17 +111,15 @@ def sgd_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
-    params, staged = contiguous_params(params)
-    buffers = _Float32Buffers(momentum_buffers)
-    (momentum_buffers,) = buffers.lists
+    params, staged = stand_ins(params)
+    momentum_buffers, widened = stand_ins(momentum_buffers, torch.float32)  # the drivers read float32
     torch.ops.sparsetrain_native.sgd_step_(
-        params, _contiguous(grads), momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
+        params, stand_ins(grads)[0], momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
         list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(maximize), _PRUNE_INDEX[prune], bool(regularize),
         bool(l1_proximal),
     )  # fmt: skip
-    buffers.store()
-    write_back(staged)
+    write_back(widened + staged)
 
 
 def adam_step(
@@ -186,14 +156,15 @@ def adam_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
-    params, staged = contiguous_params(params)
-    buffers = _Float32Buffers(exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
-    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = buffers.lists
+    params, staged = stand_ins(params)
+    exp_avgs, widened = stand_ins(exp_avgs, torch.float32)  # the drivers read float32
+    exp_avg_sqs, widened_sq = stand_ins(exp_avg_sqs, torch.float32)
+    max_exp_avg_sqs, widened_max = stand_ins(max_exp_avg_sqs if amsgrad else [], torch.float32)
+    widened += widened_sq + widened_max
     torch.ops.sparsetrain_native.adam_step_(
-        params, _contiguous(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words,
+        params, stand_ins(grads)[0], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words,
         stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),
         lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
         bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
     )  # fmt: skip
-    buffers.store()
-    write_back(staged)
+    write_back(widened + staged)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import contract
 from ..transfer import to_device
-from . import TensorList, contiguous_params, write_back
+from . import TensorList, stand_ins, write_back
 
 FINISH_CHUNK = 256  # partial rows per loop iteration of a reduction program
 # A tensor with more programs than this has its partials reduced first in segments of SEGMENT_ROWS
@@ -349,9 +349,8 @@ def _nm_group_size(prune: str, params, tensor_coefs, shard_offsets) -> int:
 
 def _launch(*, params, grads, **kw) -> None:
     """Stand contiguous copies in for parameters and gradients of other dense layouts, then launch."""
-    params, staged = contiguous_params(params)
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    _launch_contiguous(params=params, grads=grads, **kw)
+    params, staged = stand_ins(params)
+    _launch_contiguous(params=params, grads=stand_ins(grads)[0], **kw)
     write_back(staged)
 
 
