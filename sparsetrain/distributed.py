@@ -389,6 +389,11 @@ def portable_state_dict(optimizer: FusedOptimizer, sd: dict[str, Any]) -> dict[s
     return sd
 
 
+def _decode_meta(blob: Any) -> Any:
+    """The ``"sparsetrain"`` entry as :func:`portable_state_dict` carries it in a parameter's state."""
+    return torch.load(io.BytesIO(blob), weights_only=True) if isinstance(blob, bytes) else blob
+
+
 def carried_meta(sd: Any) -> dict[str, Any] | None:
     """The ``"sparsetrain"`` entry of an optimizer state_dict: top level, or carried in a parameter's
     state (a dict that went through ``torch.distributed.checkpoint``'s helpers); ``None`` if absent."""
@@ -400,7 +405,7 @@ def carried_meta(sd: Any) -> dict[str, Any] | None:
     for saved in state.values() if isinstance(state, dict) else ():
         blob = saved.get(META_KEY) if isinstance(saved, dict) else None
         if blob is not None:
-            return torch.load(io.BytesIO(blob), weights_only=True) if isinstance(blob, bytes) else blob
+            return _decode_meta(blob)
     return None
 
 
@@ -427,7 +432,7 @@ def from_portable_state_dict(optimizer: FusedOptimizer, sd: Any) -> Any:
         saved = dict(saved)
         blob = saved.pop(META_KEY, None)
         if blob is not None and meta is None:
-            meta = torch.load(io.BytesIO(blob), weights_only=True) if isinstance(blob, bytes) else blob
+            meta = _decode_meta(blob)
         for field, value in list(saved.items()):
             if is_sharded(value):
                 saved[field] = value.to_local()

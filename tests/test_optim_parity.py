@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import clone_params, make_params, max_rel_err, set_grads
 from torch.testing._internal.common_optimizers import (
     optim_inputs_func_adam,
@@ -113,8 +114,6 @@ def _case_lr(case):
 @pytest.mark.parametrize("name,kwargs", [c for c in CASES if isinstance(_case_lr(c), torch.Tensor)])
 def test_triton_tensor_learning_rate_matches_torch_optim(name, kwargs):
     # interpreted on a CPU (TRITON_INTERPRET=1), compiled on a GPU; fp32 math in both
-    from conftest import DEVICE
-
     if not sparsetrain.backends.runs_on("triton", DEVICE)[0]:
         pytest.skip(sparsetrain.backends.runs_on("triton", DEVICE)[1])
     kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
