@@ -480,14 +480,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    at::IntArrayRef shard_offsets, const at::Tensor& seeds, const c10::optional<at::Tensor>& found_inf,
                    double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay, double momentum,
                    double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
-  Flags f{};
-  f.adam = false;
-  f.momentum = momentum != 0.0;
-  f.nesterov = nesterov;
-  f.maximize = maximize;
-  f.prune = static_cast<int>(prune);
-  f.regularize = regularize;
-  f.l1_proximal = l1_proximal;
+  const Flags f = sgd_flags(momentum, nesterov, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
@@ -501,14 +494,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& found_inf, double lr, const c10::optional<at::Tensor>& lr_tensor,
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
                     bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
-  Flags f{};
-  f.adam = true;
-  f.decoupled = decoupled;
-  f.amsgrad = amsgrad;
-  f.maximize = maximize;
-  f.prune = static_cast<int>(prune);
-  f.regularize = regularize;
-  f.l1_proximal = l1_proximal;
+  const Flags f = adam_flags(decoupled, amsgrad, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, 0.0, 0.0, beta1, beta2, eps};
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,

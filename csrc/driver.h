@@ -52,6 +52,34 @@ inline void check_tensor(const at::Tensor& x, const char* name, size_t t, at::Sc
   TORCH_CHECK(x.is_contiguous(), "sparsetrain: ", name, "[", t, "] is not contiguous");
 }
 
+// The op's switches as the element contract reads them, for SGD and for Adam / AdamW (every
+// driver builds its call from these).
+inline Flags sgd_flags(double momentum, bool nesterov, bool maximize, int64_t prune, bool regularize,
+                       bool l1_proximal) {
+  Flags f{};
+  f.adam = false;
+  f.momentum = momentum != 0.0;
+  f.nesterov = nesterov;
+  f.maximize = maximize;
+  f.prune = static_cast<int>(prune);
+  f.regularize = regularize;
+  f.l1_proximal = l1_proximal;
+  return f;
+}
+
+inline Flags adam_flags(bool decoupled, bool amsgrad, bool maximize, int64_t prune, bool regularize,
+                        bool l1_proximal) {
+  Flags f{};
+  f.adam = true;
+  f.decoupled = decoupled;
+  f.amsgrad = amsgrad;
+  f.maximize = maximize;
+  f.prune = static_cast<int>(prune);
+  f.regularize = regularize;
+  f.l1_proximal = l1_proximal;
+  return f;
+}
+
 // Checks every list and builds the jobs. states: the algorithm's state lists in order (SGD: the
 // momentum buffers; Adam: exp_avg, exp_avg_sq, max_exp_avg_sq); state_needed[i] says whether
 // list i must hold one tensor per parameter.
