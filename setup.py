@@ -70,7 +70,7 @@ def native_extension():
         _fail_or_note(mode, f"no C++ compiler ({compiler!r} is not on PATH); install one and reinstall")
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/ops.cpp", "csrc/cpu_driver.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu_driver.cpp", "csrc/host_scan.cpp"]
     cuda_reason = None
     if cuda_mode == "0":
         cuda_reason = "SPARSETRAIN_BUILD_CUDA=0 at install"

@@ -1,4 +1,4 @@
-// Schemas of the native ops and the Python module sparsetrain._C that loads them.
+// Schemas of the native ops and the Python module sparsetrain._C that loads them (its functions: host_scan.cpp).
 //
 // sparsetrain_native::sgd_step_ / adam_step_ take the arguments of sparsetrain::sgd_step_ /
 // adam_step_ (sparsetrain/ops.py) without ``backend``, with ``prune`` as its index in
@@ -43,7 +43,11 @@ TORCH_LIBRARY(sparsetrain_native, m) {
   m.def("build_info() -> str", &build_info);
 }
 
-static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "sparsetrain's native drivers (ops in torch.ops.sparsetrain_native)",
-                                 -1, nullptr};
+PyMethodDef* sparsetrain_scan_methods();  // host_scan.cpp
+
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                 "sparsetrain's native drivers (ops in torch.ops.sparsetrain_native) and the list scans "
+                                 "of sparsetrain.scan",
+                                 -1, sparsetrain_scan_methods()};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -16,6 +16,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .. import scan
+
 BACKENDS = ("torch", "triton", "native")
 _MODULES = {
     "torch": "sparsetrain.backends.torch_ref",
@@ -54,7 +56,7 @@ def stand_ins(
     def fits(x: Tensor) -> bool:
         return x.is_contiguous() and (dtype is None or x.dtype == dtype)
 
-    if all(fits(x) for x in tensors):
+    if scan.all_contiguous(tensors) and (dtype is None or all(x.dtype == dtype for x in tensors)):
         return tensors, []
     out, pairs = [], []
     for x in tensors:

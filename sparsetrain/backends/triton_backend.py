@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .. import contract
+from .. import contract, scan
 from ..transfer import to_device
 from . import TensorList, stand_ins, write_back
 
@@ -242,11 +242,11 @@ def _plan(
     if (
         plan is not None
         and all(_same(a, b) or (i == no_stats and not b) for i, (a, b) in enumerate(zip(plan.static, static)))
-        and plan.param_ptrs == [p.data_ptr() for p in params]
+        and plan.param_ptrs == scan.data_ptrs(params)
         and plan.layout == (list(group_inner), list(shard_offsets))
     ):
         _plans.move_to_end(id(params))
-        grad_ptrs = [g.data_ptr() for g in grads]
+        grad_ptrs = scan.data_ptrs(grads)
         if grad_ptrs == plan.grad_ptrs:
             return plan
         _check("grads", grads, device, plan.numels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import backends, contract, distributed, philox, validation
+from .. import backends, contract, distributed, philox, scan, validation
 from .. import masks as mask_format
 from ..transfer import to_device
 from . import compat, compiled, dead, events
@@ -45,6 +46,16 @@ class _Call:
     indices: np.ndarray  # int64 positions in the optimizer's parameter order (seed derivation)
     lists: dict[str, Any]
     versions: list[int] | None = None  # parameters' version counters after the last step (masked calls)
+
+    def __post_init__(self) -> None:
+        positions = self.indices.tolist()
+        first = positions[0]
+        self._slice = slice(first, first + len(positions)) if positions[-1] - first == len(positions) - 1 else None
+        self._pick = operator.itemgetter(*positions)
+
+    def grads(self, every: list[Tensor | None]) -> list[Tensor]:
+        """The call's gradients, taken from ``every`` parameter's (in the optimizer's parameter order)."""
+        return every[self._slice] if self._slice is not None else list(self._pick(every))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -280,19 +291,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The backend the last step used (``None`` before the first step)."""
         return next(iter(self._backend_by_device.values()), None)
 
-    def _calls(self) -> list[_Call]:
-        """Per group, the masked and the unmasked tensors that have gradients, with their state lists.
+    def _calls(self) -> tuple[list[_Call], list[Tensor | None], bool]:
+        """Per group, the masked and the unmasked tensors that have gradients, with their state lists;
+        every parameter's gradient (read fresh, in parameter order); whether all of them passed
+        :func:`sparsetrain.scan.grads`'s common-case checks.
 
-        Cached: rebuilt only when the parameter set, the gradient presence or the pruning layout
-        changes, so a steady training loop rebuilds nothing. Gradients are read fresh every step.
+        The calls are cached: rebuilt only when the parameter set (the objects themselves), the
+        gradient presence or the pruning layout changes, so a steady training loop rebuilds nothing.
         """
-        presence = tuple(p.grad is not None for g in self.param_groups for p in g["params"])
-        key = (self._layout_version, presence, self.uses_groups, tuple(self._algo_states(g) for g in self.param_groups))
+        grads, presence, ids, plain = scan.grads([g["params"] for g in self.param_groups])
+        key = (self._layout_version, ids, presence, self.uses_groups, tuple(map(self._algo_states, self.param_groups)))
         key += (torch.compiler.is_compiling(),)  # traced steps get plain lists (dynamo cannot pass TensorList)
         if key != self._calls_key:
             self._calls_cache = self._build_calls()
             self._calls_key = key
-        return self._calls_cache
+        return self._calls_cache, grads, plain
 
     def _build_calls(self) -> list[_Call]:
         calls = []
@@ -417,11 +430,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         events.refuse_capture(self._pending_prune)
         cached, self._found_inf_cache = self._found_inf_cache, None
         prune = self._pending_prune
-        calls = self._calls()
+        calls, every_grad, plain = self._calls()
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
-            validation.step_tensors(calls, backend, sharded=self.shard_sync is not None)  # before any launch
-            grads = [[distributed.local(p.grad) for p in call.sources] for call in calls]
+            sharded = self.shard_sync is not None
+            if sharded or not plain:  # plain: scan.grads found every check below passed
+                validation.step_tensors(calls, backend, sharded=sharded)  # before any launch
+            if sharded:
+                grads = [[distributed.local(p.grad) for p in call.sources] for call in calls]
+            else:
+                grads = [call.grads(every_grad) for call in calls]
             sd_used = self.uses_sd and self.regularize
             found_inf = cached if cached is not None else self._found_inf([g for gs in grads for g in gs])
             found_inf = distributed.prepare_step(  # cached: already summed across ranks by nonfinite_grads()

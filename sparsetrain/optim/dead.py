@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from .. import masks as mask_format
+from .. import scan
 
 
 def versions(params: list[Tensor]) -> list[int]:
-    return [p._version for p in params]
+    return scan.versions(params)
 
 
 def rezero_written(

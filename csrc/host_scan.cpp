@@ -1,0 +1,198 @@
+// Scans of tensor lists for the optimizers' host path (sparsetrain/scan.py), one C call per list.
+//
+// A step reads, for every parameter, its gradient and a few properties (dtype, shape, device,
+// layout, contiguity, data pointer, version counter). Read attribute by attribute from Python these
+// cost a few hundred nanoseconds per tensor, which for a few hundred tensors is more than the kernels
+// of a step take on a GPU. These functions read them in one pass over a Python list. Objects that are
+// not exactly torch.Tensor / nn.Parameter (subclasses may override attributes) and active torch
+// function modes are handled through Python attribute access, as sparsetrain/scan.py's fallbacks do,
+// so results never differ from Python's.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Whether ``obj`` can be read in C++ exactly as Python reads it: a plain Tensor or Parameter.
+bool plain(PyObject* obj) { return THPVariable_CheckExact(obj) && !at::impl::torch_function_mode_enabled(); }
+
+bool steppable_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// The checks every backend applies to a (parameter, gradient) pair, all passing, on the common layout:
+// both dense and contiguous, same dtype (fp32, bf16 or fp16), shape and device.
+bool plain_pair(const at::Tensor& p, const at::Tensor& g) {
+  return p.layout() == at::kStrided && g.layout() == at::kStrided && g.scalar_type() == p.scalar_type() &&
+         steppable_dtype(p.scalar_type()) && g.sizes().equals(p.sizes()) && g.device() == p.device() &&
+         p.is_contiguous() && g.is_contiguous();
+}
+
+// ``arg`` as a list or tuple (a new reference), or nullptr with a TypeError.
+PyObject* sequence(PyObject* arg, const char* name) {
+  if (!PyList_Check(arg) && !PyTuple_Check(arg)) {
+    PyErr_Format(PyExc_TypeError, "%s expects a list or tuple of tensors, got %s", name, Py_TYPE(arg)->tp_name);
+    return nullptr;
+  }
+  Py_INCREF(arg);
+  return arg;
+}
+
+// Owns the reference ``sequence`` returned.
+struct Items {
+  PyObject* seq;
+  explicit Items(PyObject* s) : seq(s) {}
+  Items(Items&& other) noexcept : seq(other.seq) { other.seq = nullptr; }
+  Items(const Items&) = delete;
+  Items& operator=(const Items&) = delete;
+  ~Items() { Py_XDECREF(seq); }
+  Py_ssize_t size() const { return PySequence_Fast_GET_SIZE(seq); }
+  PyObject* operator[](Py_ssize_t i) const { return PySequence_Fast_GET_ITEM(seq, i); }
+};
+
+// grads(lists) -> (grads, presence, ids, plain) over the tensors of ``lists`` (a sequence of lists of
+// parameters, e.g. each param group's), in order: each one's .grad (None when absent); a bytes object
+// with 1 where a gradient is present; the objects' ids as native unsigned 64-bit integers (bytes, so
+// that a parameter replaced by another object changes it); whether every present gradient passed
+// plain_pair (objects not plain count as not passing).
+PyObject* grads(PyObject* /*self*/, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  Items lists(sequence(arg, "grads"));
+  if (!lists.seq) return nullptr;
+  std::vector<Items> groups;
+  Py_ssize_t n = 0;
+  for (Py_ssize_t j = 0; j < lists.size(); ++j) {
+    groups.emplace_back(sequence(lists[j], "grads: each item"));
+    if (!groups.back().seq) return nullptr;
+    n += groups.back().size();
+  }
+  PyObject* out = PyList_New(n);
+  if (!out) return nullptr;
+  PyObject* presence = PyBytes_FromStringAndSize(nullptr, n);
+  PyObject* ids = PyBytes_FromStringAndSize(nullptr, n * static_cast<Py_ssize_t>(sizeof(uint64_t)));
+  if (!presence || !ids) {
+    Py_DECREF(out);
+    Py_XDECREF(presence);
+    Py_XDECREF(ids);
+    return nullptr;
+  }
+  char* present = PyBytes_AS_STRING(presence);
+  char* id_bytes = PyBytes_AS_STRING(ids);
+  bool all_plain = true;
+  Py_ssize_t i = 0;
+  for (const Items& group : groups) {
+    for (Py_ssize_t k = 0; k < group.size(); ++k, ++i) {
+      PyObject* obj = group[k];
+      const uint64_t id = reinterpret_cast<uintptr_t>(obj);
+      std::memcpy(id_bytes + i * sizeof(uint64_t), &id, sizeof(uint64_t));
+      PyObject* grad = nullptr;
+      if (plain(obj)) {
+        const at::Tensor& p = THPVariable_Unpack(obj);
+        const at::Tensor& g = p.grad();
+        if (g.defined()) {
+          grad = THPVariable_Wrap(g);
+          if (grad && all_plain) all_plain = THPVariable_CheckExact(grad) && plain_pair(p, g);
+        } else {
+          Py_INCREF(Py_None);
+          grad = Py_None;
+        }
+      } else {
+        grad = PyObject_GetAttrString(obj, "grad");
+        all_plain = all_plain && grad == Py_None;
+      }
+      if (!grad) {
+        Py_DECREF(out);
+        Py_DECREF(presence);
+        Py_DECREF(ids);
+        return nullptr;
+      }
+      present[i] = grad != Py_None;
+      PyList_SET_ITEM(out, i, grad);
+    }
+  }
+  return Py_BuildValue("(NNNO)", out, presence, ids, all_plain ? Py_True : Py_False);
+  END_HANDLE_TH_ERRORS
+}
+
+// A list of one integer per tensor: value(tensor) for plain tensors, else the Python attribute / method.
+template <typename Value>
+PyObject* per_tensor(PyObject* arg, const char* name, const char* attribute, bool call, Value value) {
+  Items items(sequence(arg, name));
+  if (!items.seq) return nullptr;
+  const Py_ssize_t n = items.size();
+  PyObject* out = PyList_New(n);
+  if (!out) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = items[i];
+    PyObject* item = nullptr;
+    if (plain(obj)) {
+      item = PyLong_FromLongLong(value(THPVariable_Unpack(obj)));
+    } else {
+      item = call ? PyObject_CallMethod(obj, attribute, nullptr) : PyObject_GetAttrString(obj, attribute);
+    }
+    if (!item) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, i, item);
+  }
+  return out;
+}
+
+// versions(tensors) -> [t._version for t in tensors]
+PyObject* versions(PyObject* /*self*/, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  return per_tensor(arg, "versions", "_version", false, [](const at::Tensor& t) {
+    return static_cast<long long>(t._version());
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// data_ptrs(tensors) -> [t.data_ptr() for t in tensors]
+PyObject* data_ptrs(PyObject* /*self*/, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  return per_tensor(arg, "data_ptrs", "data_ptr", true, [](const at::Tensor& t) {
+    return static_cast<long long>(reinterpret_cast<intptr_t>(t.data_ptr()));
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// all_contiguous(tensors) -> all(t.is_contiguous() for t in tensors)
+PyObject* all_contiguous(PyObject* /*self*/, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  Items items(sequence(arg, "all_contiguous"));
+  if (!items.seq) return nullptr;
+  const Py_ssize_t n = items.size();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = items[i];
+    if (plain(obj)) {
+      if (!THPVariable_Unpack(obj).is_contiguous()) Py_RETURN_FALSE;
+      continue;
+    }
+    PyObject* result = PyObject_CallMethod(obj, "is_contiguous", nullptr);
+    if (!result) return nullptr;
+    const int truth = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    if (truth < 0) return nullptr;
+    if (!truth) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"grads", grads, METH_O, "grads(lists of params) -> (grads, presence bytes, id bytes, all present gradients plain)"},
+    {"versions", versions, METH_O, "versions(tensors) -> list of version counters"},
+    {"data_ptrs", data_ptrs, METH_O, "data_ptrs(tensors) -> list of data pointers"},
+    {"all_contiguous", all_contiguous, METH_O, "all_contiguous(tensors) -> bool"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+PyMethodDef* sparsetrain_scan_methods() { return methods; }

@@ -1,0 +1,69 @@
+"""Scans of tensor lists on the step's host path, one call per list.
+
+A fused step reads a few properties of every parameter and gradient (the gradient itself, its dtype,
+shape, device, layout and contiguity, data pointers, version counters). Read attribute by attribute
+in Python this costs a few hundred nanoseconds per tensor, for a few hundred tensors more than the
+step's kernels take on a GPU. The native extension (``sparsetrain._C``, ``csrc/host_scan.cpp``) reads
+them in one C++ pass per list; without it (or with an extension built before these functions
+existed) the Python fallbacks here compute the same results. Both give identical answers: tensor
+subclasses and active torch function modes are read through Python attributes by the C++ side too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from array import array
+from collections.abc import Sequence
+from functools import cache
+from types import ModuleType
+
+from torch import Tensor
+
+_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous")
+
+
+@cache
+def native() -> ModuleType | None:
+    """The extension module when it is importable and has the scans, else ``None`` (Python fallbacks)."""
+    try:
+        module = importlib.import_module("sparsetrain._C")
+    except ImportError:
+        return None
+    return module if all(hasattr(module, name) for name in _FUNCTIONS) else None
+
+
+def grads(lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor | None], bytes, bytes, bool]:
+    """``(grads, presence, ids, plain)`` for the tensors of ``lists`` (e.g. each param group's ``params``), in order.
+
+    ``grads``: each tensor's ``.grad`` (``None`` when absent). ``presence``: one byte per tensor, 1 where
+    it has a gradient. ``ids``: the tensors' ``id()`` as native unsigned 64-bit integers, so that a
+    tensor replaced by another object changes it. ``plain`` is ``True`` only when every present
+    gradient was checked and found in the common case: parameter and gradient exact ``torch.Tensor`` /
+    ``nn.Parameter`` objects, dense and contiguous, of one dtype (fp32, bf16 or fp16), one shape and
+    one device. ``False`` says nothing (the Python fallback checks nothing): the caller then runs its
+    full checks (:func:`sparsetrain.validation.step_tensors`).
+    """
+    module = native()
+    if module is not None:
+        return module.grads(lists)
+    tensors = [t for ts in lists for t in ts]
+    found = [t.grad for t in tensors]
+    return found, bytes(g is not None for g in found), array("Q", map(id, tensors)).tobytes(), False
+
+
+def versions(tensors: list[Tensor]) -> list[int]:
+    """``[t._version for t in tensors]`` (version counters, bumped by in-place writes)."""
+    module = native()
+    return module.versions(tensors) if module is not None else [t._version for t in tensors]
+
+
+def data_ptrs(tensors: list[Tensor]) -> list[int]:
+    """``[t.data_ptr() for t in tensors]``."""
+    module = native()
+    return module.data_ptrs(tensors) if module is not None else [t.data_ptr() for t in tensors]
+
+
+def all_contiguous(tensors: list[Tensor]) -> bool:
+    """``all(t.is_contiguous() for t in tensors)``."""
+    module = native()
+    return module.all_contiguous(tensors) if module is not None else all(t.is_contiguous() for t in tensors)

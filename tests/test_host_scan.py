@@ -1,0 +1,203 @@
+"""The step's list scans (sparsetrain.scan: C++ in sparsetrain._C, Python fallbacks) and the fast path
+they open: what changes between steps, after the calls and the launch plan are cached, is still seen."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+from conftest import triton_usable
+from helpers import make_params, set_grads
+from test_hostile_input import Snapshot
+
+import sparsetrain
+from sparsetrain import backends, scan
+
+NATIVE_SCANS = scan.native() is not None
+
+
+@pytest.fixture(params=["python", pytest.param("native", marks=pytest.mark.skipif(not NATIVE_SCANS, reason="no _C"))])
+def impl(request, monkeypatch):
+    """Run a test with the extension's scans and with the Python fallbacks."""
+    if request.param == "python":
+        monkeypatch.setattr(scan, "native", lambda: None)
+    return request.param
+
+
+def _backends():
+    out = ["torch"]
+    for name in ("triton", "native"):
+        usable = backends.runs_on(name, torch.device("cpu"))[0] if name == "native" else triton_usable()[0]
+        out.append(pytest.param(name, marks=pytest.mark.skipif(not usable, reason=f"{name} backend unusable")))
+    return out
+
+
+class Sub(torch.Tensor):
+    """A tensor subclass: scans read it through Python attributes."""
+
+
+def _mixed() -> list[torch.Tensor]:
+    ps = make_params([(4, 3), (5,), (2, 3, 2), (6,)], seed=3)
+    sub = torch.Tensor._make_subclass(Sub, torch.randn(3), True)
+    transposed = torch.randn(3, 4).t().requires_grad_()
+    ps[0].grad = torch.randn(4, 3)
+    ps[2].grad = torch.randn(2, 3, 2)
+    sub.grad = torch.randn(3)
+    transposed.grad = torch.randn(4, 3)
+    return [*ps, sub, transposed]
+
+
+def test_scans_read_what_python_reads(impl):
+    tensors = _mixed()
+    lists = [tensors[:2], tuple(tensors[2:5]), [], tensors[5:]]
+    with torch.no_grad():
+        tensors[1].add_(1)  # a version counter that is not 0
+    grads, presence, ids, plain = scan.grads(lists)
+    assert len(grads) == len(tensors) and all(g is t.grad for g, t in zip(grads, tensors))
+    assert presence == bytes(t.grad is not None for t in tensors)
+    assert ids == array("Q", map(id, tensors)).tobytes()
+    assert plain is False  # a subclass and a transposed parameter are among them
+    assert scan.versions(tensors) == [t._version for t in tensors] and scan.versions(tensors)[1] == 1
+    assert scan.data_ptrs(tuple(tensors)) == [t.data_ptr() for t in tensors]
+    assert scan.all_contiguous(tensors[:5]) is True and scan.all_contiguous(tensors) is False
+    with pytest.raises(AttributeError):
+        scan.versions([tensors[0], 3])
+
+
+def _plain_case(case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    p = torch.randn(4, 6, requires_grad=True)
+    g = torch.randn(4, 6)
+    if case == "grad_dtype":
+        p.grad_dtype = None  # lets the parameter hold a gradient of another dtype
+        g = g.half()
+    elif case == "transposed_grad":
+        g = torch.randn(6, 4).t()
+    elif case == "channels_last":
+        p = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+        g = torch.randn(2, 3, 4, 4)
+    elif case == "sparse_grad":
+        g = g.to_sparse()
+    elif case == "fp64":
+        p, g = p.detach().double().requires_grad_(), g.double()
+    elif case == "subclass_grad":
+        g = torch.Tensor._make_subclass(Sub, g)
+    elif case == "none":
+        g = None
+    elif case == "bf16":
+        p, g = p.detach().bfloat16().requires_grad_(), g.bfloat16()
+    return p, g
+
+
+@pytest.mark.skipif(not NATIVE_SCANS, reason="sparsetrain._C without the scans")
+@pytest.mark.parametrize(
+    "case, plain",
+    [("same", True), ("bf16", True), ("none", True), ("grad_dtype", False), ("transposed_grad", False),
+     ("channels_last", False), ("sparse_grad", False), ("fp64", False), ("subclass_grad", False)],
+)  # fmt: skip
+def test_plain_only_when_every_check_passes(case, plain):
+    p, g = _plain_case(case)
+    p.grad = g
+    other = torch.randn(3, requires_grad=True)
+    other.grad = torch.randn(3)
+    grads, presence, _, found = scan.grads([[other, p]])
+    assert grads[1] is p.grad and presence == bytes([1, g is not None])
+    assert found is plain
+
+
+@pytest.mark.skipif(not NATIVE_SCANS, reason="sparsetrain._C without the scans")
+def test_a_torch_function_mode_reads_through_python():
+    seen = []
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.randn(3)
+    with Mode():
+        grads, _, _, plain = scan.grads([[p]])
+    assert grads[0] is p.grad and plain is False and seen  # the mode saw the reads
+
+
+# ------------------------------------------------------------- changes after the plan is cached
+def _stepped(backend, pruning=True):
+    params = make_params([(7, 5), (33,), (2, 3, 3), (6,)], seed=5)
+    opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    if pruning:
+        for p in params[:3]:
+            opt.enable_pruning(p)
+            opt.set_coefs(p, l2=1e-3)
+    for step in range(3):  # the calls and the backend's plan are cached now
+        set_grads([params], step)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ["fp16_grad", "sparse_grad", "resized_grad"])
+def test_a_bad_gradient_after_cached_steps_is_refused_before_any_update(impl, backend, case):
+    opt, params = _stepped(backend)
+    set_grads([params], 9)
+    dense = params[1].grad
+    if case == "fp16_grad":
+        params[2].grad.data = params[2].grad.data.half()
+        match = r"parameter 2 of param group 0 \(shape \(2, 3, 3\), dtype torch.float32.*has a gradient of"
+    elif case == "resized_grad":
+        params[3].grad.data = torch.zeros(2, 3)
+        match = r"parameter 3 of param group 0 \(shape \(6,\).*has a gradient of shape \(2, 3\)"
+    snap = Snapshot(opt)
+    if case == "sparse_grad":
+        params[1].grad = dense.to_sparse()
+        match = r"parameter 1 of param group 0 \(shape \(33,\).*has a sparse gradient"
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    params[1].grad = dense  # (the snapshot compares dense gradients)
+    snap.unchanged()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_non_contiguous_gradients_after_cached_steps_step_as_contiguous_ones(impl, backend):
+    opt, params = _stepped(backend)
+    twin, twin_params = _stepped(backend)
+    set_grads([params, twin_params], 11)
+    params[0].grad = params[0].grad.t().contiguous().t()  # same values, transposed strides
+    params[2].grad = params[2].grad.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not params[0].grad.is_contiguous() and not params[2].grad.is_contiguous()
+    opt.schedule_pruning("stochastic")
+    twin.schedule_pruning("stochastic")
+    opt.step()
+    twin.step()
+    for p, q in zip(params, twin_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.mask(p), twin.mask(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ["replaced", "appended"])
+def test_a_parameter_replaced_or_added_in_a_group_list_is_stepped(impl, backend, case):
+    params = make_params([(7, 5), (33,), (6,)], seed=8)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = sparsetrain.optim.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+    for step in range(2):
+        set_grads([params, ref_params], step)
+        opt.step()
+        ref.step()
+    new = make_params([(4, 3)], seed=9)[0]
+    for optimizer, tensor in ((opt, new), (ref, new.detach().clone().requires_grad_())):
+        group = optimizer.param_groups[0]["params"]
+        if case == "replaced":
+            group[1] = tensor
+        else:
+            group.append(tensor)
+    now = opt.param_groups[0]["params"]
+    ref_now = ref.param_groups[0]["params"]
+    for step in range(2, 4):
+        set_grads([now, ref_now], step)
+        opt.step()
+        ref.step()
+    for p, q in zip(now, ref_now):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(new, make_params([(4, 3)], seed=9)[0])  # the new tensor was stepped
