@@ -29,9 +29,17 @@ launch before it reduces fixed segments of the partials in parallel (``reduce_pa
 so that no single program walks megabytes of partials serially; the order stays fixed.
 Runtime values (lr, coefficients, seeds, steps) are arguments or live in device memory; only
 structural switches are ``tl.constexpr``. QUAD_STREAM (every shard offset a multiple of 4, so every
-block starts on a quad of the random stream) lets a block draw its uniforms with one Philox call per
-four elements; without it each element makes its own call (same values). WIDE_GROUPS (a group run
-or a group count too large for the 32-bit group index, see _div_small) computes j(i) in 64 bits.
+block starts on a quad of the random stream, and no block straddles a multiple of 2**34 elements)
+lets a block draw its uniforms with one Philox call per four elements; without it each element
+makes its own call (same values). WIDE_GROUPS (a group run or a group count too large for the
+32-bit group index, see _div_small) computes j(i) in 64 bits.
+Instruction count (tests/issue_time.py reads it from the compiled code): inside a block nothing
+branches on a decision or a random number, so the elements' alive and keep predicates are never
+held across a branch (ptxas would park them in general registers, a few instructions each). A
+dead element's values go through the arithmetic and are discarded by the selects of the stores;
+a stochastic event draws the random numbers of every live block (a tensor that samples none has
+q = 0); the kernel statistic's terms are computed on every statistics step (dropped at the end of
+the program when no scale exists).
 
 Dtypes: parameters and gradients fp32 / bf16 / fp16, optimizer states fp32 or the parameter's dtype
 (one launch per pair present; math in fp32, states rounded once when stored), statistics fp64,
@@ -242,7 +250,8 @@ def fused_step_kernel(
             # sampling needs all three > 0 (integer flags: the interpreter has no scalar-bool &)
             sample = tl.where(count > 0, 1, 0) * tl.where(kernel_sum > 0, 1, 0) * tl.where(tm > 0, 1, 0)
             # c / UNIFORM_SCALE: the decision compares draws, uniforms / UNIFORM_SCALE (see stream_random)
-            sample_c = count / (tl.where(sample != 0, kernel_sum, 1.0) * UNIFORM_SCALE)
+            # 0 for a tensor that samples none (q = 0: every element is kept)
+            sample_c = tl.where(sample != 0, count / (tl.where(sample != 0, kernel_sum, 1.0) * UNIFORM_SCALE), 0.0)
             inv_tm = (1.0 / tl.where(sample != 0, tm, 1.0)) * NEG_LOG2E  # exp(-|w| / tm) = exp2(|w| * inv_tm)
             keys = philox_keys(tl.load(seeds + t))  # the key schedule, once per program
         threshold = tl.load(coef_ptr + COEF_THRESHOLD) if (PRUNE == PRUNE_LOW or PRUNE == PRUNE_HIGH) else 0.0
@@ -281,7 +290,7 @@ def fused_step_kernel(
                         state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
+                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale,
                         sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
@@ -296,7 +305,7 @@ def fused_step_kernel(
                         state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale, sample,
+                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale,
                         sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                         HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
@@ -307,7 +316,7 @@ def fused_step_kernel(
                     )
         if HAS_STATS:  # the program's partial row
             out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
-            tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g))
+            tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
     elif HAS_STATS:  # a dead group (or a skipped step): its partials are zero
         out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
@@ -318,7 +327,7 @@ def _step_block(
     local, numel, words, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
     shard_offset, group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
     one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
+    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
     nm_n,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -353,8 +362,9 @@ def _step_block(
             vmax_old = load_block_f32(state3_ptr, offs, start, io, ALIGNED, FULL)
     elif HAS_MOMENTUM:
         buf_old = load_block_f32(state1_ptr, offs, start, io, ALIGNED, FULL)
-    g_raw = tl.where(live, g_raw, 0.0)
-    w = tl.where(live, w_in, 0.0)
+    # a dead element's values take part in the arithmetic below but never in a result: every store,
+    # mask bit and statistic selects on `live` / `keep` (predicated blocks read zeros for them)
+    w = w_in
     g = -g_raw if MAXIMIZE else g_raw
 
     # regularization gradient; terms whose per-tensor coefficient is zero are skipped by uniform branches
@@ -413,15 +423,13 @@ def _step_block(
     # pruning decision on the updated weights
     keep = live
     if PRUNE == PRUNE_STOCHASTIC:
-        if sample != 0:  # uniform per tensor: no random numbers are drawn for a tensor that samples none
-            # q = min(c * exp(-|w| / tm), 1); u < 1 always, so u >= q is u >= c * exp(-|w| / tm); compared
-            # as draw >= q / UNIFORM_SCALE (equal up to roundings of relative 2**-24, inside the tie band)
-            q = sample_c * tl.exp2(tl.abs(w) * inv_tm)
-            if QUAD_STREAM:  # one Philox call per four elements
-                draw = block_uniforms(keys, local * (WORDS * 32) + shard_offset, WORDS, True)
-            else:  # some shard starts inside a quad of the stream: one call per element
-                draw = element_uniforms(keys, global_offs, True)
-            keep = live & (draw >= q)
+        # branch-free: a tensor that samples none has sample_c = 0, so q = 0 and every element is kept
+        q = sample_c * tl.exp2(tl.abs(w) * inv_tm)
+        if QUAD_STREAM:  # one Philox call per four elements
+            draw = block_uniforms(keys, local * (WORDS * 32) + shard_offset, WORDS, True, True)
+        else:  # some shard starts inside a quad of the stream: one call per element
+            draw = element_uniforms(keys, global_offs, True, True)
+        keep = live & ~(tl.abs(draw) < q)  # as the reference: a NaN q (a NaN weight) prunes nothing
     elif PRUNE == PRUNE_LOW:
         keep = live & (tl.abs(w) >= threshold)
     elif PRUNE == PRUNE_HIGH:
@@ -444,7 +452,8 @@ def _step_block(
     elif HAS_MOMENTUM:
         store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
     if HAS_MASK and PRUNE != PRUNE_NONE:  # without a decision the mask words cannot change
-        new_words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, :], axis=1)  # packed as unpack_live reads
+        bits = tl.where(keep, 1 << tl.arange(0, 32)[None, :], 0)
+        new_words = tl.sum(bits, axis=1)  # packed as unpack_live reads
         tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
 
     part_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
@@ -452,12 +461,17 @@ def _step_block(
     part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
     if HAS_STATS:
-        abs_w = tl.abs(w)
+        # step * 0: +0.0 that the compiler cannot see as a constant, so selects stay before the fp64
+        # conversion (one select of a 32-bit value, where a constant zero makes it two of the 64-bit one)
+        zero = step * 0.0
+        abs_w = tl.abs(tl.where(keep, w, zero))
         part_alive = _quad_sums(keep.to(tl.int32), WORDS)  # exact count, summed as integers
         part_w = _quad_sums(abs_w.to(tl.float64), WORDS)
-        if kernel_on != 0:
-            part_kernel = _quad_sums(tl.where(keep, tl.exp2(abs_w * inv_tm_now), 0.0).to(tl.float64), WORDS)
-        part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), 0.0).to(tl.float64), WORDS)
+        # computed also while the kernel is off (kernel_on = 0: the program's sum is dropped at its end),
+        # so that no branch splits the block while the decisions are held
+        kernel_arg = tl.where(keep, abs_w * inv_tm_now, float("-inf"))  # exp2(-inf) = 0: pruned and dead
+        part_kernel = _quad_sums(tl.exp2(kernel_arg).to(tl.float64), WORDS)
+        part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), zero).to(tl.float64), WORDS)
     return part_alive, part_w, part_kernel, part_g
 
 
@@ -497,10 +511,12 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _partial_row(alive, sum_w, sum_kernel, sum_g):
-    """The four fixed-order sums of a program's per-thread statistics, as one [4] row."""
+def _partial_row(alive, sum_w, sum_kernel, sum_g, kernel_on):
+    """The four fixed-order sums of a program's per-thread statistics, as one [4] row (the kernel sum
+    0 unless kernel_on: without a scale of the previous step the kernel terms are undefined)."""
     i = tl.arange(0, NUM_PARTIALS)
     a, b, c, d = tl.sum(alive).to(tl.float64), tl.sum(sum_w), tl.sum(sum_kernel), tl.sum(sum_g)
+    c = tl.where(kernel_on != 0, c, 0.0)
     return tl.where(i == 0, a, tl.where(i == 1, b, tl.where(i == 2, c, d)))
 
 

@@ -40,26 +40,26 @@ def philox_keys(seed):
 @triton.jit
 def _rand4x(keys, offset):
     """``tl.rand4x(seed, offset)`` for int64 ``offset``, ``keys = philox_keys(seed)`` (Philox4x32-10)."""
-    c0, c1, c2, c3 = _philox(keys, offset)
+    c0, c1, c2, c3 = _philox(keys, offset.to(tl.uint32), (offset >> 32).to(tl.uint32))
     return _uniform(c0), _uniform(c1), _uniform(c2), _uniform(c3)
 
 
 @triton.jit
-def _draw4x(keys, offset):
+def _draw4x(keys, low, high, SIGNED: tl.constexpr = False):
     """The four words of ``_rand4x`` as draws: ``|float(int32 word)|``, which times ``UNIFORM_SCALE``
     is the uniform up to one rounding (relative 2**-24; the uniform widens ``-x - 1``, the draw
     ``-x``): compare a draw with ``q / UNIFORM_SCALE`` instead of a uniform with ``q``, two
-    instructions per element instead of five."""
-    c0, c1, c2, c3 = _philox(keys, offset)
-    return _draw(c0), _draw(c1), _draw(c2), _draw(c3)
+    instructions per element instead of five. The counter is ``low + 2**32 * high`` (uint32 words)."""
+    c0, c1, c2, c3 = _philox(keys, low, high)
+    return _draw(c0, SIGNED), _draw(c1, SIGNED), _draw(c2, SIGNED), _draw(c3, SIGNED)
 
 
 @triton.jit
-def _philox(keys, offset):
-    """The four uint32 words of Philox4x32-10 at counter (offset, 0, 0), as ``tl.randint4x``; ``keys``
-    from ``philox_keys``."""
-    c0 = offset.to(tl.uint32)
-    c1 = (offset >> 32).to(tl.uint32)
+def _philox(keys, c0, c1):
+    """The four uint32 words of Philox4x32-10 at counter (c0 + 2**32 * c1, 0, 0), as ``tl.randint4x``;
+    ``keys`` from ``philox_keys``. ``c1`` may be a scalar (a block of consecutive counters that share
+    their high word): the first round's output word 0 and the second round's product of it are then
+    one value for the whole block, not one per call."""
     zero = c0 * 0
     c2 = zero
     c3 = zero
@@ -74,8 +74,11 @@ def _philox(keys, offset):
 
 
 @triton.jit
-def _draw(x):
-    return tl.abs(x.to(tl.int32, bitcast=True).to(tl.float32))
+def _draw(x, SIGNED: tl.constexpr = False):
+    """``|float(int32 word)|``; SIGNED: ``float(int32 word)``, the draw's sign left to the caller (whose
+    compare can then take the absolute value for free)."""
+    value = x.to(tl.int32, bitcast=True).to(tl.float32)
+    return value if SIGNED else tl.abs(value)
 
 
 @triton.jit
@@ -87,26 +90,29 @@ def _uniform(x):
 
 
 @triton.jit
-def block_uniforms(keys, block_start, WORDS: tl.constexpr, DRAWS: tl.constexpr = False):
+def block_uniforms(keys, block_start, WORDS: tl.constexpr, DRAWS: tl.constexpr = False, SIGNED: tl.constexpr = False):
     """Uniforms of elements ``block_start + [0, WORDS * 32)`` laid out [WORDS, 32] (element 32 r + c at
     [r, c]); ``block_start`` must be a multiple of 4. One Philox call per 4 elements: the four words
     of quad k land on the four consecutive elements 4k .. 4k + 3, interleaved in registers. DRAWS:
-    draws (see ``_draw4x``) instead of uniforms."""
-    quads = (block_start >> 2) + (tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.int64)
+    draws (see ``_draw4x``) instead of uniforms; SIGNED: draws before their absolute value (``_draw``).
+    With DRAWS the block must not straddle a multiple of 2**34 elements (its counters i >> 2 share
+    their high word, which the calls then take as one value)."""
+    quad = tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]  # quads of the block, [WORDS, 8]
+    first = (block_start >> 2).to(tl.int64)
     if DRAWS:
-        u0, u1, u2, u3 = _draw4x(keys, quads)
+        u0, u1, u2, u3 = _draw4x(keys, first.to(tl.uint32) + quad.to(tl.uint32), (first >> 32).to(tl.uint32), SIGNED)
     else:
-        u0, u1, u2, u3 = _rand4x(keys, quads)
+        u0, u1, u2, u3 = _rand4x(keys, first + quad.to(tl.int64))
     u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [WORDS, 8, 2, 2], [r, k, b, a] = word 2 b + a
     return tl.reshape(u, [WORDS, 32])
 
 
 @triton.jit
-def element_uniforms(keys, index, DRAWS: tl.constexpr = False):
-    """Uniforms (DRAWS: draws) of arbitrary element indices (one Philox call each; for blocks not
-    starting at a multiple of 4, such as a shard at an odd offset)."""
+def element_uniforms(keys, index, DRAWS: tl.constexpr = False, SIGNED: tl.constexpr = False):
+    """Uniforms (DRAWS: draws, SIGNED as in ``block_uniforms``) of arbitrary element indices (one
+    Philox call each; for blocks not starting at a multiple of 4, such as a shard at an odd offset)."""
     if DRAWS:
-        u0, u1, u2, u3 = _draw4x(keys, index >> 2)
+        u0, u1, u2, u3 = _draw4x(keys, (index >> 2).to(tl.uint32), (index >> 34).to(tl.uint32), SIGNED)
     else:
         u0, u1, u2, u3 = _rand4x(keys, index >> 2)
     lane = index & 3

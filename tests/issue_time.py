@@ -49,7 +49,7 @@ def full_block_kernel(
     param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, partials, numel, shard_offset,
     group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum, one_minus_dampening,
     beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd,
-    inv_scale, sample, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+    inv_scale, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
@@ -74,7 +74,7 @@ def full_block_kernel(
                 state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, group_rem + b * (WORDS * 32), group_first,
                 inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
                 one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-                bias_correction2_sqrt, l2, l1, sd, inv_scale, sample, sample_c, inv_tm, keys, threshold, kernel_on,
+                bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on,
                 inv_tm_now, 0, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
                 HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS, True, 1,
             )  # fmt: skip
@@ -83,12 +83,12 @@ def full_block_kernel(
             )
     if HAS_STATS:
         out = partials + tl.program_id(0).to(tl.int64) * fused_step.NUM_PARTIALS + tl.arange(0, fused_step.NUM_PARTIALS)
-        tl.store(out, fused_step._partial_row(acc_alive, acc_w, acc_kernel, acc_g))
+        tl.store(out, fused_step._partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
 
 
 POINTERS = ["param_ptr", "grad_ptr", "state1_ptr", "state2_ptr", "state3_ptr", "mask_ptr", "group_ptr", "partials"]
 SCALARS = {"numel": "i64", "shard_offset": "i64", "group_rem": "i32", "group_first": "i32", "inner": "i32"}
-SCALARS |= {"groups": "i32", "sample": "i32", "seed": "i64", "kernel_on": "i32"}
+SCALARS |= {"groups": "i32", "seed": "i64", "kernel_on": "i32"}
 FLOATS = [
     "lr", "weight_decay", "momentum", "one_minus_dampening", "beta2", "one_minus_beta1", "one_minus_beta2", "eps",
     "decay_factor", "step", "step_size", "bias_correction2_sqrt", "l2", "l1", "sd", "inv_scale", "sample_c", "inv_tm",

@@ -42,7 +42,7 @@ def test_kernels_lower_for_sm90_without_spills():
 
 # Issue time / memory floor of the fused step's cases, from the sm_90 SASS (method: tests/issue_time.py).
 # Cases still above their target fail strictly as expected failures, so meeting a target is noticed.
-NOT_MET = {"adamw fp32 non-event, statistics kept", "sgd bf16 event, bf16 states", "adamw bf16 event, bf16 states"}
+NOT_MET = {"sgd bf16 event, bf16 states", "adamw bf16 event, bf16 states"}
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +79,9 @@ def test_issue_time_within_target_of_the_memory_floor(issue_report, case):
 
 
 # Every data load of a block in flight before the first use of a loaded value (one memory round trip per
-# block), read from the same SASS. ptxas still places one AdamW load after the first uses of the others.
-LOADS_LATE = {
-    "adamw fp32 event", "adamw bf16 event", "adamw fp32 non-event, statistics kept", "adamw bf16 event, bf16 states",
-}  # fmt: skip
-
-
+# block), read from the same SASS.
 def _load_cases():
-    names = [case if isinstance(case, str) else case.values[0] for case in _cases()]
-    late = pytest.mark.xfail(strict=True, reason="a load after a first use")
-    return [pytest.param(name, marks=late) if name in LOADS_LATE else name for name in names]
+    return [case if isinstance(case, str) else case.values[0] for case in _cases()]
 
 
 @pytest.mark.parametrize("case", _load_cases())

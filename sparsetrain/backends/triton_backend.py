@@ -126,10 +126,16 @@ class _Plan:
         table[int(fs.ROW_INNER)] = torch.tensor(inners, dtype=torch.int64)
         table[int(fs.ROW_GROUPS)] = torch.tensor(groups, dtype=torch.int64)
         table[int(fs.ROW_SHARD_OFFSET)] = torch.tensor(shard, dtype=torch.int64)
-        self.quad_stream = all(offset % 4 == 0 for offset in shard)  # blocks start on quads of the stream
         self.table = table.to(device)
         self.num_tensors = num_tensors
         self.words, self.blocks = LaunchConfig.words, LaunchConfig.blocks
+        # blocks start on quads of the stream, and none straddles a multiple of 2**34 elements (the
+        # counters i >> 2 of a block share their high word: stream_random.block_uniforms)
+        block = self.words * 32
+        self.quad_stream = all(
+            offset % 4 == 0 and (offset % block == 0 or offset >> 34 == (offset + max(n, 1) - 1) >> 34)
+            for offset, n in zip(shard, numels)
+        )
         # the kernel's 32-bit group index needs 2 * max(inner, groups) + a program's span below 2**31
         span = self.blocks * self.words * 32
         self.wide_groups = 2 * max(max(inners), max(groups)) + span + 2 >= 2**31
