@@ -24,10 +24,12 @@ structurally unless named in ``include``; layers matched by ``exclude`` are Torc
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +169,7 @@ def build_graph(model: nn.Module, example_inputs: Any):
         customized[conv1d] = _conv1d_pruner()
     training = model.training
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _no_kv_cache(model):
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=inputs,
@@ -184,6 +186,69 @@ def build_graph(model: nn.Module, example_inputs: Any):
         model.train(training)
         _reshard(model)
     return graph
+
+
+# A Torch-Pruning group visits a node once per distinct index set reaching it; a legitimate group
+# reaches one node with a handful of them (a split and re-concatenation of the same channels). The
+# rotary embeddings of Llama-style attention (slice halves, negate one, concatenate) make its index
+# mapping diverge instead: every turn around the cycle shifts the indices and the walk never ends.
+MAX_VISITS = 16
+
+
+@contextlib.contextmanager
+def _bounded_walk() -> Iterator[None]:
+    """Make Torch-Pruning's group walk raise StructureError when it revisits a node too often."""
+    tp = require("torch_pruning", "structured pruning")
+    group_type = tp.dependency.Group
+    original = group_type.add_dep
+
+    def add_dep(group, dep, idxs):
+        visits = group.__dict__.setdefault("_sparsetrain_visits", Counter())
+        key = (id(dep.target), getattr(dep.handler, "__name__", id(dep.handler)))
+        visits[key] += 1
+        if visits[key] > MAX_VISITS:
+            raise StructureError(
+                f"Torch-Pruning's channel mapping does not converge through {dep.target.name} (it reaches it "
+                f"with more than {MAX_VISITS} different channel sets, as through rotary position embeddings)"
+            )
+        return original(group, dep, idxs)
+
+    group_type.add_dep = add_dep
+    try:
+        yield
+    finally:
+        group_type.add_dep = original
+
+
+def pruning_group(graph, module: nn.Module, function, idxs: list[int]):
+    """``graph.get_pruning_group(module, function, idxs)``, raising StructureError where its walk diverges.
+
+    Torch-Pruning loops forever on some graphs (Llama's rotary embeddings); the walk is stopped once
+    it reaches one node with more than ``MAX_VISITS`` different channel sets.
+    """
+    with _bounded_walk():
+        return graph.get_pruning_group(module, function, idxs=idxs)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Trace transformers models without their key/value cache (``config.use_cache = False`` meanwhile).
+
+    The cache is inference state, not part of the trained computation, and its concatenation with
+    the (empty) past keys is a node Torch-Pruning cannot size.
+    """
+    changed = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is True:
+            changed[id(config)] = config
+    for config in changed.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in changed.values():
+            config.use_cache = True
 
 
 def _reshard(model: nn.Module) -> None:
@@ -323,7 +388,13 @@ class CoupledGroups:
                 if id(module) in named:
                     raise StructureError(f"layer {name!r} ({type(module).__name__}) has no output channels to prune")
                 continue
-            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            try:
+                tp_group = pruning_group(graph, module, pruner.prune_out_channels, list(range(channels)))
+            except StructureError as exc:
+                if id(module) in named:
+                    raise StructureError(f"layer {name!r} cannot be pruned structurally: {exc}") from exc
+                skipped[name] = str(exc)
+                continue
             for dep, _ in tp_group:
                 if graph.is_out_channel_pruning_fn(dep.handler):
                     covered.add(id(dep.target.module))
@@ -535,7 +606,7 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
             continue
         root = modules[name]
         function = graph.get_pruner_of_module(root).prune_out_channels
-        for item in graph.get_pruning_group(root, function, idxs=list(units)):
+        for item in pruning_group(graph, root, function, list(units)):
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
             slices = _slices(module, getattr(dep.handler, "__name__", ""), dep.target.pruning_dim)
@@ -568,7 +639,7 @@ def remove_units(model: nn.Module, graph, plan: dict[str, list[int]]) -> None:
         if units:
             root = modules[name]
             function = graph.get_pruner_of_module(root).prune_out_channels
-            graph.get_pruning_group(root, function, idxs=list(units)).prune()
+            pruning_group(graph, root, function, list(units)).prune()
 
 
 def _members(tp_group, params: dict[int, tuple[str, str, str]], names: dict[int, str]) -> list[Member] | str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .coupled import build_graph, call_model, flat_tensors, remove_units, unwrap
+from .coupled import StructureError, build_graph, call_model, flat_tensors, pruning_group, remove_units, unwrap
 from .optional import require
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ RTOL = 1e-5
 
 def fold_masks(pruner: Pruner, model: nn.Module) -> None:
     """Multiply each pruned tensor of ``model`` (a copy with plain parameters) by its mask."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under every name
     with torch.no_grad():
         for t in pruner.targets:
             name = t.name if t.name in params else _inner_name(t.name)
@@ -74,7 +74,7 @@ def dead_output_groups(module: nn.Module) -> torch.Tensor:
 def unused_output(graph, module: nn.Module, fn, index: int) -> bool:
     """True when every layer consuming output ``index`` has all-zero weights for it (it is never used)."""
     consumers = 0
-    for dep, idxs in graph.get_pruning_group(module, fn, idxs=[index]):
+    for dep, idxs in pruning_group(graph, module, fn, [index]):
         target = dep.target.module
         if getattr(dep.handler, "__name__", "") != "prune_in_channels" or target is module:
             continue
@@ -99,10 +99,13 @@ def _remove_dead_outputs(pruner: Pruner, graph, modules: dict[str, nn.Module]) -
         else:
             continue
         dead_in = dead_output_groups(module).tolist()
-        dead = [i for i, d in enumerate(dead_in) if d or unused_output(graph, module, fn, i)]
-        if not dead or len(dead) == module.weight.shape[0]:
+        try:
+            dead = [i for i, d in enumerate(dead_in) if d or unused_output(graph, module, fn, i)]
+            if not dead or len(dead) == module.weight.shape[0]:
+                continue
+            group = pruning_group(graph, module, fn, dead)
+        except StructureError:  # Torch-Pruning cannot follow this layer's outputs: it keeps them
             continue
-        group = graph.get_pruning_group(module, fn, idxs=dead)
         if graph.check_pruning_group(group):
             group.prune()
 
@@ -170,7 +173,7 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
         dead = [int(i) for i in torch.nonzero(~alive).flatten()]
         if dead and group.inputs:  # uncoupled input channels
             root = modules[_inner_name(group.name)]
-            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_in_channels, idxs=dead).prune()
+            pruning_group(graph, root, graph.get_pruner_of_module(root).prune_in_channels, dead).prune()
         elif dead:
             remove_units(model, graph, {_inner_name(group.name): dead})
     with torch.no_grad():
