@@ -6,6 +6,8 @@
 // elements, runs the element contract (element.h) on the 32 elements of each live word in fixed-size
 // loops the compiler vectorizes, and writes its own partial statistics. The partials of a tensor are
 // then added in chunk order: statistics (and everything else) do not depend on the thread count.
+// A sampling event draws its uniforms and compacts its candidates with cpu_simd.h's kernels.
+#include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,8 +15,10 @@
 
 #include <algorithm>
 #include <array>
+#include <string>
 #include <type_traits>
 
+#include "cpu_simd.h"
 #include "driver.h"
 
 namespace sparsetrain {
@@ -24,36 +28,30 @@ constexpr int64_t CHUNK_WORDS = 2048;
 constexpr int LANES = 8;
 constexpr int BLOCK_WORDS = 8;  // words handled together: the element loops run over 256 elements
 constexpr int BLOCK = BLOCK_WORDS * 32;
-constexpr int QUADS = BLOCK / 4;  // Philox calls per block
 
 struct Partials {
   double v[NUM_PARTIALS];
 };
 
-// Uniforms of the BLOCK elements whose global indices start at `first` (a multiple of 4): the
-// QUADS Philox calls of the block side by side, so that each round is one vector loop. Words whose
-// bits are all zero are still drawn (their uniforms are never read); the stream is position-keyed.
+// The versions of cpu_simd.h this CPU runs best.
+const UniformsFn draw_block = pick_uniforms();
+const CompactFn compact = pick_compact();
+static_assert(BLOCK % SIMD_BLOCK == 0, "a block of the driver is whole blocks of cpu_simd.h");
+
+// Uniforms of the BLOCK elements whose global indices start at `first`. Words whose bits are all
+// zero are still drawn (their uniforms are never read): the stream is position-keyed. A shard that
+// starts inside a Philox call takes the aligned blocks around its own and the slice between.
 inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
-  alignas(64) uint32_t c0[QUADS], c1[QUADS], c2[QUADS], c3[QUADS];
-  const uint64_t quad = first >> 2;
-  for (int j = 0; j < QUADS; ++j) {
-    c0[j] = static_cast<uint32_t>(quad + j);
-    c1[j] = static_cast<uint32_t>((quad + j) >> 32);
-    c2[j] = 0;
-    c3[j] = 0;
-  }
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (uint32_t round = 0; round < 10; ++round) {
-    const uint32_t rk0 = k0 + round * PHILOX_KEY_A, rk1 = k1 + round * PHILOX_KEY_B;
-#pragma omp simd
-    for (int j = 0; j < QUADS; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], rk0, rk1);
-  }
-#pragma omp simd
-  for (int j = 0; j < QUADS; ++j) {
-    u[4 * j + 0] = uniform(c0[j]);
-    u[4 * j + 1] = uniform(c1[j]);
-    u[4 * j + 2] = uniform(c2[j]);
-    u[4 * j + 3] = uniform(c3[j]);
+  const int skip = static_cast<int>(first & 3);
+  for (int b = 0; b < BLOCK; b += SIMD_BLOCK) {
+    if (skip == 0) {
+      draw_block(seed, first + b, u + b);
+      continue;
+    }
+    alignas(64) float both[2 * SIMD_BLOCK];
+    draw_block(seed, first + b - skip, both);
+    draw_block(seed, first + b - skip + SIMD_BLOCK, both + SIMD_BLOCK);
+    for (int k = 0; k < SIMD_BLOCK; ++k) u[b + k] = both[skip + k];
   }
 }
 
@@ -84,7 +82,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
   int64_t alive = 0;
   double sum_w[LANES] = {}, sum_kernel[LANES] = {}, sum_g[LANES] = {};
   alignas(64) float lam[BLOCK], u[BLOCK], abs_w[BLOCK], abs_g[BLOCK], kernel[BLOCK];
-  alignas(64) int32_t flagged[BLOCK], keep[BLOCK];
+  alignas(64) int32_t flagged[BLOCK], keep[BLOCK], cand[BLOCK];
   for (int k = 0; k < BLOCK; ++k) {
     lam[k] = 0.0f;
     u[k] = 0.0f;
@@ -111,12 +109,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       }
     }
     if (draw) {
-      const uint64_t first = static_cast<uint64_t>(job.shard_offset + base);
-      if ((first & 3) == 0) {
-        uniforms_block(job.seed, first, u);
-      } else {  // a shard that starts inside a Philox quad: one call per element
-        for (int k = 0; k < n; ++k) u[k] = uniform_at(job.seed, first + k);
-      }
+      uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), u);
     }
     alignas(64) int32_t live[BLOCK];
     for (int k = 0; k < BLOCK; ++k) live[k] = static_cast<int32_t>((bits[k / 32] >> (k % 32)) & 1u);
@@ -140,6 +133,22 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     float* __restrict s0 = st0 + base;
     float* __restrict s1 = st1 + base;
     float* __restrict s2 = st2 + base;
+    // An element pruned after the element loop (stochastic and N:M decisions): as step_element
+    // leaves a pruned element, and out of this block's statistics.
+    auto prune_element = [&](int k) {
+      pw[k] = 0.0f;
+      if (STATES >= 1) s0[k] = 0.0f;
+      if (STATES >= 2) s1[k] = 0.0f;
+      if (STATES >= 3) s2[k] = 0.0f;
+      keep[k] = 0;
+      abs_w[k] = 0.0f;
+      abs_g[k] = 0.0f;
+    };
+    // The stochastic decision is taken after the loop, on the few elements that can be pruned: the
+    // loop keeps every live element and marks as candidates those whose uniform is below the sampling
+    // scale (or whose weight is NaN). Any other element is kept by the decision: its probability is
+    // min(c * exp_(x), 1) <= c with x <= 0, since exp_ of a non-positive float is at most 1.
+    constexpr int LOOP_PRUNE = PRUNE == PRUNE_STOCHASTIC ? PRUNE_NONE : PRUNE;
 #pragma omp simd
     for (int k = 0; k < n; ++k) {
       const float w_old = pw[k];
@@ -148,7 +157,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       const float b_old = STATES >= 2 ? s1[k] : 0.0f;
       const float c_old = STATES >= 3 ? s2[k] : 0.0f;
       float w = w_old, a = a_old, b = b_old, c = c_old;
-      const bool kept = step_element<PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
+      const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
       const bool on = live[k] != 0;
       pw[k] = on ? w : w_old;  // dead elements are stored back unchanged
       if (STATES >= 1) s0[k] = on ? a : a_old;
@@ -158,6 +167,35 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       keep[k] = kp;
       abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
       abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
+      if constexpr (PRUNE == PRUNE_STOCHASTIC) {
+        cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c) | (w != w));
+      }
+    }
+    if constexpr (PRUNE == PRUNE_STOCHASTIC) {
+      if (draw) {
+        constexpr int V = 16;  // the decisions are taken in whole vectors: the tail is padding
+        alignas(64) int32_t where[BLOCK + COMPACT_SLACK];
+        alignas(64) float cw[BLOCK + V], cu[BLOCK + V];
+        alignas(64) int32_t ck[BLOCK + V];
+        for (int k = n; k < BLOCK; ++k) cand[k] = 0;
+        int nc = 0;
+        for (int b = 0; b < BLOCK; b += SIMD_BLOCK) nc += compact(cand + b, b, where + nc);
+        for (int j = 0; j < nc; ++j) {
+          cw[j] = pw[where[j]];
+          cu[j] = u[where[j]];
+        }
+        for (int j = nc; j < nc + V; ++j) {
+          cw[j] = 0.0f;
+          cu[j] = 1.0f;
+        }
+        for (int j0 = 0; j0 < nc; j0 += V) {
+#pragma omp simd
+          for (int j = j0; j < j0 + V; ++j) ck[j] = keep_element<PRUNE_STOCHASTIC>(f, s, cw[j], cu[j], false);
+        }
+        for (int j = 0; j < nc; ++j) {
+          if (ck[j] == 0) prune_element(where[j]);
+        }
+      }
     }
     if constexpr (PRUNE == PRUNE_NM) {  // n is a multiple of M: groups never straddle a block
       const int m = s.nm_m, nn = s.nm_n;
@@ -171,16 +209,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
         const uint32_t kb = nm_group_keep(a, lv, nn, m);
         if (kb == lv) continue;
         for (int j = 0; j < m; ++j) {
-          if (((lv & ~kb) >> j) & 1u) {
-            const int k = g0 + j;
-            pw[k] = 0.0f;
-            if (STATES >= 1) s0[k] = 0.0f;
-            if (STATES >= 2) s1[k] = 0.0f;
-            if (STATES >= 3) s2[k] = 0.0f;
-            keep[k] = 0;
-            abs_w[k] = 0.0f;
-            abs_g[k] = 0.0f;
-          }
+          if (((lv & ~kb) >> j) & 1u) prune_element(g0 + j);
         }
       }
     }
@@ -362,8 +391,42 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   run(call);
 }
 
+// Tests of cpu_simd.h: one block of the stream, and one compaction, by the named version.
+void pick_version(const std::string& version, UniformsFn& uniforms, CompactFn& compact) {
+  TORCH_CHECK(simd_version(version, uniforms, compact), "sparsetrain: no vector version '", version,
+              "' on this CPU (the versions: portable, avx2, avx512)");
+}
+
+at::Tensor simd_uniforms(int64_t seed, int64_t first, const std::string& version) {
+  UniformsFn uniforms;
+  CompactFn compact;
+  pick_version(version, uniforms, compact);
+  TORCH_CHECK(first >= 0 && first % 4 == 0, "sparsetrain: first must be a non-negative multiple of 4, got ", first);
+  at::Tensor out = at::empty({SIMD_BLOCK}, at::kFloat);
+  uniforms(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor simd_compact(const at::Tensor& flags, int64_t base, const std::string& version) {
+  UniformsFn uniforms;
+  CompactFn compact;
+  pick_version(version, uniforms, compact);
+  TORCH_CHECK(flags.is_cpu() && flags.scalar_type() == at::kInt && flags.numel() == SIMD_BLOCK &&
+                  flags.is_contiguous(),
+              "sparsetrain: flags must be a contiguous int32 CPU tensor of ", SIMD_BLOCK, " elements");
+  TORCH_CHECK(flags.eq(0).logical_or(flags.eq(1)).all().item<bool>(), "sparsetrain: flags must be 0 or 1");
+  at::Tensor where = at::empty({SIMD_BLOCK + COMPACT_SLACK}, at::kInt);
+  const int count = compact(flags.data_ptr<int32_t>(), static_cast<int32_t>(base), where.data_ptr<int32_t>());
+  return where.slice(0, 0, count).clone();
+}
+
 }  // namespace
 }  // namespace sparsetrain
+
+TORCH_LIBRARY_FRAGMENT(sparsetrain_native, m) {
+  m.def("simd_uniforms(int seed, int first, str version) -> Tensor", &sparsetrain::simd_uniforms);
+  m.def("simd_compact(Tensor flags, int base, str version) -> Tensor", &sparsetrain::simd_compact);
+}
 
 TORCH_LIBRARY_IMPL(sparsetrain_native, CPU, m) {
   m.impl("sgd_step_", &sparsetrain::sgd_step_cpu);

@@ -19,7 +19,7 @@ from test_triton_backend import BLOCK, SIZES, _call, _compare, _inputs, _mask_di
 from test_triton_backend import _run_both as _agree
 
 import sparsetrain
-from sparsetrain import backends, contract, masks
+from sparsetrain import backends, contract, masks, philox
 
 pytestmark = pytest.mark.skipif(
     not backends.runs_on("native", DEVICE)[0], reason=f"native backend: {backends.runs_on('native', DEVICE)[1]}"
@@ -71,6 +71,40 @@ def test_offsets_above_2_pow_32_and_not_multiples_of_4():
     out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3, shard_offsets=offsets)[2]
     plain_out = _run_both([100, 1500, 33], [torch.float32] * 3, "sgd", "stochastic", seed=3)[2]
     assert not all(torch.equal(a, b) for a, b in zip(out["mask_words"], plain_out["mask_words"]))
+
+
+SIMD_BLOCK = 256  # elements per call of the CPU driver's vector kernels (csrc/cpu_simd.h)
+
+
+def _simd_version_or_skip(version: str) -> None:
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU driver's vector kernels")
+    try:
+        torch.ops.sparsetrain_native.simd_uniforms(0, 0, version)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("version", ["portable", "avx2", "avx512"])
+def test_every_vector_version_draws_the_reference_stream(version):
+    """The CPU driver draws its uniforms with the version the CPU runs best: each one the CPU has is checked."""
+    _simd_version_or_skip(version)
+    seeds = [0, 12345, 2**40 + 977, 2**63 - 25, philox.event_seed(7, 3, 11)]
+    firsts = [0, 4 * 1001, 2**34 - 128, 3 * 2**34 + 512]  # 2**34 - 128: the counter's low word carries mid-block
+    for seed in seeds:
+        for first in firsts:
+            ours = torch.ops.sparsetrain_native.simd_uniforms(seed, first, version)
+            assert torch.equal(ours, philox.rand(seed, torch.arange(first, first + SIMD_BLOCK))), (seed, first)
+
+
+@pytest.mark.parametrize("version", ["portable", "avx2", "avx512"])
+def test_every_vector_version_compacts_flags_in_order(version):
+    _simd_version_or_skip(version)
+    gen = torch.Generator().manual_seed(8)
+    for density in (0.0, 0.03, 0.5, 0.97, 1.0):
+        flags = (torch.rand(SIMD_BLOCK, generator=gen) < density).to(torch.int32)
+        where = torch.ops.sparsetrain_native.simd_compact(flags, 512, version)
+        assert torch.equal(where, flags.nonzero().flatten().to(torch.int32) + 512), density
 
 
 def test_many_tensors_one_call():
