@@ -32,7 +32,10 @@ structural switches are ``tl.constexpr``. QUAD_STREAM (every shard offset a mult
 block starts on a quad of the random stream, and no block straddles a multiple of 2**34 elements)
 lets a block draw its uniforms with one Philox call per four elements; without it each element
 makes its own call (same values). WIDE_GROUPS (a group run or a group count too large for the
-32-bit group index, see _div_small) computes j(i) in 64 bits.
+32-bit group index, see _div_small) computes j(i) in 64 bits. Statistics: HAS_STATS, the call has
+statistics tensors, whose previous values selective decay and stochastic sampling read; STATS_OUT,
+this step computes its statistics and stores them over those (a step whose statistics no later
+step reads computes none: an event that only reads them costs what a step without them costs).
 Instruction count (tests/issue_time.py reads it from the compiled code): inside a block nothing
 branches on a decision or a random number, so the elements' alive and keep predicates are never
 held across a branch (ptxas would park them in general registers, a few instructions each). A
@@ -159,6 +162,7 @@ def fused_step_kernel(
     AMSGRAD: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_STATS: tl.constexpr,
+    STATS_OUT: tl.constexpr,
     REGULARIZE: tl.constexpr,
     L1_PROX: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
@@ -224,11 +228,13 @@ def fused_step_kernel(
             decay_factor = 1.0 - lr * weight_decay
         step = tl.load(_row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)) + 1.0
         step_size = lr
-        bias_correction2_sqrt = lr
+        inv_bias_correction2_sqrt = lr
         if IS_ADAM:  # bias corrections in fp64 from log(beta) held in fp64
             step64 = step.to(tl.float64)
             bias_correction1 = 1.0 - tl.exp(step64 * tl.load(log_betas_ptr))
-            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1))).to(tl.float32)
+            # its reciprocal: the elements multiply (a division by a per-tensor value costs ~5 instructions)
+            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step64 * tl.load(log_betas_ptr + 1)))
+            inv_bias_correction2_sqrt = (1.0 / bias_correction2_sqrt).to(tl.float32)
             step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
         l2 = tl.load(coef_ptr + COEF_L2) if REGULARIZE else 0.0
         l1 = tl.load(coef_ptr + COEF_L1) if REGULARIZE else 0.0
@@ -258,7 +264,7 @@ def fused_step_kernel(
         nm_n = (tl.load(coef_ptr + COEF_NM).to(tl.int32) % 64) if PRUNE == PRUNE_NM else 0  # contract.nm_code
         kernel_on = 0
         inv_tm_now = 0.0
-        if HAS_STATS:
+        if STATS_OUT:
             tm_now = _kernel_scale(stats_ptr, coef_ptr)
             kernel_on = tl.where(tm_now > 0, 1, 0)
             inv_tm_now = ((1.0 / tl.where(tm_now > 0, tm_now, 1.0)) * NEG_LOG2E).to(tl.float32)  # as inv_tm
@@ -290,10 +296,11 @@ def fused_step_kernel(
                         state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale,
+                        decay_factor, step, step_size, inv_bias_correction2_sqrt, l2, l1, sd, inv_scale,
                         sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
+                        HAS_STATS, STATS_OUT, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM,
+                        WORDS,
                         True, NM_M,
                     )  # fmt: skip
                     acc_alive, acc_w, acc_kernel, acc_g = _add4(
@@ -305,19 +312,20 @@ def fused_step_kernel(
                         state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset,
                         group_rem + b * (WORDS * 32), group_first, inner, groups, inv_inner, inv_groups, lr,
                         weight_decay, momentum, one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps,
-                        decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd, inv_scale,
+                        decay_factor, step, step_size, inv_bias_correction2_sqrt, l2, l1, sd, inv_scale,
                         sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now, nm_n,
                         PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                        HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM, WORDS,
+                        HAS_STATS, STATS_OUT, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, ALIGNED, QUAD_STREAM,
+                        WORDS,
                         False, NM_M,
                     )  # fmt: skip
                     acc_alive, acc_w, acc_kernel, acc_g = _add4(
                         acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
                     )
-        if HAS_STATS:  # the program's partial row
+        if STATS_OUT:  # the program's partial row
             out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
             tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
-    elif HAS_STATS:  # a dead group (or a skipped step): its partials are zero
+    elif STATS_OUT:  # a dead group (or a skipped step): its partials are zero
         out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
 
@@ -327,17 +335,18 @@ def _step_block(
     local, numel, words, param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr,
     shard_offset, group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
     one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-    bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
+    inv_bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on, inv_tm_now,
     nm_n,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    HAS_STATS: tl.constexpr, STATS_OUT: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     WIDE_GROUPS: tl.constexpr, PRUNE: tl.constexpr, ALIGNED: tl.constexpr, QUAD_STREAM: tl.constexpr,
     WORDS: tl.constexpr, FULL: tl.constexpr, NM_M: tl.constexpr,
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element. Returns the block's statistics
     as [WORDS, 8] fp64 sums of four consecutive elements (alive, |w|, kernel terms, |g|; zeros unless
-    HAS_STATS): four consecutive elements are held by one thread, so these sums stay in registers.
+    STATS_OUT): four consecutive elements are held by one thread, so these sums stay in registers.
 
     FULL: the block lies wholly inside the tensor and is not sparse; unmasked (vectorizable) loads
     and stores, a dead element is read and written back unchanged, so memory sees the same values
@@ -399,10 +408,12 @@ def _step_block(
         v = v_old * beta2 + one_minus_beta2 * (g * g)
         if AMSGRAD:
             vmax = tl.maximum(vmax_old, v)
-            denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
+            denom = tl.sqrt(vmax) * inv_bias_correction2_sqrt + eps
         else:
-            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        w = w - step_size * (m / denom)
+            denom = tl.sqrt(v) * inv_bias_correction2_sqrt + eps
+        # div.approx: 2 ulp, as the full-range division Triton emits for `/`, for denominators in
+        # [2**-126, 2**126]: denom >= eps, and below 2**126 for any finite fp32 v (2 instructions, not ~9)
+        w = w - step_size * tl.math.fdiv(m, denom, approx=True)
     else:
         g = g + weight_decay * w
         if HAS_GROUPS or REGULARIZE:
@@ -460,7 +471,7 @@ def _step_block(
     part_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
-    if HAS_STATS:
+    if STATS_OUT:
         # step * 0: +0.0 that the compiler cannot see as a constant, so selects stay before the fp64
         # conversion (one select of a 32-bit value, where a constant zero makes it two of the 64-bit one)
         zero = step * 0.0
@@ -549,18 +560,19 @@ def finish_step_kernel(
     tensor_num_partials,
     partials,
     found_inf_ptr,
-    HAS_STATS: tl.constexpr,
+    STATS_OUT: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Per tensor: step += 1 and stats = fixed-order sum of its programs' partials (one program each)."""
+    """Per tensor: step += 1 and (STATS_OUT) stats = fixed-order sum of its programs' partials (one
+    program each)."""
     t = tl.program_id(0)
     advance = 1
     if HAS_FOUND_INF:
         advance = tl.where(tl.load(found_inf_ptr) == 0, 1, 0)
     step_ptr = _row_ptr(table, ROW_STEP, t, num_tensors, tl.float32)
     tl.store(step_ptr, tl.load(step_ptr) + advance)
-    if HAS_STATS:
+    if STATS_OUT:
         stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
         tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
         first = tl.load(tensor_first_partial + t).to(tl.int64)

@@ -320,6 +320,12 @@ class MaskedPruner(Pruner):
                 "pruner.step(optimizer) with every optimizer of the model (nothing was changed)"
             )
 
+    def wants_stats(self) -> bool:
+        """Always: the internal optimizer steps only at events, twice (a refresh, then the decision), and
+        what each step writes is read next (the decision reads the refresh's statistics, the next
+        event's schedule the decision's)."""
+        return True
+
     def effective_weight(self, target: Target) -> Tensor:
         """The masked weight the model computes with."""
         return target.param.detach() * self.optimizer.mask(target.param)

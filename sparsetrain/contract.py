@@ -7,8 +7,9 @@ Per prunable tensor ``t`` the fused step reads and writes (docs/design.md, "The 
 * ``group_coefs[t]``: float32 ``[2, G]``; row ``GROUP_LAM`` is the per-group L2 coefficient (GReg),
   row ``GROUP_PRUNE`` is 1.0 where the group is flagged for pruning. Element ``i`` belongs to
   group ``(i // group_inner[t]) % G``.
-* ``stats[t]``: float64 ``[NUM_STATS]``, overwritten every step with statistics of the updated,
-  masked tensor, read at the next step (``STAT_*`` below). Reductions use a fixed order.
+* ``stats[t]``: float64 ``[NUM_STATS]``, overwritten by a step that computes statistics (the ops'
+  ``write_stats``) with those of the updated, masked tensor, read at the next step (``STAT_*``
+  below). Reductions use a fixed order.
 
 Selective decay's ``gbar`` is ``stats[STAT_SUM_ABS_G] / stats[STAT_ALIVE]`` of the previous step
 (the term is zero while that is zero). Stochastic pruning at an event uses the previous step's

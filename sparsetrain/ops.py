@@ -12,9 +12,10 @@ in the graph.
 random stream and the group index use global indices, so masks do not depend on sharding (empty
 list = all 0).
 
-Empty lists switch features off: no ``mask_words`` = no masks; no ``stats`` = no statistics;
-no ``group_coefs`` = no per-group lam. ``steps`` are incremented by the op. When ``found_inf``
-is given and nonzero, nothing at all is modified.
+Empty lists switch features off: no ``mask_words`` = no masks; no ``stats`` = no statistics; no
+``group_coefs`` = no per-group lam. With ``write_stats=False`` the previous step's statistics are
+read and left as they are (a step whose statistics no later step reads computes none). ``steps``
+are incremented by the op. When ``found_inf`` is given and nonzero, nothing at all is modified.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def sgd_step_(
     regularize: bool,
     l1_proximal: bool,
     backend: str,
+    write_stats: bool = True,
 ) -> None:
     """Fused SGD (``torch.optim.SGD`` semantics) with regularization, pruning and masks, in place.
 
@@ -68,8 +70,8 @@ def sgd_step_(
         steps: float32 scalar tensors, the per-tensor step counts, incremented in place.
         mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
             ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
-        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and overwritten (this step).
-            Empty: no statistics.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, with ``write_stats``,
+            overwritten (this step). Empty: no statistics.
         tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
             ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
         group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
@@ -91,6 +93,8 @@ def sgd_step_(
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
+        write_stats: compute this step's statistics and store them over ``stats``; ``False``: only read
+            the previous ones (selective decay, sampling) and leave them as they are.
     """
     backends.module(backend).sgd_step(
         params,
@@ -115,6 +119,7 @@ def sgd_step_(
         prune=prune,
         regularize=regularize,
         l1_proximal=l1_proximal,
+        write_stats=write_stats,
     )
 
 
@@ -155,6 +160,7 @@ def adam_step_(
     regularize: bool,
     l1_proximal: bool,
     backend: str,
+    write_stats: bool = True,
 ) -> None:
     """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place.
 
@@ -171,8 +177,8 @@ def adam_step_(
             place.
         mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
             ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
-        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and overwritten (this step).
-            Empty: no statistics.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, with ``write_stats``,
+            overwritten (this step). Empty: no statistics.
         tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
             ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
         group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
@@ -196,6 +202,8 @@ def adam_step_(
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
+        write_stats: compute this step's statistics and store them over ``stats``; ``False``: only read
+            the previous ones (selective decay, sampling) and leave them as they are.
     """
     backends.module(backend).adam_step(
         params,
@@ -224,6 +232,7 @@ def adam_step_(
         prune=prune,
         regularize=regularize,
         l1_proximal=l1_proximal,
+        write_stats=write_stats,
     )
 
 

@@ -372,10 +372,10 @@ class Pruner:
             self.optimizer.pruner = None
 
     def wants_stats(self) -> bool:
-        """Whether the coming optimizer step must compute statistics: the method reads them on this
-        step or on the next one (:meth:`Method.needs_stats`). Steps that need none compute none."""
-        step = self.step_count
-        return self.method.needs_stats(step) or self.method.needs_stats(step + 1)
+        """Whether the coming optimizer step must compute statistics: the method reads them on the next
+        step (:meth:`Method.needs_stats`). Steps that need none compute none; a step that reads the
+        previous step's (a stochastic event) reads them without computing its own."""
+        return self.method.needs_stats(self.step_count + 1)
 
     # -- what methods use
     def coefs(self, target: Target) -> Tensor:

@@ -50,8 +50,8 @@ VARIANTS = [
 ]
 EVERYTHING_ON = dict(
     HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, DECOUPLED=True, AMSGRAD=True, HAS_MASK=True, HAS_STATS=True,
-    REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, WIDE_GROUPS=False, HAS_FOUND_INF=True, LR_ON_DEVICE=True,
-    ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32, NM_M=1,
+    STATS_OUT=True, REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, WIDE_GROUPS=False, HAS_FOUND_INF=True,
+    LR_ON_DEVICE=True, ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32, NM_M=1,
 )  # fmt: skip
 SWITCHES = [
     k for k, v in EVERYTHING_ON.items() if isinstance(v, bool) and k not in ("ALIGNED", "QUAD_STREAM", "WIDE_GROUPS")
@@ -106,7 +106,7 @@ def main() -> int:
         report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
         print(json.dumps({**report, "vector_stores": stores}), flush=True)
     for stats, found in ((True, True), (False, False)):
-        constexprs = {"HAS_STATS": stats, "HAS_FOUND_INF": found, "CHUNK": 256}
+        constexprs = {"STATS_OUT": stats, "HAS_FOUND_INF": found, "CHUNK": 256}
         signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
         registers, spills = resource_usage(kernel.asm["cubin"])

@@ -48,13 +48,13 @@ BLOCKS = 8  # blocks per program, as the backend launches them
 def full_block_kernel(
     param_ptr, grad_ptr, state1_ptr, state2_ptr, state3_ptr, mask_ptr, group_ptr, partials, numel, shard_offset,
     group_rem, group_first, inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum, one_minus_dampening,
-    beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size, bias_correction2_sqrt, l2, l1, sd,
-    inv_scale, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
+    beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size, inv_bias_correction2_sqrt, l2, l1,
+    sd, inv_scale, sample_c, inv_tm, seed, threshold, kernel_on, inv_tm_now,
     PARAM_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_STATS: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    WIDE_GROUPS: tl.constexpr, PRUNE: tl.constexpr, QUAD_STREAM: tl.constexpr, WORDS: tl.constexpr,
-    BLOCKS: tl.constexpr,
+    HAS_STATS: tl.constexpr, STATS_OUT: tl.constexpr, REGULARIZE: tl.constexpr, L1_PROX: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, WIDE_GROUPS: tl.constexpr, PRUNE: tl.constexpr, QUAD_STREAM: tl.constexpr,
+    WORDS: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """The fused step's work for BLOCKS live full blocks of one program (unrolled), nothing else."""
     keys = stream_random.philox_keys(seed)  # once per program, as the fused kernel does
@@ -74,14 +74,15 @@ def full_block_kernel(
                 state2_ptr, state3_ptr, mask_ptr, group_ptr, shard_offset, group_rem + b * (WORDS * 32), group_first,
                 inner, groups, inv_inner, inv_groups, lr, weight_decay, momentum,
                 one_minus_dampening, beta2, one_minus_beta1, one_minus_beta2, eps, decay_factor, step, step_size,
-                bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on,
+                inv_bias_correction2_sqrt, l2, l1, sd, inv_scale, sample_c, inv_tm, keys, threshold, kernel_on,
                 inv_tm_now, 0, PARAM_DTYPE, IS_ADAM, HAS_MOMENTUM, NESTEROV, MAXIMIZE, DECOUPLED, AMSGRAD, HAS_MASK,
-                HAS_STATS, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS, True, 1,
+                HAS_STATS, STATS_OUT, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS,
+                True, 1,
             )  # fmt: skip
             acc_alive, acc_w, acc_kernel, acc_g = fused_step._add4(
                 acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
             )
-    if HAS_STATS:
+    if STATS_OUT:
         out = partials + tl.program_id(0).to(tl.int64) * fused_step.NUM_PARTIALS + tl.arange(0, fused_step.NUM_PARTIALS)
         tl.store(out, fused_step._partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
 
@@ -91,18 +92,23 @@ SCALARS = {"numel": "i64", "shard_offset": "i64", "group_rem": "i32", "group_fir
 SCALARS |= {"groups": "i32", "seed": "i64", "kernel_on": "i32"}
 FLOATS = [
     "lr", "weight_decay", "momentum", "one_minus_dampening", "beta2", "one_minus_beta1", "one_minus_beta2", "eps",
-    "decay_factor", "step", "step_size", "bias_correction2_sqrt", "l2", "l1", "sd", "inv_scale", "sample_c", "inv_tm",
-    "threshold", "inv_tm_now", "inv_inner", "inv_groups",
+    "decay_factor", "step", "step_size", "inv_bias_correction2_sqrt", "l2", "l1", "sd", "inv_scale", "sample_c",
+    "inv_tm", "threshold", "inv_tm_now", "inv_inner", "inv_groups",
 ]  # fmt: skip
 
 # The cases the targets name: SGD (momentum 0.9) + L2 + mask, AdamW + mask; event steps sample
-# (stochastic) and write statistics; bytes per element: reads and writes of w and the states, the
-# gradient read, the mask bit read (and written on event steps).
+# (stochastic) and write statistics (an event on every step; the "no statistics written" cases are
+# the events of a longer interval, which read the previous step's statistics and write none); bytes
+# per element: reads and writes of w and the states, the gradient read, the mask bit read (and
+# written on event steps).
 BASE = dict(
     IS_ADAM=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, DECOUPLED=False, AMSGRAD=False, HAS_MASK=True,
-    HAS_STATS=False, REGULARIZE=True, L1_PROX=True, HAS_GROUPS=False, WIDE_GROUPS=False, PRUNE=0, QUAD_STREAM=True,
+    HAS_STATS=False, STATS_OUT=False, REGULARIZE=True, L1_PROX=True, HAS_GROUPS=False, WIDE_GROUPS=False, PRUNE=0,
+    QUAD_STREAM=True,
 )  # fmt: skip
-EVENT = dict(HAS_STATS=True, PRUNE=1)
+EVENT = dict(HAS_STATS=True, STATS_OUT=True, PRUNE=1)
+EVENT_READ = dict(HAS_STATS=True, STATS_OUT=False, PRUNE=1)  # reads the previous step's statistics only
+KEPT = dict(HAS_STATS=True, STATS_OUT=True)
 ADAMW = dict(IS_ADAM=True, HAS_MOMENTUM=False, DECOUPLED=True)
 CASES = [
     # name, switches, parameter dtype, bytes per element, target (issue time / memory floor)
@@ -116,13 +122,19 @@ CASES = [
     ("sgd fp32 group penalty, group prune event", dict(HAS_GROUPS=True, PRUNE=4), tl.float32, 20.25, 0.60),
     # non-event steps whose statistics the next step reads (selective decay; the two steps before a
     # stochastic event)
-    ("sgd fp32 non-event, statistics kept", dict(HAS_STATS=True), tl.float32, 20.125, 0.30),
-    ("adamw fp32 non-event, statistics kept", {**ADAMW, "HAS_STATS": True}, tl.float32, 28.125, 0.30),
+    ("sgd fp32 non-event, statistics kept", KEPT, tl.float32, 20.125, 0.30),
+    ("adamw fp32 non-event, statistics kept", {**ADAMW, **KEPT}, tl.float32, 28.125, 0.30),
     # 16-bit parameters with optimizer states in their dtype (the optimizers' default, as torch.optim):
     # fewer bytes, so the same instructions weigh more
     ("sgd bf16 event, bf16 states", {**EVENT, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16, 10.25, 0.60),
     ("adamw bf16 event, bf16 states", {**ADAMW, **EVENT, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16, 14.25, 0.60),
-]
+    ("sgd fp32 event, no statistics written", EVENT_READ, tl.float32, 20.25, 0.50),
+    ("adamw fp32 event, no statistics written", {**ADAMW, **EVENT_READ}, tl.float32, 28.25, 0.50),
+    ("sgd bf16 event, bf16 states, no statistics written", {**EVENT_READ, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16,
+     10.25, 0.60),
+    ("adamw bf16 event, bf16 states, no statistics written", {**ADAMW, **EVENT_READ, "STATE_DTYPE": tl.bfloat16},
+     tl.bfloat16, 14.25, 0.60),
+]  # fmt: skip
 
 
 def sass(cubin: bytes) -> list[tuple[int, str]]:

@@ -1,6 +1,6 @@
-"""Statistics only when consumed: a step computes them only when its method reads them on that step
-or the next (``Method.needs_stats``), and training is bit for bit what it is with statistics on every
-step."""
+"""Statistics only when consumed: a step computes them only when its method reads them on the next
+step (``Method.needs_stats``); a stochastic event reads the previous step's without computing its
+own (the op's ``write_stats=False``). Training is bit for bit what it is with statistics on every step."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from conftest import triton_usable
 from torch import nn
 
 import sparsetrain
-from sparsetrain import methods
+from sparsetrain import backends, contract, masks, methods, ops, philox
 from sparsetrain.contract import STAT_SUM_ABS_G
 
 STEPS = 22
@@ -46,18 +46,19 @@ def _backends():
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_stochastic_steps_compute_statistics_only_before_and_at_events(backend, monkeypatch):
+def test_stochastic_steps_compute_statistics_only_before_events(backend, monkeypatch):
     def factory():
         return methods.StochasticMagnitude(0.6, start=6, end=18, interval=5, temperature=0.5, l2=1e-3)
 
-    method, computed, params, masks = _train(backend, False, monkeypatch, factory)
-    wanted = [method.needs_stats(k) or method.needs_stats(k + 1) for k in range(STEPS)]
-    assert computed == wanted and 0 < sum(wanted) < STEPS  # events at 6, 11, 16: steps 4-6, 9-11, 14-16
+    method, computed, params, mask_list = _train(backend, False, monkeypatch, factory)
+    wanted = [method.needs_stats(k + 1) for k in range(STEPS)]
+    assert computed == wanted and 0 < sum(wanted) < STEPS  # events at 6, 11, 16: steps 4-5, 9-10, 14-15
+    assert not any(computed[k] for k in (6, 11, 16))  # an event reads the statistics, computes none
     _, always, params_always, masks_always = _train(backend, True, monkeypatch, factory)
     assert all(always)
     for a, b in zip(params, params_always):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(masks, masks_always):
+    for a, b in zip(mask_list, masks_always):
         assert torch.equal(a, b)
 
 
@@ -65,12 +66,12 @@ def test_a_method_that_reads_no_statistics_computes_none(monkeypatch):
     def factory():
         return methods.Magnitude(0.5, start=3, end=12, interval=3)
 
-    _, computed, params, masks = _train("torch", False, monkeypatch, factory)
+    _, computed, params, mask_list = _train("torch", False, monkeypatch, factory)
     assert not any(computed)
     _, _, params_always, masks_always = _train("torch", True, monkeypatch, factory)
     for a, b in zip(params, params_always):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(masks, masks_always):
+    for a, b in zip(mask_list, masks_always):
         assert torch.equal(a, b)
 
 
@@ -80,3 +81,60 @@ def test_selective_decay_computes_statistics_every_step(monkeypatch):
 
     _, computed, _, _ = _train("torch", False, monkeypatch, factory)
     assert all(computed)
+
+
+def _op_backends():
+    names = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_usable()[0], reason="no triton"))]
+    usable, why = backends.runs_on("native", torch.device("cpu"))
+    return names + [pytest.param("native", marks=pytest.mark.skipif(not usable, reason=str(why)))]
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+@pytest.mark.parametrize("backend", _op_backends())
+def test_an_op_that_writes_no_statistics_reads_them_and_leaves_them(backend, algo):
+    # a stochastic event with selective decay (both read the previous statistics): the same weights,
+    # states and masks as with write_stats=True, the statistics left exactly as they were
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1500, 77]
+    alive = [torch.rand(n, generator=gen) < 0.8 for n in sizes]
+    params = [torch.randn(n, generator=gen) * a for n, a in zip(sizes, alive)]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    states = [[torch.rand(n, generator=gen) * a for n, a in zip(sizes, alive)] for _ in range(3)]
+    stats = []
+    for p, a in zip(params, alive):
+        w = p.double().abs()
+        stats.append(torch.tensor([a.sum(), w.sum(), (torch.exp(-w / 0.3) * a).sum(), 0.8 * a.sum(), 0.3]))
+    coefs = []
+    for n in sizes:
+        c = torch.zeros(contract.NUM_COEFS)
+        c[contract.COEF_L2], c[contract.COEF_SD], c[contract.COEF_SD_BETA] = 1e-2, 0.5, 1.5
+        c[contract.COEF_PRUNE_COUNT], c[contract.COEF_TEMPERATURE] = 0.2 * n, 0.7
+        coefs.append(c)
+    inputs = dict(params=params, grads=grads, states=states, stats=[s.double() for s in stats], coefs=coefs,
+                  words=[masks.pack(a) for a in alive], steps=[torch.tensor(3.0) for _ in sizes])  # fmt: skip
+    out = {}
+    for write in (True, False):
+        x = {k: [[t.clone() for t in v] if isinstance(v, list) else v.clone() for v in vs] for k, vs in inputs.items()}
+        common = dict(
+            mask_words=x["words"], stats=x["stats"], tensor_coefs=x["coefs"], group_coefs=[], group_inner=[],
+            shard_offsets=[], seeds=torch.tensor([philox.event_seed(5, t, 1) for t in range(len(sizes))]),
+            found_inf=None, lr=0.05, lr_tensor=None, prune="stochastic", regularize=True, l1_proximal=True,
+            backend=backend, write_stats=write,
+        )  # fmt: skip
+        if algo == "sgd":
+            ops.sgd_step_(x["params"], x["grads"], x["states"][0], x["steps"], weight_decay=1e-3, momentum=0.9,
+                          dampening=0.0, nesterov=False, maximize=False, **common)  # fmt: skip
+        else:
+            ops.adam_step_(x["params"], x["grads"], x["states"][0], x["states"][1], [], x["steps"], beta1=0.9,
+                           beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True, amsgrad=False, maximize=False,
+                           **common)  # fmt: skip
+        out[write] = x
+    for key in ("params", "words", "steps"):
+        for a, b in zip(out[True][key], out[False][key]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for states_written, states_read in zip(out[True]["states"], out[False]["states"]):
+        for a, b in zip(states_written, states_read):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for before, written, read in zip(inputs["stats"], out[True]["stats"], out[False]["stats"]):
+        assert torch.equal(read, before) and not torch.equal(written, before)
+    assert any(not torch.equal(w, b) for w, b in zip(out[True]["words"], inputs["words"]))  # the event pruned

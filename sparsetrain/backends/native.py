@@ -81,6 +81,17 @@ def _check_nm(prune: str, params, tensor_coefs, shard_offsets) -> None:
         check_nm(params, tensor_coefs, shard_offsets)
 
 
+def _read_only_stats(stats, write_stats: bool) -> list | None:
+    """``write_stats=False``: copies of the statistics, put back after the drivers' step (which always
+    computes them) by :func:`_restore_stats`, so the op leaves them as they were."""
+    return [s.clone() for s in stats] if stats and not write_stats else None
+
+
+def _restore_stats(stats, kept) -> None:
+    if kept is not None:
+        torch._foreach_copy_(stats, kept)
+
+
 def sgd_step(
     params,
     grads,
@@ -105,12 +116,14 @@ def sgd_step(
     prune,
     regularize,
     l1_proximal,
+    write_stats=True,
 ) -> None:
     """Fused SGD step on the native drivers (same function as the torch reference)."""
     if not params:
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
+    kept = _read_only_stats(stats, write_stats)
     params, staged = stand_ins(params)
     momentum_buffers, widened = stand_ins(momentum_buffers, torch.float32)  # the drivers read float32
     torch.ops.sparsetrain_native.sgd_step_(
@@ -120,6 +133,7 @@ def sgd_step(
         bool(l1_proximal),
     )  # fmt: skip
     write_back(widened + staged)
+    _restore_stats(stats, kept)
 
 
 def adam_step(
@@ -150,12 +164,14 @@ def adam_step(
     prune,
     regularize,
     l1_proximal,
+    write_stats=True,
 ) -> None:
     """Fused Adam / AdamW step on the native drivers (same function as the torch reference)."""
     if not params:
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
+    kept = _read_only_stats(stats, write_stats)
     params, staged = stand_ins(params)
     exp_avgs, widened = stand_ins(exp_avgs, torch.float32)  # the drivers read float32
     exp_avg_sqs, widened_sq = stand_ins(exp_avg_sqs, torch.float32)
@@ -168,3 +184,4 @@ def adam_step(
         bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
     )  # fmt: skip
     write_back(widened + staged)
+    _restore_stats(stats, kept)

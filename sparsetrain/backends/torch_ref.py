@@ -53,6 +53,7 @@ class _Pruning:
     prune: str
     regularize: bool
     l1_proximal: bool
+    write_stats: bool = True  # False: the previous step's statistics are read, and left as they are
 
     def __post_init__(self) -> None:
         self.seed_values = self.seeds.tolist() if self.prune == "stochastic" else None
@@ -123,7 +124,7 @@ class _Pruning:
         """Write the new mask bits and this step's statistics."""
         if self.mask_words:
             self.mask_words[t].copy_(mask_format.pack(alive))
-        if not self.stats:
+        if not self.stats or not self.write_stats:
             return
         stats = self.stats[t]
         prev_alive, prev_sum_w = float(stats[STAT_ALIVE]), float(stats[STAT_SUM_ABS_W])
@@ -197,7 +198,7 @@ def _apply(pruning: _Pruning, t: int, param: Tensor, buffers: list[Tensor], upda
 
 
 def _pruning(kw: dict, params: list[Tensor]) -> _Pruning:
-    pruning = _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__})
+    pruning = _Pruning(**{k: kw[k] for k in _Pruning.__dataclass_fields__ if k in kw})
     if pruning.prune == "nm":  # every tensor checked before any is modified
         check_nm(params, pruning.tensor_coefs, pruning.shard_offsets)
     return pruning

@@ -382,6 +382,7 @@ def _launch_contiguous(
     is_adam,
     scalars,
     flags,
+    write_stats=True,
 ) -> None:
     import triton.language as tl
 
@@ -447,6 +448,7 @@ def _launch_contiguous(
             AMSGRAD=bool(flags.get("amsgrad")),
             HAS_MASK=bool(mask_words),
             HAS_STATS=bool(stats),
+            STATS_OUT=bool(stats) and bool(write_stats),
             REGULARIZE=bool(regularize),
             L1_PROX=bool(l1_proximal),
             HAS_GROUPS=bool(group_coefs),
@@ -463,7 +465,8 @@ def _launch_contiguous(
             enable_fp_fusion=True,  # explicit: Triton 3.10 changes the default
         )
     partials = plan.partials
-    if stats and plan.segments is not None:
+    stats_out = bool(stats) and bool(write_stats)
+    if stats_out and plan.segments is not None:
         segment_first, segment_rows, partials = plan.segments
         fs.reduce_partials_kernel[(segment_first.numel(),)](
             plan.partials, partials, segment_first, segment_rows, CHUNK=FINISH_CHUNK
@@ -475,7 +478,7 @@ def _launch_contiguous(
         plan.num_partials,
         partials,
         found,
-        HAS_STATS=bool(stats),
+        STATS_OUT=stats_out,
         HAS_FOUND_INF=found_inf is not None,
         CHUNK=FINISH_CHUNK,
     )

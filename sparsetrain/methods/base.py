@@ -55,10 +55,10 @@ class Method:
     def needs_stats(self, step: int) -> bool:
         """Whether step ``step`` reads the previous step's statistics beyond what the optimizer knows.
 
-        The optimizer computes statistics only on steps ``k`` where ``needs_stats(k)`` or
-        ``needs_stats(k + 1)`` (selective decay and stochastic events always), so a method that reads
-        them must say so here. For sharded (FSDP2) parameters, statistics are summed across ranks
-        before such a step and never otherwise.
+        The optimizer computes statistics only on steps ``k`` where ``needs_stats(k + 1)`` (and on
+        every step with selective decay), so a method that reads them must say so here; step ``k``
+        itself reads the previous step's without computing its own (a stochastic event). For sharded
+        (FSDP2) parameters, statistics are summed across ranks before such a step and never otherwise.
         """
         return False
 

@@ -384,14 +384,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         values = philox.event_seeds(self.base_seed, call.indices, self.prune_events)
         return to_device(values, torch.int64, device)
 
-    def _stats_wanted(self, prune: str) -> bool:
-        """Whether this step computes statistics: when something reads them (statistics only when
-        consumed). Selective decay reads the previous step's every step; a stochastic event reads
-        them; an attached Pruner's method says which steps read them (``needs_stats``), so the step
-        before such a step computes them. Without a Pruner, always."""
-        if self.pruner is None or self.uses_sd or prune == "stochastic":
-            return True
-        return bool(self.pruner.wants_stats())
+    def _stats_wanted(self, prune: str) -> tuple[bool, bool]:
+        """(read, write): whether this step reads the previous step's statistics, and whether it
+        computes its own (statistics only when consumed). Selective decay reads them every step, so
+        every step writes them; a stochastic event reads them; an attached Pruner's method says which
+        steps read them (``needs_stats``), so the step before such a step writes them. Without a
+        Pruner, always both."""
+        write = self.pruner is None or self.uses_sd or bool(self.pruner.wants_stats())
+        return write or prune == "stochastic", write
 
     def nonfinite_grads(self) -> bool:
         """Whether this step's gradients hold inf/NaN, so that ``skip_nonfinite=True`` skips it.
@@ -447,7 +447,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
             if prune != "none" and found_inf is not None and bool(found_inf):
                 return  # a skipped step changes nothing: the event stays pending for the next step that runs
-            stats_wanted = self._stats_wanted(prune)
+            stats_read, stats_write = self._stats_wanted(prune)
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
                 if isinstance(lr, Tensor):
@@ -456,8 +456,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     lr_args = {"lr": float(lr), "lr_tensor": None}
                 call_prune = prune if call.masked else "none"
                 pruning = call.lists["pruning"]
-                if pruning["stats"] and not stats_wanted:
-                    pruning = {**pruning, "stats": []}  # nothing reads this step's statistics
+                if pruning["stats"] and not stats_read:
+                    pruning = {**pruning, "stats": []}  # this step neither reads nor writes statistics
                 common = {
                     "found_inf": found_inf,
                     **lr_args,
@@ -467,6 +467,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "regularize": call.masked and self.regularize,
                     "l1_proximal": self.l1_proximal,
                     "backend": backend,
+                    "write_stats": stats_write,
                 }
                 if call.masked:
                     dead.rezero_written(call.params, call.versions, self.state, call.sources)
