@@ -1,6 +1,9 @@
 """Host-side cost of one optimizer step, kernel launches stubbed out (runs on CPU, no GPU needed).
 
-    python bench/host_overhead.py
+    python bench/host_overhead.py [--python-scans]
+
+``--python-scans``: measure with the Python fallbacks of :mod:`sparsetrain.scan` (what an install
+without the native extension runs) instead of the extension's one-pass C++ scans.
 
 Measures the Python work ``opt.step()`` does per step for the ResNet-50 and GPT-2-medium parameter
 lists with the triton backend's plan cache warm, and ``StochasticMagnitude.before_step`` at an
@@ -12,6 +15,7 @@ from below when the GPU work is shorter.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import types
 
@@ -19,6 +23,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import sparsetrain  # noqa: E402
+from sparsetrain import scan  # noqa: E402
 from sparsetrain.backends import triton_backend  # noqa: E402
 from sparsetrain.benchmarks.shapes import gpt2_medium_shapes, resnet50_shapes  # noqa: E402
 from sparsetrain.kernels import fused_step  # noqa: E402
@@ -30,6 +35,9 @@ class _NoLaunch:
 
 
 def main() -> None:
+    if "--python-scans" in sys.argv[1:]:
+        scan.native = lambda: None
+    print(f"list scans: {'C++ (sparsetrain._C)' if scan.native() is not None else 'Python fallbacks'}")
     stub = types.SimpleNamespace(**{k: getattr(fused_step, k) for k in dir(fused_step) if k.isupper()})
     stub.fused_step_kernel = stub.finish_step_kernel = stub.reduce_partials_kernel = _NoLaunch()
     triton_backend._kernels = lambda: stub

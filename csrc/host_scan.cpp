@@ -1,4 +1,5 @@
-// Scans of tensor lists for the optimizers' host path (sparsetrain/scan.py), one C call per list.
+// The optimizers' host path in C++ (sparsetrain/scan.py): scans of tensor lists, one C call per list, and
+// the event seeds of sparsetrain/philox.py.
 //
 // A step reads, for every parameter, its gradient and a few properties (dtype, shape, device,
 // layout, contiguity, data pointer, version counter). Read attribute by attribute from Python these
@@ -7,6 +8,7 @@
 // not exactly torch.Tensor / nn.Parameter (subclasses may override attributes) and active torch
 // function modes are handled through Python attribute access, as sparsetrain/scan.py's fallbacks do,
 // so results never differ from Python's.
+#include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
@@ -119,45 +121,51 @@ PyObject* grads(PyObject* /*self*/, PyObject* arg) {
   END_HANDLE_TH_ERRORS
 }
 
-// A list of one integer per tensor: value(tensor) for plain tensors, else the Python attribute / method.
+// One 64-bit integer per tensor as native-endian bytes (compared with one memcmp, decoded with
+// memoryview.cast): value(tensor) for plain tensors, else the Python attribute / method.
 template <typename Value>
 PyObject* per_tensor(PyObject* arg, const char* name, const char* attribute, bool call, Value value) {
   Items items(sequence(arg, name));
   if (!items.seq) return nullptr;
   const Py_ssize_t n = items.size();
-  PyObject* out = PyList_New(n);
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, n * static_cast<Py_ssize_t>(sizeof(int64_t)));
   if (!out) return nullptr;
+  char* bytes = PyBytes_AS_STRING(out);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = items[i];
-    PyObject* item = nullptr;
+    int64_t item = 0;
     if (plain(obj)) {
-      item = PyLong_FromLongLong(value(THPVariable_Unpack(obj)));
+      item = value(THPVariable_Unpack(obj));
     } else {
-      item = call ? PyObject_CallMethod(obj, attribute, nullptr) : PyObject_GetAttrString(obj, attribute);
+      PyObject* result = call ? PyObject_CallMethod(obj, attribute, nullptr) : PyObject_GetAttrString(obj, attribute);
+      if (result) {
+        item = static_cast<int64_t>(PyLong_AsUnsignedLongLongMask(result));
+        Py_DECREF(result);
+      }
+      if (!result || PyErr_Occurred()) {
+        Py_DECREF(out);
+        return nullptr;
+      }
     }
-    if (!item) {
-      Py_DECREF(out);
-      return nullptr;
-    }
-    PyList_SET_ITEM(out, i, item);
+    std::memcpy(bytes + i * sizeof(int64_t), &item, sizeof(int64_t));
   }
   return out;
 }
 
-// versions(tensors) -> [t._version for t in tensors]
+// versions(tensors) -> bytes of int64: [t._version for t in tensors]
 PyObject* versions(PyObject* /*self*/, PyObject* arg) {
   HANDLE_TH_ERRORS
   return per_tensor(arg, "versions", "_version", false, [](const at::Tensor& t) {
-    return static_cast<long long>(t._version());
+    return static_cast<int64_t>(t._version());
   });
   END_HANDLE_TH_ERRORS
 }
 
-// data_ptrs(tensors) -> [t.data_ptr() for t in tensors]
+// data_ptrs(tensors) -> bytes of uint64: [t.data_ptr() for t in tensors]
 PyObject* data_ptrs(PyObject* /*self*/, PyObject* arg) {
   HANDLE_TH_ERRORS
   return per_tensor(arg, "data_ptrs", "data_ptr", true, [](const at::Tensor& t) {
-    return static_cast<long long>(reinterpret_cast<intptr_t>(t.data_ptr()));
+    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
   });
   END_HANDLE_TH_ERRORS
 }
@@ -185,11 +193,45 @@ PyObject* all_contiguous(PyObject* /*self*/, PyObject* arg) {
   END_HANDLE_TH_ERRORS
 }
 
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// event_seeds(base_seed, tensor_indices, event) -> int64 CPU tensor: sparsetrain.philox.event_seed of
+// every index (the same splitmix64 mixing; Python ints are taken mod 2**64).
+PyObject* event_seeds(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *base_obj, *indices_obj, *event_obj;
+  if (!PyArg_ParseTuple(args, "OOO", &base_obj, &indices_obj, &event_obj)) return nullptr;
+  const uint64_t base = PyLong_AsUnsignedLongLongMask(base_obj);
+  if (PyErr_Occurred()) return nullptr;
+  const uint64_t event = PyLong_AsUnsignedLongLongMask(event_obj);
+  if (PyErr_Occurred()) return nullptr;
+  Items indices(sequence(indices_obj, "event_seeds"));
+  if (!indices.seq) return nullptr;
+  const Py_ssize_t n = indices.size();
+  at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::kLong);
+  int64_t* seeds = out.data_ptr<int64_t>();
+  const uint64_t mixed_base = splitmix64(base);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const uint64_t index = PyLong_AsUnsignedLongLongMask(indices[i]);
+    if (PyErr_Occurred()) return nullptr;
+    const uint64_t mixed = mixed_base ^ splitmix64((index << 32) | event);
+    seeds[i] = static_cast<int64_t>(splitmix64(mixed) & 0x7FFFFFFFFFFFFFFFull);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"grads", grads, METH_O, "grads(lists of params) -> (grads, presence bytes, id bytes, all present gradients plain)"},
-    {"versions", versions, METH_O, "versions(tensors) -> list of version counters"},
-    {"data_ptrs", data_ptrs, METH_O, "data_ptrs(tensors) -> list of data pointers"},
+    {"versions", versions, METH_O, "versions(tensors) -> version counters as bytes of int64"},
+    {"data_ptrs", data_ptrs, METH_O, "data_ptrs(tensors) -> data pointers as bytes of uint64"},
     {"all_contiguous", all_contiguous, METH_O, "all_contiguous(tensors) -> bool"},
+    {"event_seeds", event_seeds, METH_VARARGS, "event_seeds(base_seed, tensor_indices, event) -> int64 tensor"},
     {nullptr, nullptr, 0, nullptr},
 };
 

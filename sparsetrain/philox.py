@@ -15,8 +15,12 @@ Every 32-bit product is formed from 16-bit limbs in int64, so no intermediate ov
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+
+from . import scan
 
 MASK32 = 0xFFFFFFFF
 MASK63 = (1 << 63) - 1
@@ -116,10 +120,15 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def event_seeds(base_seed: int, tensor_indices: np.ndarray, event: int) -> np.ndarray:
-    """:func:`event_seed` for many tensors at once (int64 array): one vectorized pass per step
-    instead of three Python-int hashes per tensor, which cost ~1 us each on the step's hot path."""
+def event_seeds(base_seed: int, tensor_indices: Sequence[int] | np.ndarray, event: int) -> torch.Tensor:
+    """:func:`event_seed` for many tensors at once, as an int64 CPU tensor: one pass per step (in C++
+    with the native extension, else vectorized numpy) instead of three Python-int hashes per tensor,
+    which cost ~1 us each on the step's hot path."""
+    module = scan.native()
+    if module is not None:
+        indices = tensor_indices if isinstance(tensor_indices, (list, tuple)) else np.asarray(tensor_indices).tolist()
+        return module.event_seeds(base_seed, indices, event)
     with np.errstate(over="ignore"):
-        words = (tensor_indices.astype(np.uint64) << np.uint64(32)) | np.uint64(event & 0xFFFFFFFFFFFFFFFF)
+        words = (np.asarray(tensor_indices).astype(np.uint64) << np.uint64(32)) | np.uint64(event & 0xFFFFFFFFFFFFFFFF)
         mixed = np.uint64(splitmix64(base_seed & 0xFFFFFFFFFFFFFFFF)) ^ _splitmix64_array(words)
-        return (_splitmix64_array(mixed) & np.uint64(MASK63)).astype(np.int64)
+        return torch.from_numpy((_splitmix64_array(mixed) & np.uint64(MASK63)).astype(np.int64))

@@ -287,7 +287,7 @@ class Pruner:
             self._check_auto_shrink()
         self.shrinks: list[dict[str, list[int]]] = []
         self._structured_event = False
-        self._read_versions: dict[Tensor, int] = {}  # version of each target when weight() last zeroed its dead
+        self._read_versions: dict[Tensor, bytes] = {}  # version of each target when weight() last zeroed its dead
         saved = optimizer.loaded_pruner_state
         if saved is not None:
             self._check_names(saved)
@@ -392,9 +392,8 @@ class Pruner:
         statistic counts a pruned weight. Returns ``param`` itself.
         """
         shard = distributed.local(param)
-        recorded = self._read_versions.get(param)
-        dead.rezero_written([shard], None if recorded is None else [recorded], self.optimizer.state, [param])
-        self._read_versions[param] = shard._version
+        dead.rezero_written([shard], self._read_versions.get(param), self.optimizer.state, [param])
+        self._read_versions[param] = dead.versions([shard])
         return param
 
     def group_scores(self, norm: float = 1.0, *, mean: bool = False) -> list[Tensor]:

@@ -19,12 +19,13 @@ from types import ModuleType
 
 from torch import Tensor
 
-_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous")
+_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous", "event_seeds")
 
 
 @cache
 def native() -> ModuleType | None:
-    """The extension module when it is importable and has the scans, else ``None`` (Python fallbacks)."""
+    """The extension module when it is importable and has the host-path functions (the scans here and
+    :func:`sparsetrain.philox.event_seeds`'s), else ``None`` (Python fallbacks)."""
     try:
         module = importlib.import_module("sparsetrain._C")
     except ImportError:
@@ -51,16 +52,27 @@ def grads(lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor | None], bytes
     return found, bytes(g is not None for g in found), array("Q", map(id, tensors)).tobytes(), False
 
 
-def versions(tensors: list[Tensor]) -> list[int]:
-    """``[t._version for t in tensors]`` (version counters, bumped by in-place writes)."""
+def versions(tensors: Sequence[Tensor]) -> bytes:
+    """The tensors' version counters (``t._version``, bumped by in-place writes) as native int64
+    bytes: compared in one ``==``; :func:`decode` gives the integers."""
     module = native()
-    return module.versions(tensors) if module is not None else [t._version for t in tensors]
+    if module is not None:
+        return module.versions(tensors)
+    return array("q", [t._version for t in tensors]).tobytes()
 
 
-def data_ptrs(tensors: list[Tensor]) -> list[int]:
-    """``[t.data_ptr() for t in tensors]``."""
+def data_ptrs(tensors: Sequence[Tensor]) -> bytes:
+    """The tensors' ``data_ptr()`` as native uint64 bytes: compared in one ``==``; :func:`decode`
+    gives the integers."""
     module = native()
-    return module.data_ptrs(tensors) if module is not None else [t.data_ptr() for t in tensors]
+    if module is not None:
+        return module.data_ptrs(tensors)
+    return array("Q", [t.data_ptr() for t in tensors]).tobytes()
+
+
+def decode(values: bytes, signed: bool = True) -> list[int]:
+    """The integers of :func:`versions` (``signed``) or :func:`data_ptrs` (``signed=False``)."""
+    return memoryview(values).cast("q" if signed else "Q").tolist()
 
 
 def all_contiguous(tensors: list[Tensor]) -> bool:

@@ -4,6 +4,7 @@ they open: what changes between steps, after the calls and the launch plan are c
 from __future__ import annotations
 
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from helpers import make_params, set_grads
 from test_hostile_input import Snapshot
 
 import sparsetrain
-from sparsetrain import backends, scan
+from sparsetrain import backends, contract, scan
+from sparsetrain.methods import StochasticMagnitude
 
 NATIVE_SCANS = scan.native() is not None
 
@@ -58,8 +60,10 @@ def test_scans_read_what_python_reads(impl):
     assert presence == bytes(t.grad is not None for t in tensors)
     assert ids == array("Q", map(id, tensors)).tobytes()
     assert plain is False  # a subclass and a transposed parameter are among them
-    assert scan.versions(tensors) == [t._version for t in tensors] and scan.versions(tensors)[1] == 1
-    assert scan.data_ptrs(tuple(tensors)) == [t.data_ptr() for t in tensors]
+    versions = scan.decode(scan.versions(tensors))
+    assert versions == [t._version for t in tensors] and versions[1] == 1
+    assert scan.decode(scan.data_ptrs(tuple(tensors)), signed=False) == [t.data_ptr() for t in tensors]
+    assert scan.data_ptrs(tensors) == array("Q", [t.data_ptr() for t in tensors]).tobytes()
     assert scan.all_contiguous(tensors[:5]) is True and scan.all_contiguous(tensors) is False
     with pytest.raises(AttributeError):
         scan.versions([tensors[0], 3])
@@ -201,3 +205,44 @@ def test_a_parameter_replaced_or_added_in_a_group_list_is_stepped(impl, backend,
     for p, q in zip(now, ref_now):
         torch.testing.assert_close(p, q)
     assert not torch.equal(new, make_params([(4, 3)], seed=9)[0])  # the new tensor was stepped
+
+
+@pytest.mark.parametrize("base_seed", [0, 3, 2**63 - 1, 2**64 - 1])
+def test_event_seeds_equal_the_scalar_ones(impl, base_seed):
+    indices = [0, 1, 5, 160, 2**20 + 3, 2**31 - 1]
+    for event in (0, 7, 2**32 - 1, 2**40 + 9):
+        seeds = sparsetrain.philox.event_seeds(base_seed, indices, event)
+        assert seeds.dtype == torch.int64 and seeds.device.type == "cpu"
+        assert seeds.tolist() == [sparsetrain.philox.event_seed(base_seed, t, event) for t in indices]
+
+
+# ------------------------------------------------- StochasticMagnitude's cached calibration views
+def test_stochastic_calibration_follows_replaced_state_and_changed_ratios():
+    params = make_params([(7, 5), (33,), (2, 3, 3)], seed=2)
+    opt = sparsetrain.optim.SGD(params, lr=0.1, backend="torch")
+    for p, alive in zip(params, (30, 20, 10)):
+        opt.enable_pruning(p)
+        opt.state[p]["stats"][contract.STAT_ALIVE] = alive
+    method = StochasticMagnitude(0.8, start=1, end=10, interval=1)
+    targets = [SimpleNamespace(param=p, ratio=r) for p, r in zip(params, (0.5, 0.8, 0.3))]
+    pruner = SimpleNamespace(targets=targets, optimizer=opt, stats=lambda t: opt.state[t.param]["stats"])
+
+    def check(step):
+        method.before_step(pruner, step)
+        level = method.level(step)
+        for target in targets:
+            n, state = target.param.numel(), opt.state[target.param]
+            alive = float(state["stats"][contract.STAT_ALIVE])
+            expected = torch.tensor(max(alive - (n - level * target.ratio * n), 0.0), dtype=torch.float32)
+            torch.testing.assert_close(state["coefs"][contract.COEF_PRUNE_COUNT], expected, rtol=0, atol=0)
+
+    check(4)
+    saved = opt.state_dict()
+    for index, alive in enumerate((25, 15, 5)):
+        saved["state"][index]["stats"][contract.STAT_ALIVE] = alive
+    opt.load_state_dict(saved)  # new statistics and coefficient tensors
+    check(5)
+    targets[1].ratio = 0.6
+    check(6)
+    targets.append(targets.pop(0))  # the same targets in another order
+    check(7)

@@ -115,7 +115,10 @@ class _Plan:
         addresses = [[x.data_ptr() if x is not None else 0 for x in column] for column in columns]
         for row, column in enumerate(addresses):
             table[row] = torch.tensor(column, dtype=torch.int64)
-        self.param_ptrs, self.grad_ptrs = addresses[int(fs.ROW_PARAM)], addresses[int(fs.ROW_GRAD)]
+        self.grad_ptrs = addresses[int(fs.ROW_GRAD)]
+        # the parameters' and gradients' addresses as scan.data_ptrs gives them (compared every step)
+        self.param_key = scan.data_ptrs(columns[int(fs.ROW_PARAM)])
+        self.grad_key = scan.data_ptrs(columns[int(fs.ROW_GRAD)])
         # vector accesses need a tensor's streamed data (parameter, states, gradient) 16-byte aligned,
         # decided per tensor: an unaligned one runs in a launch of its own with scalar accesses;
         # absent states have address 0
@@ -182,13 +185,15 @@ class _Plan:
         self.first_partial = torch.tensor(first, dtype=torch.int32, device=device)
         self.num_partials = torch.tensor(programs, dtype=torch.int32, device=device)
 
-    def set_grad_ptrs(self, grad_ptrs: list[int], device: torch.device) -> bool:
-        """Gradients moved: refresh their row of the address table (no host sync). False (nothing
-        changed) when a tensor's alignment changed with them: its launch changes, the plan is rebuilt."""
+    def set_grad_ptrs(self, grad_key: bytes, device: torch.device) -> bool:
+        """Gradients moved (``grad_key``: their :func:`sparsetrain.scan.data_ptrs`): refresh their row of
+        the address table (no host sync). False (nothing changed) when a tensor's alignment changed with
+        them: its launch changes, the plan is rebuilt."""
+        grad_ptrs = scan.decode(grad_key, signed=False)
         if _per_tensor_alignment(self.static_aligned, grad_ptrs) != self.aligned:
             return False
         self.table[int(_kernels().ROW_GRAD)].copy_(to_device(grad_ptrs, torch.int64, device))
-        self.grad_ptrs = grad_ptrs
+        self.grad_ptrs, self.grad_key = grad_ptrs, grad_key
         return True
 
 
@@ -248,15 +253,15 @@ def _plan(
     if (
         plan is not None
         and all(_same(a, b) or (i == no_stats and not b) for i, (a, b) in enumerate(zip(plan.static, static)))
-        and plan.param_ptrs == scan.data_ptrs(params)
+        and plan.param_key == scan.data_ptrs(params)
         and plan.layout == (list(group_inner), list(shard_offsets))
     ):
         _plans.move_to_end(id(params))
-        grad_ptrs = scan.data_ptrs(grads)
-        if grad_ptrs == plan.grad_ptrs:
+        grad_key = scan.data_ptrs(grads)
+        if grad_key == plan.grad_key:
             return plan
         _check("grads", grads, device, plan.numels)
-        if plan.set_grad_ptrs(grad_ptrs, device):
+        if plan.set_grad_ptrs(grad_key, device):
             return plan
     numels = [p.numel() for p in params]
     _check("params", params, device)

@@ -14,15 +14,18 @@ own definition (docs/design.md, "Methods, as this project defines them").
 
 from __future__ import annotations
 
+import operator
+from array import array
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..contract import COEF_PRUNE_COUNT, STAT_ALIVE
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
 from .schedules import check_schedule, sparsity_at
+
+_STATS, _COEFS = operator.itemgetter("stats"), operator.itemgetter("coefs")
 
 
 class StochasticMagnitude(Method):
@@ -121,7 +124,8 @@ class StochasticMagnitude(Method):
 
         expected count = wanted dead - already dead = alive - (numel - level * ratio * numel), clamped
         at 0, from the statistics: a few batched device operations per device for all tensors (the
-        per-tensor views are kept while the optimizer's statistics and coefficient tensors stay).
+        per-tensor views are kept while the optimizer's statistics and coefficient tensors stay, see
+        :meth:`_views`).
         """
         if not self.is_event(step):
             return
@@ -131,33 +135,58 @@ class StochasticMagnitude(Method):
             pruner.optimizer.schedule_pruning("stochastic")
             return
         pruner.stats(targets[0])  # sharded parameters: the statistics summed across ranks first
-        state = pruner.optimizer.state
-        stats = [state[target.param]["stats"] for target in targets]
-        coefs = [state[target.param]["coefs"] for target in targets]
-        for views in self._views(targets, stats, coefs):
-            keep = [n - level * ratio * n for n, ratio in zip(views["numels"], views["ratios"])]
-            alive = torch.stack(views["alive"])
-            counts = (alive - torch.tensor(keep, dtype=alive.dtype).to(alive.device, non_blocking=True)).clamp_(min=0)
-            torch._foreach_copy_(views["counts"], counts.to(views["counts"][0].dtype).unbind())
+        for views in self._views(pruner.optimizer, targets):
+            keep = views["numels"] - level * views["ratios"] * views["numels"]  # as n - level * ratio * n
+            views["buffer"].copy_((torch.stack(views["alive"]) - keep).clamp_(min=0))
+            torch._foreach_copy_(views["counts"], views["items"])
         pruner.optimizer.schedule_pruning("stochastic")
 
-    def _views(self, targets: list[Any], stats: list[Tensor], coefs: list[Tensor]) -> list[dict[str, Any]]:
-        """Per device: the alive-count and prune-count scalar views, the numels and ratios, cached by
-        the identity of the statistics and coefficient tensors."""
-        tensors = stats + coefs
-        sizes = [(target.param.numel(), target.ratio) for target in targets]
+    def _views(self, optimizer: Any, targets: list[Any]) -> list[dict[str, Any]]:
+        """Per device: the alive-count and prune-count scalar views of the targets' statistics and
+        coefficients, their numels and ratios (float64 on the device), and a float32 buffer with its
+        per-tensor views (the counts' source).
+
+        Cached while the targets (the same objects, ratios unchanged), the optimizer's ``state``, its
+        ``state_version`` (bumped whenever it replaces state tensors or reshapes parameters) and each
+        target's ``stats`` and ``coefs`` tensors (also when replaced by hand) stay the same: an event
+        then makes no per-tensor state lookup on the host (a lookup by tensor costs its Python hash).
+        """
+        state, version = optimizer.state, getattr(optimizer, "state_version", None)
+        key = (array("Q", map(id, targets)).tobytes(), [target.ratio for target in targets], version)
         cached = getattr(self, "_view_cache", None)
-        if cached is not None and cached[1] == sizes and all(a is b for a, b in zip(cached[0], tensors)):
-            return cached[2]
+        if (
+            version is not None
+            and cached is not None
+            and cached["key"] == key
+            and cached["state"] is state
+            and all(map(operator.is_, map(_STATS, cached["dicts"]), cached["stats"]))
+            and all(map(operator.is_, map(_COEFS, cached["dicts"]), cached["coefs"]))
+        ):
+            return cached["views"]
+        dicts = [state[target.param] for target in targets]
         by_device: dict[torch.device, dict[str, list]] = {}
-        for target, s, c in zip(targets, stats, coefs):
-            views = by_device.setdefault(s.device, {"alive": [], "counts": [], "numels": [], "ratios": []})
-            views["alive"].append(s[STAT_ALIVE])
-            views["counts"].append(c[COEF_PRUNE_COUNT])
+        for target, entries in zip(targets, dicts):
+            stats, coefs = entries["stats"], entries["coefs"]
+            views = by_device.setdefault(stats.device, {"alive": [], "counts": [], "numels": [], "ratios": []})
+            views["alive"].append(stats[STAT_ALIVE])
+            views["counts"].append(coefs[COEF_PRUNE_COUNT])
             views["numels"].append(target.param.numel())
             views["ratios"].append(target.ratio)
-        self._view_cache = (tensors, sizes, list(by_device.values()))
-        return self._view_cache[2]
+        for device, views in by_device.items():
+            views["numels"] = torch.tensor(views["numels"], dtype=torch.float64, device=device)
+            views["ratios"] = torch.tensor(views["ratios"], dtype=torch.float64, device=device)
+            views["buffer"] = torch.zeros(len(views["alive"]), dtype=views["counts"][0].dtype, device=device)
+            views["items"] = list(views["buffer"].unbind())
+        self._view_cache = {
+            "key": key,
+            "state": state,
+            "targets": targets,  # kept, so that their ids stay theirs
+            "dicts": dicts,
+            "stats": list(map(_STATS, dicts)),
+            "coefs": list(map(_COEFS, dicts)),
+            "views": list(by_device.values()),
+        }
+        return self._view_cache["views"]
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's bounds (the method keeps no other state; the stream's state is the optimizer's)."""

@@ -45,10 +45,10 @@ class _Call:
     where: list[str]  # "parameter i of param group j", for error messages
     indices: np.ndarray  # int64 positions in the optimizer's parameter order (seed derivation)
     lists: dict[str, Any]
-    versions: list[int] | None = None  # parameters' version counters after the last step (masked calls)
+    versions: bytes | None = None  # parameters' version counters after the last step (masked calls; scan.versions)
 
     def __post_init__(self) -> None:
-        positions = self.indices.tolist()
+        self.positions = positions = self.indices.tolist()
         first = positions[0]
         self._slice = slice(first, first + len(positions)) if positions[-1] - first == len(positions) - 1 else None
         self._pick = operator.itemgetter(*positions)
@@ -287,14 +287,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         return name
 
     @property
+    def state_version(self) -> int:
+        """A counter bumped whenever the parameter layout changes or state tensors are replaced (a param
+        group added, pruning enabled, a state_dict loaded, a shrink): views into ``state`` stay valid
+        while it and ``state`` itself stay the same."""
+        return self._layout_version
+
+    @property
     def backend(self) -> str | None:
         """The backend the last step used (``None`` before the first step)."""
         return next(iter(self._backend_by_device.values()), None)
 
-    def _calls(self) -> tuple[list[_Call], list[Tensor | None], bool]:
+    def _calls(self) -> tuple[list[_Call], list[Tensor | None], bytes, bool]:
         """Per group, the masked and the unmasked tensors that have gradients, with their state lists;
-        every parameter's gradient (read fresh, in parameter order); whether all of them passed
-        :func:`sparsetrain.scan.grads`'s common-case checks.
+        every parameter's gradient (read fresh, in parameter order), their presence (one byte per
+        parameter) and whether all of them passed :func:`sparsetrain.scan.grads`'s common-case checks.
 
         The calls are cached: rebuilt only when the parameter set (the objects themselves), the
         gradient presence or the pruning layout changes, so a steady training loop rebuilds nothing.
@@ -305,7 +312,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if key != self._calls_key:
             self._calls_cache = self._build_calls()
             self._calls_key = key
-        return self._calls_cache, grads, plain
+        return self._calls_cache, grads, presence, plain
 
     def _build_calls(self) -> list[_Call]:
         calls = []
@@ -380,8 +387,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _seeds(self, call: _Call, prune: str) -> Tensor:
         device = call.params[0].device
         if prune != "stochastic":
-            return self._no_seeds.setdefault(device, torch.zeros(0, dtype=torch.int64, device=device))
-        values = philox.event_seeds(self.base_seed, call.indices, self.prune_events)
+            seeds = self._no_seeds.get(device)
+            if seeds is None:
+                seeds = self._no_seeds[device] = torch.zeros(0, dtype=torch.int64, device=device)
+            return seeds
+        values = philox.event_seeds(self.base_seed, call.positions, self.prune_events)
         return to_device(values, torch.int64, device)
 
     def _stats_wanted(self, prune: str) -> tuple[bool, bool]:
@@ -430,7 +440,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         events.refuse_capture(self._pending_prune)
         cached, self._found_inf_cache = self._found_inf_cache, None
         prune = self._pending_prune
-        calls, every_grad, plain = self._calls()
+        calls, every_grad, presence, plain = self._calls()
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
             sharded = self.shard_sync is not None
@@ -441,7 +451,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 grads = [call.grads(every_grad) for call in calls]
             sd_used = self.uses_sd and self.regularize
-            found_inf = cached if cached is not None else self._found_inf([g for gs in grads for g in gs])
+            found_inf = cached
+            if cached is None and self.skip_nonfinite:
+                found_inf = self._found_inf([g for gs in grads for g in gs])
             found_inf = distributed.prepare_step(  # cached: already summed across ranks by nonfinite_grads()
                 self, found_inf, prune, sd_used, flag=self.skip_nonfinite and cached is None
             )
@@ -474,7 +486,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._launch(call, call_grads, common)
                 if call.masked:
                     call.versions = dead.versions(call.params)
-        if prune != "none":
+        if prune != "none" and 0 in presence:  # some parameter has no gradient
             events.decide_without_gradient(self, prune)
         if calls and self.shard_sync is not None:
             self.shard_sync.stepped(found_inf)

@@ -23,12 +23,13 @@ from .. import masks as mask_format
 from .. import scan
 
 
-def versions(params: list[Tensor]) -> list[int]:
+def versions(params: list[Tensor]) -> bytes:
+    """The parameters' version counters, as :func:`sparsetrain.scan.versions` gives them."""
     return scan.versions(params)
 
 
 def rezero_written(
-    params: list[Tensor], recorded: list[int] | None, state: Any, sources: list[Tensor] | None = None
+    params: list[Tensor], recorded: bytes | None, state: Any, sources: list[Tensor] | None = None
 ) -> None:
     """Zero (+0.0) the dead elements of every tensor of ``params`` written since ``recorded``.
 
@@ -39,6 +40,8 @@ def rezero_written(
     now = versions(params)
     if now == recorded:
         return
+    now = scan.decode(now)
+    recorded = scan.decode(recorded) if recorded is not None else None
     with torch.no_grad():
         for index, p in enumerate(params):
             if recorded is None or now[index] != recorded[index]:

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from .base import FusedOptimizer
 
 
-@torch.no_grad()
 def refuse_capture(prune: str) -> None:
     """Raise before anything changes when a pruning event would be captured in a CUDA graph.
 
