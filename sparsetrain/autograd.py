@@ -24,7 +24,7 @@ from . import masks as mask_format
 from .contract import COEF_L1, COEF_L2
 from .methods.base import Method
 from .optim.sgd import SGD
-from .pruner import DEFAULT_TYPES, Pruner, Target, resolve_targets
+from .pruner import DEFAULT_TYPES, Pruner, Target, check_unmasked, resolve_targets
 
 WORDS_PER_BLOCK = 32  # 1024 elements per Triton program
 
@@ -242,6 +242,7 @@ class MaskedPruner(Pruner):
         coupled: bool = True,
         shrink_after_prune: bool = False,
     ) -> None:
+        check_unmasked(model)
         self._resolved = resolve_targets(
             model,
             method,
@@ -339,9 +340,16 @@ class MaskedPruner(Pruner):
         have their state sliced with it.
 
         Raises:
+            TypeError: an argument that is not an optimizer (no ``param_groups`` / ``state``).
             ValueError: with ``shrink_after_prune``, an optimizer that has stepped the pruned
                 parameters is not among ``optimizers`` (checked at every call, before anything changes).
         """
+        for optimizer in optimizers:
+            if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+                raise TypeError(
+                    f"MaskedPruner.step(*optimizers) takes the optimizers that step the model (whose state a shrink "
+                    f"slices), got {type(optimizer).__name__} {optimizer!r}"
+                )
         if self.shrink_after_prune:
             self._check_optimizers(optimizers)
         self.method.before_step(self, self.step_count)

@@ -178,6 +178,7 @@ def build_graph(model: nn.Module, example_inputs: Any):
                 verbose=False,
             )
     except Exception as exc:
+        _check_forward(model, example_inputs)
         raise StructureError(
             f"Torch-Pruning could not trace the model ({type(exc).__name__}: {exc}); check example_inputs, "
             "exclude= the layers it cannot follow, or prune unstructured (structure=None) or per layer (coupled=False)"
@@ -228,6 +229,23 @@ def pruning_group(graph, module: nn.Module, function, idxs: list[int]):
     """
     with _bounded_walk():
         return graph.get_pruning_group(module, function, idxs=idxs)
+
+
+def _check_forward(model: nn.Module, example_inputs: Any) -> None:
+    """After a failed trace: raise the model's own error when it cannot run on ``example_inputs`` at all.
+
+    Torch-Pruning retries a failed ``model(*inputs)`` as ``model(inputs)`` and reports the retry's
+    error, which hides the real one (a wrong input shape reads as "must be Tensor, not tuple").
+    """
+    model.eval()  # as Torch-Pruning traces: no BatchNorm statistics are updated
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise StructureError(
+            f"the model cannot run on example_inputs ({type(exc).__name__}: {exc}); pass what the model is called "
+            "with: a tensor (model(x)), a tuple of arguments (model(*args)) or a dict of keyword arguments"
+        ) from exc
 
 
 @contextlib.contextmanager

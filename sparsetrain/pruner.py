@@ -99,9 +99,61 @@ def select_targets(
     return targets
 
 
+def check_unmasked(model: nn.Module) -> None:
+    """Refuse a model whose weights a :class:`~sparsetrain.autograd.MaskedPruner` already masks."""
+    if not isinstance(model, nn.Module):
+        return  # selection_args names the wrong kind
+    for name, module in unwrap(model).named_modules():
+        parametrizations = module._modules.get("parametrizations")
+        if parametrizations is not None and any(
+            type(p).__name__ == "_MaskParametrization" for plist in parametrizations.values() for p in plist
+        ):
+            raise ValueError(
+                f"the model's weights are already masked by a MaskedPruner ({name}.{next(iter(parametrizations))}"
+                ", ...): one pruner per model"
+            )
+
+
 def _some(modules: dict[str, nn.Module]) -> str:
     names = [n for n in modules if n]
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def selection_args(model: Any, method: Any, include: Any, exclude: Any, types: Any, ratios: Any) -> tuple:
+    """Check the arguments that choose what is pruned; ``(include, exclude, types, ratios)`` normalized.
+
+    A single pattern string stands for a list of one (``include="fc"``), as does a single module class
+    for ``types``. Raises ``TypeError`` naming the argument, before anything is selected or modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"method must be a method instance, got the class {method.__name__}: call it, "
+                        f"e.g. methods.{method.__name__}(target=0.5)")  # fmt: skip
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be one of sparsetrain.methods (e.g. methods.Magnitude(0.5)), got "
+                        f"{type(method).__name__} {method!r}")  # fmt: skip
+
+    def patterns(label: str, value: Any) -> list[str] | None:
+        if value is None or isinstance(value, str):
+            return None if value is None else [value]
+        items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+        if items is None or not all(isinstance(v, str) for v in items):
+            bad = value if items is None else next(v for v in items if not isinstance(v, str))
+            raise TypeError(f"{label} must be a module-name pattern (str) or a list of them, got "
+                            f"{type(bad).__name__} {bad!r}")  # fmt: skip
+        return items
+
+    include, exclude = patterns("include", include), patterns("exclude", exclude)
+    if isinstance(types, type):
+        types = (types,)
+    if not isinstance(types, (tuple, list)) or not all(isinstance(t, type) for t in types):
+        raise TypeError(f"types must be a tuple of module classes (e.g. (nn.Linear,)), got {types!r}")
+    if types is not DEFAULT_TYPES:
+        types = tuple(types)
+    if ratios is not None and (not isinstance(ratios, dict) or not all(isinstance(k, str) for k in ratios)):
+        raise TypeError(f"ratios must be a dict {{module-name pattern: ratio}}, got {type(ratios).__name__} {ratios!r}")
+    return include, exclude, types, ratios
 
 
 def resolve_targets(
@@ -122,6 +174,7 @@ def resolve_targets(
     (or input channels) instead, without tracing. Every member tensor (weights, biases,
     normalization affine entries, consumers' input slices) becomes a target.
     """
+    include, exclude, types, ratios = selection_args(model, method, include, exclude, types, ratios)
     model = unwrap(model)  # names and modules of the model inside a DDP wrapper (no "module." prefix)
     structure = method.structure
     if structure is None:
@@ -262,10 +315,13 @@ class Pruner:
                 f"{type(optimizer).__module__}.{type(optimizer).__name__}; to keep your own optimizer, "
                 "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
+        include, exclude, types, ratios = selection_args(model, method, include, exclude, types, ratios)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.trace_kwargs = {"include": include, "exclude": exclude, "types": types, "ratios": ratios,
                              "example_inputs": example_inputs, "coupled": coupled}  # fmt: skip
         resolved = getattr(self, "_resolved", None)
+        if resolved is None:
+            check_unmasked(model)
         self.targets, self.groups = resolved or resolve_targets(
             model,
             method,

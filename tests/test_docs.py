@@ -66,6 +66,21 @@ def test_python_m_sparsetrain_version_and_help():
     assert "(default: runs/demo)" in demo_help.stdout  # help texts show defaults
 
 
+def test_documented_submodules_are_attributes_of_the_package():
+    """``import sparsetrain`` then ``sparsetrain.autograd.MaskedPruner`` / ``sparsetrain.export.size_report``."""
+    code = (
+        "import sys, sparsetrain\n"
+        "assert 'sparsetrain.autograd' not in sys.modules and 'matplotlib' not in sys.modules\n"
+        "print(sparsetrain.autograd.MaskedPruner.__name__, sparsetrain.export.size_report.__name__,"
+        " sparsetrain.nm.__name__, sparsetrain.distributed.save.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["MaskedPruner", "size_report", "sparsetrain.nm", "save"]
+    with pytest.raises(AttributeError, match="has no attribute 'autograds'"):
+        sparsetrain.autograds  # noqa: B018
+
+
 def test_closed_pipe_exits_quietly():
     """``sparsetrain info | head -1``: no BrokenPipeError traceback."""
     proc = subprocess.Popen(

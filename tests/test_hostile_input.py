@@ -160,6 +160,8 @@ def test_duplicate_parameters_are_refused():
         (lambda: GReg1(0.5, delta=NAN), "delta must be a finite number"),
         (lambda: GReg1(0.5, ceiling=-1.0), "ceiling must be > 0"),
         (lambda: GReg1(0.5, update_interval=0), "update_interval must be >= 1"),
+        (lambda: Magnitude("0.5"), "target must be a real number, got str"),
+        (lambda: StochasticMagnitude(True), "target must be a real number, got bool"),
     ],
 )
 def test_methods_refuse_nan_and_negative_arguments(build, match):
@@ -224,6 +226,70 @@ def test_pruner_whose_bias_is_not_in_the_optimizer_changes_nothing():
         sparsetrain.Pruner(model, opt, Magnitude(0.5, structure="filters"), example_inputs=torch.randn(1, 3, 8, 8))
     snap.unchanged()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ({"method": Magnitude}, TypeError, "got the class Magnitude: call it"),
+        ({"method": "magnitude"}, TypeError, "method must be one of sparsetrain.methods"),
+        ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
+        ({"ratios": [0.5]}, TypeError, "ratios must be a dict"),
+        ({"include": [0]}, TypeError, "include must be a module-name pattern"),
+        ({"exclude": 2}, TypeError, "exclude must be a module-name pattern"),
+        ({"types": "Linear"}, TypeError, "types must be a tuple of module classes"),
+        ({"example_inputs": torch.randn(2, 5)}, ValueError, "cannot run on example_inputs .*mat1 and mat2"),
+    ],
+)
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_pruner_arguments_of_the_wrong_kind_are_named_and_change_nothing(path, args, error, match):
+    model = _mlp()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, backend="torch")
+    method = GReg1(0.5) if "example_inputs" in args else Magnitude(0.5)
+    call = {"model": model, "method": method, **args}
+    snap = Snapshot(opt, model=model)
+    with pytest.raises(error, match=match):
+        if path == "fused":
+            sparsetrain.Pruner(call.pop("model"), opt, call.pop("method"), **call)
+        else:
+            sparsetrain.autograd.MaskedPruner(call.pop("model"), call.pop("method"), **call)
+    snap.unchanged()
+    assert opt.pruner is None and not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_a_single_pattern_string_and_a_single_type_select_like_a_list_of_one():
+    """``include="2"`` is the pattern "2" (not the characters of a string), ``types=nn.Linear`` is ``(nn.Linear,)``."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, Magnitude(0.5), include="4", types=nn.Linear)
+    assert [t.name for t in pruner.targets] == ["4.weight"]
+    pruner.remove()
+    pruner = sparsetrain.Pruner(model, opt, Magnitude(0.5), exclude="4", types=nn.Linear)
+    assert [t.name for t in pruner.targets] == ["0.weight", "2.weight"]
+
+
+def test_a_second_masked_pruner_on_the_same_model_is_refused_by_name():
+    model = _mlp()
+    sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5))
+    for build in (
+        lambda: sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5)),
+        lambda: sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), Magnitude(0.5)),
+    ):
+        with pytest.raises(ValueError, match=r"already masked by a MaskedPruner \(0\.weight"):
+            build()
+
+
+def test_masked_pruner_step_refuses_what_is_not_an_optimizer():
+    model = _mlp()
+    pruner = sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5, schedule="linear", end=4, interval=1))
+    with pytest.raises(TypeError, match="takes the optimizers .* got str 'opt'"):
+        pruner.step("opt")
+    assert pruner.step_count == 0
 
 
 # ----------------------------------------------------------------------------------- gradients

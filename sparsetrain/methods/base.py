@@ -91,8 +91,10 @@ def warn_if_sparser(targets: list[Target]) -> None:
 
 
 def check_ratio(name: str, value: float) -> float:
-    """``value`` as a float, or ``ValueError`` naming ``name`` when it is outside ``[0, 1)``."""
-    value = float(value)
+    """``value`` as a float; ``TypeError`` for a non-number, ``ValueError`` outside ``[0, 1)``, naming ``name``."""
+    from ..validation import number
+
+    value = number(name, value, finite=False)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
