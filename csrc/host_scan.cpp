@@ -1,5 +1,5 @@
 // The optimizers' host path in C++ (sparsetrain/scan.py): scans of tensor lists, one C call per list, and
-// the event seeds of sparsetrain/philox.py.
+// the event seeds of sparsetrain/philox.py, and per-tensor scalar stores for CPU tensors.
 //
 // A step reads, for every parameter, its gradient and a few properties (dtype, shape, device,
 // layout, contiguity, data pointer, version counter). Read attribute by attribute from Python these
@@ -226,12 +226,56 @@ PyObject* event_seeds(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// copy_elements(dst, src) -> bool: dst[i].copy_(src[i]) for one-element CPU tensors ``dst`` and a
+// contiguous CPU vector ``src`` of their dtype (float32 or float64), as plain stores (each destination's
+// version counter bumped, as copy_ bumps it). False, with nothing written, for anything else (CUDA
+// tensors, other dtypes, subclasses): the caller then uses torch._foreach_copy_.
+PyObject* copy_elements(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *dst_obj, *src_obj;
+  if (!PyArg_ParseTuple(args, "OO", &dst_obj, &src_obj)) return nullptr;
+  Items dst(sequence(dst_obj, "copy_elements"));
+  if (!dst.seq) return nullptr;
+  if (!plain(src_obj)) Py_RETURN_FALSE;
+  const at::Tensor& src = THPVariable_Unpack(src_obj);
+  const Py_ssize_t n = dst.size();
+  const auto dtype = src.scalar_type();
+  if (!src.device().is_cpu() || src.layout() != at::kStrided || !src.is_contiguous() || src.dim() != 1 ||
+      src.numel() != n || (dtype != at::kFloat && dtype != at::kDouble) || src.requires_grad()) {
+    Py_RETURN_FALSE;
+  }
+  std::vector<at::TensorImpl*> impls;
+  impls.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = dst[i];
+    if (!plain(obj)) Py_RETURN_FALSE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.numel() != 1 ||
+        t.requires_grad() || t.is_conj() || t.is_neg() || !t.has_storage()) {
+      Py_RETURN_FALSE;
+    }
+    impls.push_back(t.unsafeGetTensorImpl());
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    at::TensorImpl* impl = impls[i];
+    if (dtype == at::kFloat) {
+      *static_cast<float*>(impl->mutable_data()) = src.const_data_ptr<float>()[i];
+    } else {
+      *static_cast<double*>(impl->mutable_data()) = src.const_data_ptr<double>()[i];
+    }
+    impl->bump_version();
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"grads", grads, METH_O, "grads(lists of params) -> (grads, presence bytes, id bytes, all present gradients plain)"},
     {"versions", versions, METH_O, "versions(tensors) -> version counters as bytes of int64"},
     {"data_ptrs", data_ptrs, METH_O, "data_ptrs(tensors) -> data pointers as bytes of uint64"},
     {"all_contiguous", all_contiguous, METH_O, "all_contiguous(tensors) -> bool"},
     {"event_seeds", event_seeds, METH_VARARGS, "event_seeds(base_seed, tensor_indices, event) -> int64 tensor"},
+    {"copy_elements", copy_elements, METH_VARARGS, "copy_elements(dst, src) -> whether it copied (CPU only)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from functools import cache
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
-_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous", "event_seeds")
+_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous", "event_seeds", "copy_elements")
 
 
 @cache
@@ -79,3 +80,12 @@ def all_contiguous(tensors: list[Tensor]) -> bool:
     """``all(t.is_contiguous() for t in tensors)``."""
     module = native()
     return module.all_contiguous(tensors) if module is not None else all(t.is_contiguous() for t in tensors)
+
+
+def copy_elements(dst: list[Tensor], src: Tensor, items: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every one-element tensor of ``dst``; ``items`` is ``list(src.unbind())``
+    (kept by the caller with ``src``). CPU tensors: plain stores in C++ (per-tensor ``copy_`` calls cost
+    more than the values); elsewhere, or without the extension, one ``torch._foreach_copy_``."""
+    module = native()
+    if module is None or not module.copy_elements(dst, src):
+        torch._foreach_copy_(dst, items)

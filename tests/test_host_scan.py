@@ -216,8 +216,25 @@ def test_event_seeds_equal_the_scalar_ones(impl, base_seed):
         assert seeds.tolist() == [sparsetrain.philox.event_seed(base_seed, t, event) for t in indices]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("source", ["matching", "other_dtype", "strided"])
+def test_copy_elements_copies_each_element_and_bumps_versions(impl, dtype, source):
+    holders = [torch.zeros(5, dtype=dtype) for _ in range(4)]
+    dst = [h[i] for i, h in enumerate(holders)]
+    src = torch.randn(8, dtype=torch.float64)[::2] if source == "strided" else torch.randn(4, dtype=dtype)
+    if source == "other_dtype":
+        src = src.half()
+    before = [t._version for t in dst]
+    scan.copy_elements(dst, src, list(src.unbind()))
+    for i, h in enumerate(holders):
+        expected = torch.zeros(5, dtype=dtype)
+        expected[i] = src[i].to(dtype)
+        torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    assert [t._version for t in dst] == [v + 1 for v in before]
+
+
 # ------------------------------------------------- StochasticMagnitude's cached calibration views
-def test_stochastic_calibration_follows_replaced_state_and_changed_ratios():
+def test_stochastic_calibration_follows_replaced_state_and_changed_ratios(impl):
     params = make_params([(7, 5), (33,), (2, 3, 3)], seed=2)
     opt = sparsetrain.optim.SGD(params, lr=0.1, backend="torch")
     for p, alive in zip(params, (30, 20, 10)):

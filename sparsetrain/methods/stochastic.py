@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..contract import COEF_PRUNE_COUNT, STAT_ALIVE
+from .. import scan
+from ..contract import COEF_PRUNE_COUNT, NUM_STATS, STAT_ALIVE
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
 from .schedules import check_schedule, sparsity_at
@@ -137,8 +138,13 @@ class StochasticMagnitude(Method):
         pruner.stats(targets[0])  # sharded parameters: the statistics summed across ranks first
         for views in self._views(pruner.optimizer, targets):
             keep = views["numels"] - level * views["ratios"] * views["numels"]  # as n - level * ratio * n
-            views["buffer"].copy_((torch.stack(views["alive"]) - keep).clamp_(min=0))
-            torch._foreach_copy_(views["counts"], views["items"])
+            stats = views["stats"]  # whole vectors: one cat, no per-tensor view (when all have NUM_STATS)
+            if stats:
+                alive = torch.cat(stats).view(len(stats), NUM_STATS)[:, STAT_ALIVE]
+            else:
+                alive = torch.stack(views["alive"])
+            views["buffer"].copy_((alive - keep).clamp_(min=0))
+            scan.copy_elements(views["counts"], views["buffer"], views["items"])
         pruner.optimizer.schedule_pruning("stochastic")
 
     def _views(self, optimizer: Any, targets: list[Any]) -> list[dict[str, Any]]:
@@ -167,12 +173,17 @@ class StochasticMagnitude(Method):
         by_device: dict[torch.device, dict[str, list]] = {}
         for target, entries in zip(targets, dicts):
             stats, coefs = entries["stats"], entries["coefs"]
-            views = by_device.setdefault(stats.device, {"alive": [], "counts": [], "numels": [], "ratios": []})
+            views = by_device.setdefault(
+                stats.device, {"alive": [], "stats": [], "counts": [], "numels": [], "ratios": []}
+            )
             views["alive"].append(stats[STAT_ALIVE])
+            views["stats"].append(stats)
             views["counts"].append(coefs[COEF_PRUNE_COUNT])
             views["numels"].append(target.param.numel())
             views["ratios"].append(target.ratio)
         for device, views in by_device.items():
+            if not all(s.shape == (NUM_STATS,) and s.dtype == torch.float64 for s in views["stats"]):
+                views["stats"] = []  # not the vectors the optimizer makes: the alive counts are stacked one by one
             views["numels"] = torch.tensor(views["numels"], dtype=torch.float64, device=device)
             views["ratios"] = torch.tensor(views["ratios"], dtype=torch.float64, device=device)
             views["buffer"] = torch.zeros(len(views["alive"]), dtype=views["counts"][0].dtype, device=device)
