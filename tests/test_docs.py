@@ -81,6 +81,31 @@ def test_documented_submodules_are_attributes_of_the_package():
         sparsetrain.autograds  # noqa: B018
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+        (["demo", "--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
+        (["bench", "--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+        (["bench", "--warmup", "-2"], "argument --warmup: must be at least 0, got -2"),
+    ],
+)
+def test_counts_on_the_command_line_are_checked_before_anything_runs(argv, message, capsys, monkeypatch):
+    """``--epochs 0`` used to run the demo with its default epochs, ``--steps -1`` a benchmark."""
+    from sparsetrain import cli, demo
+    from sparsetrain.benchmarks import command
+
+    def ran(*args, **kwargs):
+        raise AssertionError(f"{argv[0]} ran with {argv[1:]}")
+
+    monkeypatch.setattr(demo, "run_demo", ran)
+    monkeypatch.setattr(command, "run", ran)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_closed_pipe_exits_quietly():
     """``sparsetrain info | head -1``: no BrokenPipeError traceback."""
     proc = subprocess.Popen(

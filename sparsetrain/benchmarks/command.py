@@ -21,6 +21,8 @@ KINDS = ("kernels", "e2e", "shrink")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options (imports nothing heavy)."""
+    from ..cli import count
+
     parser.add_argument("what", nargs="?", choices=KINDS, default="kernels", help="kernels (default), e2e or shrink")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI on a small CPU)")
     parser.add_argument(
@@ -43,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kernels: compile every case (default: fp32 lists of at most 200 tensors)",
     )
     parser.add_argument("--no-select", action="store_true", help="kernels: skip the global-threshold table")
-    parser.add_argument("--steps", type=int, help="e2e: timed steps per mode (default 2 quick, 20 cpu, 30 full)")
-    parser.add_argument("--warmup", type=int, help="e2e: untimed steps first (default 1 quick, 3 otherwise)")
+    parser.add_argument("--steps", type=count(1), help="e2e: timed steps per mode (default 2 quick, 20 cpu, 30 full)")
+    parser.add_argument("--warmup", type=count(0), help="e2e: untimed steps first (default 1 quick, 3 otherwise)")
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown report")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (matplotlib)")
