@@ -145,9 +145,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       abs_g[k] = 0.0f;
     };
     // The stochastic decision is taken after the loop, on the few elements that can be pruned: the
-    // loop keeps every live element and marks as candidates those whose uniform is below the sampling
-    // scale (or whose weight is NaN). Any other element is kept by the decision: its probability is
-    // min(c * exp_(x), 1) <= c with x <= 0, since exp_ of a non-positive float is at most 1.
+    // loop keeps every live element and marks as candidates those whose uniform is not at least the
+    // sampling constant c. Any other element is kept by the decision: its probability min(c * exp_(x),
+    // 1) with x <= 0 is at most c, since exp_ of a non-positive float is at most 1 (or it is NaN,
+    // which prunes nothing).
     constexpr int LOOP_PRUNE = PRUNE == PRUNE_STOCHASTIC ? PRUNE_NONE : PRUNE;
 #pragma omp simd
     for (int k = 0; k < n; ++k) {
@@ -168,7 +169,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
       abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
       if constexpr (PRUNE == PRUNE_STOCHASTIC) {
-        cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c) | (w != w));
+        cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c));
       }
     }
     if constexpr (PRUNE == PRUNE_STOCHASTIC) {
@@ -192,8 +193,16 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
 #pragma omp simd
           for (int j = j0; j < j0 + V; ++j) ck[j] = keep_element<PRUNE_STOCHASTIC>(f, s, cw[j], cu[j], false);
         }
-        for (int j = 0; j < nc; ++j) {
-          if (ck[j] == 0) prune_element(where[j]);
+        for (int j = 0; j < nc; ++j) {  // without a branch on the decision: zeroed by masks
+          const int k = where[j];
+          const uint32_t m = 0u - static_cast<uint32_t>(ck[j]);
+          pw[k] = bits_float(float_bits(pw[k]) & m);
+          if (STATES >= 1) s0[k] = bits_float(float_bits(s0[k]) & m);
+          if (STATES >= 2) s1[k] = bits_float(float_bits(s1[k]) & m);
+          if (STATES >= 3) s2[k] = bits_float(float_bits(s2[k]) & m);
+          keep[k] &= ck[j];
+          abs_w[k] = bits_float(float_bits(abs_w[k]) & m);
+          abs_g[k] = bits_float(float_bits(abs_g[k]) & m);
         }
       }
     }

@@ -280,7 +280,11 @@ ST_HD float regularization(const Flags& f, const TensorScalars& s, float w, floa
   return select_(f.regularize && s.sd != 0.0f, r + s.sd * w * relevance, r);
 }
 
-ST_HD float proximal_l1(float w, float shrink) { return sign_(w) * fmax_(fabs_(w) - shrink, 0.0f); }
+// sign(w) * clamp(|w| - shrink, min=0), with torch.clamp's NaN: a NaN weight stays NaN (sign_ gives 0, 0 * NaN).
+ST_HD float proximal_l1(float w, float shrink) {
+  const float m = fabs_(w) - shrink;
+  return sign_(w) * (m < 0.0f ? 0.0f : m);
+}
 
 // torch.lerp(start, end, weight) with a scalar weight, as ATen computes it.
 ST_HD float lerp_(float start, float end, float weight) {
@@ -316,8 +320,9 @@ ST_HD float adam_update(const Flags& f, const TensorScalars& s, float w, float g
 template <int PRUNE = -1>
 ST_HD bool keep_element(const Flags& f, const TensorScalars& s, float w, float u, bool group_flagged) {
   const int prune = PRUNE >= 0 ? PRUNE : f.prune;
-  if (prune == PRUNE_STOCHASTIC) {
-    const float q = fmin_(s.sample_c * exp_(-fabs_(w) / s.tm), 1.0f);
+  if (prune == PRUNE_STOCHASTIC) {  // q = clamp(c * exp(-|w| / tm), max=1): a NaN q prunes nothing, as in the reference
+    const float p = s.sample_c * exp_(-fabs_(w) / s.tm);
+    const float q = p > 1.0f ? 1.0f : p;
     return !(s.sample & (u < q));
   }
   if (prune == PRUNE_LOW) return !(fabs_(w) < s.threshold);

@@ -73,6 +73,28 @@ def test_offsets_above_2_pow_32_and_not_multiples_of_4():
     assert not all(torch.equal(a, b) for a, b in zip(out["mask_words"], plain_out["mask_words"]))
 
 
+def test_sampling_keeps_a_nan_weight_and_a_tensor_that_samples_none_as_the_reference():
+    # the reference prunes where u < q with q = clamp(c * exp(-|w| / tm), max=1): a NaN weight (q NaN) is kept
+    n = 3 * BLOCK + 37
+    inputs = _inputs([n, 300], [torch.float32] * 2, algo="sgd", prune="stochastic", seed=12)
+    alive = masks.unpack(inputs["mask_words"][0].cpu(), n)
+    live = torch.nonzero(alive).flatten()[::7].tolist()  # enough that some draw a uniform below c
+    for i in live:
+        inputs["params"][0][i] = float("nan")
+    inputs["tensor_coefs"][1][contract.COEF_PRUNE_COUNT] = 0.0
+    before = inputs["mask_words"][1].clone()
+    out = {}
+    for backend in ("torch", "native"):
+        x = copy.deepcopy(inputs)
+        _call(x, backend, algo="sgd", prune="stochastic")
+        out[backend] = x
+    for backend, x in out.items():
+        kept = masks.unpack(x["mask_words"][0].cpu(), n)
+        assert kept[live].all(), backend
+        assert not kept.all() and torch.equal(x["mask_words"][1], before), backend
+    assert torch.equal(out["torch"]["mask_words"][0], out["native"]["mask_words"][0])
+
+
 SIMD_BLOCK = 256  # elements per call of the CPU driver's vector kernels (csrc/cpu_simd.h)
 
 
