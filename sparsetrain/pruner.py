@@ -16,6 +16,7 @@ import copy
 import fnmatch
 import math
 import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,10 @@ from .selection import group_layout
 from .validation import integer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# The Pruner each method object drives: a method keeps its schedule's state (GReg's phase and penalties,
+# event counts), so one object driving two pruners would advance once per pruner and step.
+_DRIVEN_BY: weakref.WeakKeyDictionary[Method, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def default_types() -> tuple[type[nn.Module], ...]:
@@ -270,10 +275,12 @@ class Pruner:
             :meth:`shrink` replaces: call it yourself there.
 
     Raises:
-        TypeError: ``optimizer`` is not a sparsetrain optimizer.
+        TypeError: ``optimizer`` is not a sparsetrain optimizer; ``model``, ``method``, ``include``,
+            ``exclude``, ``types`` or ``ratios`` of the wrong kind.
         ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
             a selected weight that is not in the optimizer, a layout the method cannot handle, or
-            ``shrink_after_prune`` where shrinking is not possible (all before anything is modified).
+            ``shrink_after_prune`` where shrinking is not possible, a ``method`` object that already
+            drives another attached Pruner (all before anything is modified).
 
     Attributes:
         targets (list[Target]): the pruned tensors, in model order (structured: every member of
@@ -316,6 +323,13 @@ class Pruner:
                 "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         include, exclude, types, ratios = selection_args(model, method, include, exclude, types, ratios)
+        driver = _DRIVEN_BY.get(method)
+        other = driver() if driver is not None else None
+        if other is not None and other.optimizer.pruner is other:
+            raise ValueError(
+                f"this {type(method).__name__} object already drives another Pruner, and a method keeps its "
+                "schedule's state: create one method object per Pruner (or call the other Pruner's remove() first)"
+            )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.trace_kwargs = {"include": include, "exclude": exclude, "types": types, "ratios": ratios,
                              "example_inputs": example_inputs, "coupled": coupled}  # fmt: skip
@@ -366,6 +380,7 @@ class Pruner:
         else:
             method.attach(self)
         optimizer.pruner = self
+        _DRIVEN_BY[method] = weakref.ref(self)
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
         if self._shrink_in_init:
             self._maybe_shrink()

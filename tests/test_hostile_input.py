@@ -284,6 +284,29 @@ def test_a_second_masked_pruner_on_the_same_model_is_refused_by_name():
             build()
 
 
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_one_method_object_driving_two_pruners_is_refused(path):
+    """A shared GReg1 advanced its phase once per pruner and step: the first model was never pruned."""
+    method = GReg1(0.5, update_interval=1, delta=0.05, stabilize=2, ceiling=0.2)
+    x = torch.randn(4, 8)
+
+    def attach(model):
+        if path == "autograd":
+            return sparsetrain.autograd.MaskedPruner(model, method, example_inputs=x)
+        return sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), method, example_inputs=x)
+
+    first = attach(_mlp())
+    second_model = _mlp()
+    opt = sparsetrain.optim.SGD(second_model.parameters(), lr=0.1, backend="torch")
+    snap = Snapshot(opt, model=second_model)
+    with pytest.raises(ValueError, match="this GReg1 object already drives another Pruner"):
+        sparsetrain.Pruner(second_model, opt, method, example_inputs=x)
+    snap.unchanged()
+    assert opt.pruner is None
+    first.remove()
+    assert sparsetrain.Pruner(second_model, opt, method, example_inputs=x).method is method
+
+
 def test_masked_pruner_step_refuses_what_is_not_an_optimizer():
     model = _mlp()
     pruner = sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5, schedule="linear", end=4, interval=1))
