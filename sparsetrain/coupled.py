@@ -145,11 +145,20 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (the model itself otherwise)."""
-    inner = getattr(model, "module", None)
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(inner, nn.Module):
-        return inner
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``'s wrapper.
+
+    Names are those of the user's module either way: ``fc``, not ``module.fc`` or ``_orig_mod.fc``.
+    """
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        compiled = getattr(model, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+        if type(model).__name__ == "OptimizedModule" and isinstance(compiled, nn.Module):
+            model = compiled
+            continue
+        return model
 
 
 def build_graph(model: nn.Module, example_inputs: Any):

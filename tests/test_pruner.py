@@ -363,3 +363,24 @@ def test_writes_into_pruned_weights_are_zeroed(write):
         steps(1)
     assert torch.equal(weight[dead], torch.zeros_like(weight[dead]))
     assert torch.equal(~pruner.mask("0.weight"), dead)
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_a_compiled_model_is_pruned_under_its_own_module_names(path):
+    """``model = torch.compile(model)`` before the Pruner: patterns and names are the user's (``2``, not
+    ``_orig_mod.2``), as for a DDP wrapper, and the export is a plain copy of the original module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    compiled = torch.compile(model)  # lazy: nothing is compiled before the first call
+    method = methods.Magnitude(0.5)
+    if path == "fused":
+        pruner = sparsetrain.Pruner(
+            compiled, sparsetrain.optim.SGD(compiled.parameters(), lr=0.1), method, exclude=["2"]
+        )
+    else:
+        pruner = MaskedPruner(compiled, method, exclude=["2"])
+    assert [t.name for t in pruner.targets] == ["0.weight"]
+    assert list(pruner.metrics()) == ["0.weight"]
+    small = pruner.export()
+    assert type(small) is nn.Sequential
+    torch.testing.assert_close(small[0].weight, model[0].weight.detach() * pruner.mask("0.weight"), rtol=0, atol=0)
