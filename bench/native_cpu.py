@@ -7,7 +7,9 @@ A list of fp32 tensors (the first ResNet-50 shapes up to about 10M elements) tak
   step a pruning method takes away from its events);
 * the same step with statistics (the step before a sampling event: alive count, sums of |w| and |g|,
   and the sampling kernel's sum);
-* the same step with a stochastic sampling event (Philox draws and the decision on every live weight);
+* the same step with a stochastic sampling event (Philox draws and the decision on every live weight)
+  as the optimizer takes it (it reads the previous step's statistics and computes none:
+  ``write_stats=False``), and the same event computing this step's statistics too;
 * torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask + statistics), without and
   with a sampling event;
 * the torch reference backend on the same SGD / AdamW steps (one measurement each: it is slow).
@@ -83,10 +85,11 @@ def _inputs(shapes, algo: str):
     )
 
 
-def _fused(x, backend: str, algo: str, prune: str, stats: bool = True) -> None:
+def _fused(x, backend: str, algo: str, prune: str, stats: bool = True, write_stats: bool = True) -> None:
     common = dict(
         mask_words=x["mask_words"],
         stats=x["stats"] if stats else [],
+        write_stats=write_stats,
         tensor_coefs=x["tensor_coefs"],
         group_coefs=[],
         group_inner=[],
@@ -112,10 +115,11 @@ def _fused(x, backend: str, algo: str, prune: str, stats: bool = True) -> None:
         )  # fmt: skip
 
 
-CASES = (
-    ("none", False, "non-event"),
-    ("none", True, "non-event with statistics"),
-    ("stochastic", True, "sampling event"),
+CASES = (  # prune mode, statistics read, statistics written, label
+    ("none", False, False, "non-event"),
+    ("none", True, True, "non-event with statistics"),
+    ("stochastic", True, False, "sampling event"),
+    ("stochastic", True, True, "sampling event with statistics"),
 )
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 _clock = time.perf_counter
@@ -180,15 +184,15 @@ def main() -> None:
         adamw = _torch_optim(shapes, "AdamW")
         row["torch.optim.AdamW foreach"] = _time(adamw.step, args.reps)
         for algo, label in (("sgd", "SGD"), ("adam", "AdamW")):
-            for prune, stats, kind in CASES:
+            for prune, stats, write, kind in CASES:
                 x = copy.deepcopy(base[algo])
                 row[f"native {label} {kind}"] = _time(
-                    lambda x=x, a=algo, p=prune, st=stats: _fused(x, "native", a, p, st), args.reps
+                    lambda x=x, a=algo, p=prune, st=stats, w=write: _fused(x, "native", a, p, st, w), args.reps
                 )
                 if args.reference:
                     x = copy.deepcopy(base[algo])
                     row[f"torch reference {label} {kind}"] = _time(
-                        lambda x=x, a=algo, p=prune, st=stats: _fused(x, "torch", a, p, st), 1, warmup=0
+                        lambda x=x, a=algo, p=prune, st=stats, w=write: _fused(x, "torch", a, p, st, w), 1, warmup=0
                     )
         rows.append(row)
     keys = list(rows[0].keys())[1:]
@@ -217,9 +221,11 @@ def main() -> None:
         for label, optim in (("SGD", "torch.optim.SGD foreach"), ("AdamW", "torch.optim.AdamW foreach")):
             plain, with_stats = r[f"native {label} non-event"], r[f"native {label} non-event with statistics"]
             event = r[f"native {label} sampling event"]
+            event_stats = r[f"native {label} sampling event with statistics"]
             parts.append(
                 f"native {label} non-event / {optim.split()[0]} = {plain / r[optim]:.2f}; {label} event / non-event = "
-                f"{event / plain:.2f} (/ non-event with statistics = {event / with_stats:.2f})"
+                f"{event / plain:.2f} (event with statistics / non-event = {event_stats / plain:.2f}, "
+                f"/ non-event with statistics = {event_stats / with_stats:.2f})"
             )
         lines.append(f"- {t} thread(s): " + "; ".join(parts))
     report = "\n".join(lines) + "\n"

@@ -336,6 +336,9 @@ void run(Call& call) {
     std::fill(chunk_tensor.begin() + first_chunk[t], chunk_tensor.begin() + first_chunk[t + 1],
               static_cast<int32_t>(t));
   }
+  // the chunks compute statistics only when they are written (the scalars above read the previous ones)
+  Flags chunk_flags = f;
+  chunk_flags.has_stats = f.has_stats && call.write_stats;
   std::vector<Partials> partials(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -344,12 +347,12 @@ void run(Call& call) {
       const int64_t words = (job.numel + 31) / 32;
       const int64_t first_word = (c - first_chunk[t]) * CHUNK_WORDS;
       const int64_t last_word = std::min(words, first_word + CHUNK_WORDS);
-      partials[c] = fns[t](f, scalars[t], job, first_word, last_word);
+      partials[c] = fns[t](chunk_flags, scalars[t], job, first_word, last_word);
     }
   });
   for (size_t t = 0; t < n; ++t) {  // fixed-order combine, then this step's scale and the step count
     const TensorJob& job = call.jobs[t];
-    if (f.has_stats) {
+    if (chunk_flags.has_stats) {
       double sums[NUM_PARTIALS] = {};
       for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) {
         for (int i = 0; i < NUM_PARTIALS; ++i) sums[i] += partials[c].v[i];
@@ -375,11 +378,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   at::TensorList tensor_coefs, at::TensorList group_coefs, at::IntArrayRef group_inner,
                   at::IntArrayRef shard_offsets, const at::Tensor& seeds, const c10::optional<at::Tensor>& found_inf,
                   double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay, double momentum,
-                  double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
+                  double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal,
+                  bool write_stats) {
   const Flags f = sgd_flags(momentum, nesterov, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
+  call.write_stats = write_stats;
   check_cpu(call, params, seeds);
   run(call);
 }
@@ -390,12 +395,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::IntArrayRef group_inner, at::IntArrayRef shard_offsets, const at::Tensor& seeds,
                    const c10::optional<at::Tensor>& found_inf, double lr, const c10::optional<at::Tensor>& lr_tensor,
                    double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                   bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
+                   bool maximize, int64_t prune, bool regularize, bool l1_proximal, bool write_stats) {
   const Flags f = adam_flags(decoupled, amsgrad, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, 0.0, 0.0, beta1, beta2, eps};
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,
                      lr_tensor, f, h);
+  call.write_stats = write_stats;
   check_cpu(call, params, seeds);
   run(call);
 }

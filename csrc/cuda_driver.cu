@@ -17,6 +17,8 @@
 // no second launch is needed.
 //
 // The launch runs on the current stream under a device guard; every launch is checked.
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -474,16 +476,36 @@ void run(Call& call, at::TensorList params, const at::Tensor& seeds) {
   }
 }
 
+// write_stats=False: the kernel computes and writes statistics; the previous ones are copied aside
+// before the launch and put back after it (on the current stream, in order).
+class ReadOnlyStats {
+ public:
+  ReadOnlyStats(at::TensorList stats, bool write_stats) : stats_(stats) {
+    if (!write_stats && !stats.empty()) kept_ = at::_foreach_add(stats, 0.0);
+  }
+  ~ReadOnlyStats() {
+    if (!kept_.empty()) at::_foreach_copy_(stats_, kept_);
+  }
+  ReadOnlyStats(const ReadOnlyStats&) = delete;
+  ReadOnlyStats& operator=(const ReadOnlyStats&) = delete;
+
+ private:
+  at::TensorList stats_;
+  std::vector<at::Tensor> kept_;
+};
+
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::TensorList steps, at::TensorList mask_words, at::TensorList stats,
                    at::TensorList tensor_coefs, at::TensorList group_coefs, at::IntArrayRef group_inner,
                    at::IntArrayRef shard_offsets, const at::Tensor& seeds, const c10::optional<at::Tensor>& found_inf,
                    double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay, double momentum,
-                   double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
+                   double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal,
+                   bool write_stats) {
   const Flags f = sgd_flags(momentum, nesterov, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
+  const ReadOnlyStats kept(stats, write_stats);
   if (!params.empty()) run(call, params, seeds);
 }
 
@@ -493,12 +515,13 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::IntArrayRef group_inner, at::IntArrayRef shard_offsets, const at::Tensor& seeds,
                     const c10::optional<at::Tensor>& found_inf, double lr, const c10::optional<at::Tensor>& lr_tensor,
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                    bool maximize, int64_t prune, bool regularize, bool l1_proximal) {
+                    bool maximize, int64_t prune, bool regularize, bool l1_proximal, bool write_stats) {
   const Flags f = adam_flags(decoupled, amsgrad, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, 0.0, 0.0, beta1, beta2, eps};
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,
                      lr_tensor, f, h);
+  const ReadOnlyStats kept(stats, write_stats);
   if (!params.empty()) run(call, params, seeds);
 }
 

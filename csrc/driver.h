@@ -34,6 +34,7 @@ struct Call {
   std::vector<at::ScalarType> dtypes;
   const at::Tensor* lr_tensor;
   const at::Tensor* found_inf;
+  bool write_stats = true;  // false: the statistics are read (previous step) and left as they are
 };
 
 inline void check_list(const at::TensorList list, size_t n, const char* name, bool may_be_empty) {

@@ -32,13 +32,14 @@ TORCH_LIBRARY(sparsetrain_native, m) {
       "Tensor(d!)[] mask_words, Tensor(e!)[] stats, Tensor[] tensor_coefs, Tensor[] group_coefs, "
       "int[] group_inner, int[] shard_offsets, Tensor seeds, Tensor? found_inf, float lr, Tensor? lr_tensor, "
       "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, int prune, "
-      "bool regularize, bool l1_proximal) -> ()");
+      "bool regularize, bool l1_proximal, bool write_stats) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] mask_words, Tensor(g!)[] stats, "
       "Tensor[] tensor_coefs, Tensor[] group_coefs, int[] group_inner, int[] shard_offsets, Tensor seeds, "
       "Tensor? found_inf, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled, bool amsgrad, bool maximize, int prune, bool regularize, bool l1_proximal) -> ()");
+      "bool decoupled, bool amsgrad, bool maximize, int prune, bool regularize, bool l1_proximal, "
+      "bool write_stats) -> ()");
   // "cpu" or "cpu,cuda:<architectures>": what this build contains
   m.def("build_info() -> str", &build_info);
 }

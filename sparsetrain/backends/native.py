@@ -81,17 +81,6 @@ def _check_nm(prune: str, params, tensor_coefs, shard_offsets) -> None:
         check_nm(params, tensor_coefs, shard_offsets)
 
 
-def _read_only_stats(stats, write_stats: bool) -> list | None:
-    """``write_stats=False``: copies of the statistics, put back after the drivers' step (which always
-    computes them) by :func:`_restore_stats`, so the op leaves them as they were."""
-    return [s.clone() for s in stats] if stats and not write_stats else None
-
-
-def _restore_stats(stats, kept) -> None:
-    if kept is not None:
-        torch._foreach_copy_(stats, kept)
-
-
 def sgd_step(
     params,
     grads,
@@ -123,17 +112,15 @@ def sgd_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
-    kept = _read_only_stats(stats, write_stats)
     params, staged = stand_ins(params)
     momentum_buffers, widened = stand_ins(momentum_buffers, torch.float32)  # the drivers read float32
     torch.ops.sparsetrain_native.sgd_step_(
         params, stand_ins(grads)[0], momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
         list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(maximize), _PRUNE_INDEX[prune], bool(regularize),
-        bool(l1_proximal),
+        bool(l1_proximal), bool(write_stats),
     )  # fmt: skip
     write_back(widened + staged)
-    _restore_stats(stats, kept)
 
 
 def adam_step(
@@ -171,7 +158,6 @@ def adam_step(
         return
     _require()
     _check_nm(prune, params, tensor_coefs, shard_offsets)
-    kept = _read_only_stats(stats, write_stats)
     params, staged = stand_ins(params)
     exp_avgs, widened = stand_ins(exp_avgs, torch.float32)  # the drivers read float32
     exp_avg_sqs, widened_sq = stand_ins(exp_avg_sqs, torch.float32)
@@ -181,7 +167,6 @@ def adam_step(
         params, stand_ins(grads)[0], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words,
         stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),
         lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
-        bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal),
+        bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal), bool(write_stats),
     )  # fmt: skip
     write_back(widened + staged)
-    _restore_stats(stats, kept)
