@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .coupled import call_model, flat_tensors
+
 if TYPE_CHECKING:
     from .pruner import Pruner
 
@@ -54,7 +56,13 @@ def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
     """Per target: output positions per sample (conv: output pixels; linear: tokens), by forward hooks."""
     positions: dict[str, int] = {}
     hooks = []
-    batch = (example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs).shape[0]
+    tensors = [t for t in flat_tensors(example_inputs) if t.dim() > 0]
+    if not tensors:
+        raise ValueError(
+            "summary(example_inputs): no batched tensor in example_inputs (a tensor, a tuple of arguments or a "
+            f"dict of keyword arguments), got {type(example_inputs).__name__}"
+        )
+    batch = tensors[0].shape[0]
     for t in pruner.targets:
         out_features = getattr(t.module, "nf", t.param.shape[0])  # transformers' Conv1D: [in, out]
 
@@ -67,10 +75,7 @@ def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
     pruner.model.eval()
     try:
         with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                pruner.model(*example_inputs)
-            else:
-                pruner.model(example_inputs)
+            call_model(pruner.model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -83,7 +88,8 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
 
     Args:
         pruner: a :class:`~sparsetrain.Pruner` (or ``MaskedPruner``).
-        example_inputs: a batch the model accepts (a tensor, or a tuple of positional inputs); with
+        example_inputs: a batch the model accepts (a tensor, a tuple of positional inputs or a dict of
+            keyword arguments, as ``transformers`` models take); with
             it, MACs per sample are counted from the output shapes seen by forward hooks (the model
             runs once in eval mode under ``no_grad``).
 

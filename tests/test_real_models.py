@@ -111,3 +111,16 @@ def test_export_folds_the_mask_into_a_tied_weight(path):
     small.eval()
     with torch.no_grad():
         torch.testing.assert_close(small(**x).logits, model(**x).logits)
+
+
+def test_summary_counts_macs_from_keyword_inputs():
+    """``summary(example_inputs)`` takes the dict of keyword arguments transformers models are called with."""
+    from sparsetrain.summary import layer_rows
+
+    model, x = _gpt2()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5), exclude=["lm_head"])
+    rows = layer_rows(pruner, x)
+    tokens = x["input_ids"].shape[1]
+    assert [r.macs for r in rows] == [t.param.numel() * tokens for t in pruner.targets]
+    assert "transformer.h.0.mlp.c_fc.weight" in pruner.summary(x)
