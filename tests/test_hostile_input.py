@@ -307,6 +307,31 @@ def test_one_method_object_driving_two_pruners_is_refused(path):
     assert sparsetrain.Pruner(second_model, opt, method, example_inputs=x).method is method
 
 
+@pytest.mark.parametrize("saved_by", ["sparsetrain", "torch.optim"])
+def test_a_checkpoint_without_pruning_state_into_a_pruned_optimizer_is_refused(saved_by):
+    """A dense checkpoint loaded after the Pruner used to drop its masks: the next step raised KeyError 'stats'."""
+    model = _mlp()
+    dense_class = sparsetrain.optim.SGD if saved_by == "sparsetrain" else torch.optim.SGD
+    dense = dense_class(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 8)).sum().backward()
+    dense.step()
+    checkpoint = dense.state_dict()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, StochasticMagnitude(0.5, start=1, end=3))
+    snap = Snapshot(opt, pruner, model)
+    with pytest.raises(ValueError, match="no pruning state for 0.weight .* load it before creating the Pruner"):
+        opt.load_state_dict(checkpoint)
+    snap.unchanged()
+    pruner.remove()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, backend="torch")
+    opt.load_state_dict(checkpoint)  # the order the message names
+    pruner = sparsetrain.Pruner(model, opt, StochasticMagnitude(0.5, start=1, end=3))
+    torch.testing.assert_close(opt.state[model[0].weight]["momentum_buffer"], model[0].weight.grad)
+    for _ in range(4):
+        opt.step()
+    assert pruner.step_count == 4 and not opt.mask(model[0].weight).all()
+
+
 def test_masked_pruner_step_refuses_what_is_not_an_optimizer():
     model = _mlp()
     pruner = sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5, schedule="linear", end=4, interval=1))

@@ -541,6 +541,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.pruner.check_state_dict(meta["pruner"])
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip([i for g in state_dict["param_groups"] for i in g["params"]], params))
+        if self.pruner is not None:  # a checkpoint saved without pruning would drop the attached Pruner's masks
+            pruned = {p: k for k, p in by_id.items() if "mask_words" in state_dict["state"].get(k, {})}
+            lacking = [t.name for t in self.pruner.targets if t.param not in pruned]
+            if lacking:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state_dict has no pruning state for {lacking[0]} "
+                    "(it was saved without pruning), but a Pruner is attached: load it before creating the Pruner, "
+                    "which then starts pruning from it (nothing was loaded)"
+                )
         buffers = self._algo_state_names()
         new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
