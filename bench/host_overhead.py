@@ -15,6 +15,7 @@ from below when the GPU work is shorter.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 import types
@@ -32,6 +33,20 @@ from sparsetrain.kernels import fused_step  # noqa: E402
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+ROUNDS, STEPS = 7, 200
+
+
+def _rounds(call) -> tuple[float, float]:
+    """Microseconds per call: the median and the best of ROUNDS rounds of STEPS calls each (a round's mean)."""
+    per_round = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            call()
+        per_round.append((time.perf_counter() - start) / STEPS * 1e6)
+    return statistics.median(per_round), min(per_round)
 
 
 def main() -> None:
@@ -54,13 +69,9 @@ def main() -> None:
             step = (lambda: (opt.schedule_pruning("stochastic"), opt.step())) if events else opt.step
             for _ in range(5):
                 step()
-            steps = 300
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            per_step = (time.perf_counter() - start) / steps
+            median, best = _rounds(step)
             what = "with a sampling event every step" if events else "plain step"
-            print(f"{name}: {len(params)} tensors, {what}: host time {per_step * 1e6:.0f} us (launches stubbed)")
+            print(f"{name}: {len(params)} tensors, {what}: {median:.0f} us (best round {best:.0f} us)")
         # StochasticMagnitude's calibration at an event (before the step): prune counts of every tensor
         method = sparsetrain.methods.StochasticMagnitude(0.8, start=1, end=10**6, interval=1)
         targets = [types.SimpleNamespace(param=p, ratio=0.8) for p in params]
@@ -73,11 +84,8 @@ def main() -> None:
         )
         for _ in range(5):
             method.before_step(pruner, 10)
-        start = time.perf_counter()
-        for _ in range(steps):
-            method.before_step(pruner, 10)
-        per_call = (time.perf_counter() - start) / steps
-        print(f"{name}: StochasticMagnitude.before_step at an event: host time {per_call * 1e6:.0f} us")
+        median, best = _rounds(lambda: method.before_step(pruner, 10))
+        print(f"{name}: StochasticMagnitude.before_step at an event: {median:.0f} us (best round {best:.0f} us)")
 
 
 if __name__ == "__main__":
