@@ -276,7 +276,8 @@ ST_HD float regularization(const Flags& f, const TensorScalars& s, float w, floa
   float r = select_(f.has_groups, lam * w, 0.0f);
   r = select_(f.regularize, r + s.l2 * w, r);
   r = select_(f.regularize && !f.l1_proximal, r + s.l1 * sign_(w), r);
-  const float relevance = fmax_(1.0f - fabs_(g_raw) / s.sd_scale, 0.0f);
+  const float x = 1.0f - fabs_(g_raw) / s.sd_scale;  // clamp(min=0) as torch: a NaN (NaN or inf / inf) stays
+  const float relevance = x < 0.0f ? 0.0f : x;
   return select_(f.regularize && s.sd != 0.0f, r + s.sd * w * relevance, r);
 }
 
@@ -310,7 +311,7 @@ ST_HD float adam_update(const Flags& f, const TensorScalars& s, float w, float g
   g = select_(f.regularize || f.has_groups, g + r, g);
   m = lerp_(m, g, s.one_minus_beta1);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
-  vmax = select_(f.amsgrad, fmax_(v, vmax), vmax);
+  vmax = select_(f.amsgrad, (v > vmax) | (v != v) ? v : vmax, vmax);  // torch.maximum: NaN from either side
   const float denom = sqrtf(select_(f.amsgrad, vmax, v)) / s.bias_correction2_sqrt + s.eps;
   return w - s.step_size * m / denom;
 }

@@ -393,7 +393,8 @@ def _step_block(
                 r = r + l1 * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         if HAS_STATS:
             if sd != 0:
-                r = r + sd * w * tl.maximum(1.0 - tl.abs(g_raw) * inv_scale, 0.0)
+                # clamp(min=0) as torch: a NaN relevance (NaN gradient, or inf / inf) stays NaN
+                r = r + sd * w * tl.maximum(1.0 - tl.abs(g_raw) * inv_scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
     # optimizer update
     if IS_ADAM:
@@ -407,7 +408,7 @@ def _step_block(
         m = tl.where(weight < 0.5, m_old + weight * (g - m_old), g - (g - m_old) * (1.0 - weight))  # torch.lerp
         v = v_old * beta2 + one_minus_beta2 * (g * g)
         if AMSGRAD:
-            vmax = tl.maximum(vmax_old, v)
+            vmax = tl.maximum(vmax_old, v, propagate_nan=tl.PropagateNan.ALL)  # torch.maximum: NaN from either side
             denom = tl.sqrt(vmax) * inv_bias_correction2_sqrt + eps
         else:
             denom = tl.sqrt(v) * inv_bias_correction2_sqrt + eps

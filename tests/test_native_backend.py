@@ -95,6 +95,34 @@ def test_sampling_keeps_a_nan_weight_and_a_tensor_that_samples_none_as_the_refer
     assert torch.equal(out["torch"]["mask_words"][0], out["native"]["mask_words"][0])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's NaN
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_nan_and_inf_gradients_under_selective_decay_as_the_reference(algo, backend):
+    # the reference's relevance clamp(1 - |g| / (beta * gbar), min=0) and AMSGrad's torch.maximum keep a NaN:
+    # a NaN gradient, or an infinite one over an infinite mean |g| of the last step (inf / inf), gives NaN
+    if backend == "triton" and not backends.runs_on("triton", DEVICE)[0]:
+        pytest.skip(backends.runs_on("triton", DEVICE)[1])
+    n = BLOCK + 37
+    inputs = _inputs([n, 300], [torch.float32] * 2, algo=algo, prune="none", seed=13)
+    inputs["stats"][1][contract.STAT_SUM_ABS_G] = float("inf")
+    bad = []
+    for t, values in enumerate([(float("nan"), float("inf"), float("-inf")), (float("inf"), float("-inf"))]):
+        live = torch.nonzero(masks.unpack(inputs["mask_words"][t].cpu(), inputs["params"][t].numel())).flatten()
+        bad.append(live[::2][: 3 * len(values)].to(DEVICE))
+        inputs["grads"][t][bad[t]] = torch.tensor(values, device=DEVICE).repeat(3)
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="none")
+    _call(out, backend, algo=algo, prune="none")
+    assert ref["params"][1][bad[1]].isnan().all()  # inf / inf: the selective decay term is NaN
+    pairs = list(zip(ref["params"], out["params"])) + [
+        (a, b) for sr, so in zip(ref["state_lists"], out["state_lists"]) for a, b in zip(sr, so)
+    ]
+    for a, b in pairs:
+        tol = 1e-6 * float(a.nan_to_num(posinf=0.0, neginf=0.0).abs().max())
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=tol, equal_nan=True)
+
+
 SIMD_BLOCK = 256  # elements per call of the CPU driver's vector kernels (csrc/cpu_simd.h)
 
 
