@@ -255,27 +255,6 @@ def test_many_tensors_one_call():
     _run_both(sizes, [torch.float32] * len(sizes), "sgd", "stochastic", seed=4)
 
 
-def test_sampling_keeps_a_nan_weight_and_a_tensor_that_samples_none_as_the_reference():
-    # the reference prunes where u < q: a NaN weight (q NaN) is kept; a tensor with prune count 0 keeps all
-    inputs = _inputs([BLOCK + 37, 300], [torch.float32] * 2, algo="sgd", prune="stochastic", seed=12)
-    alive = masks.unpack(inputs["mask_words"][0].cpu(), BLOCK + 37)
-    live = torch.nonzero(alive).flatten()[:3].tolist()
-    for i in live:
-        inputs["params"][0][i] = float("nan")
-    inputs["tensor_coefs"][1][contract.COEF_PRUNE_COUNT] = 0.0
-    before = inputs["mask_words"][1].clone()
-    out = {}
-    for backend in ("torch", "triton"):
-        x = copy.deepcopy(inputs)
-        _call(x, backend, algo="sgd", prune="stochastic")
-        out[backend] = x
-    for backend, x in out.items():
-        kept = masks.unpack(x["mask_words"][0].cpu(), BLOCK + 37)
-        assert kept[live].all(), backend
-        assert not kept.all() and torch.equal(x["mask_words"][1], before), backend
-    assert torch.equal(out["torch"]["mask_words"][0], out["triton"]["mask_words"][0])
-
-
 def test_deterministic_run_to_run():
     inputs = _inputs([3 * BLOCK + 5, 77], [torch.float32] * 2, algo="adam", prune="stochastic", seed=9)
     outs = []
