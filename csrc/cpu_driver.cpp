@@ -61,7 +61,10 @@ inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
 // loop-invariant selects. Each block of 256 elements is one fused loop that reads the parameter,
 // gradient and states once, runs the element contract and stores every element back (dead ones
 // with their own value), then a fixed-order pass adds the block's statistics in fp64.
-template <typename T, int STATES, int PRUNE>
+// TRACK: this step decides (a prune mode that decides every step, or a sampling event) or computes
+// statistics. Without it a step changes no mask bit and computes no statistic: the element loop is a
+// pure streaming loop, without the keep / |w| / |g| arrays, the keep bits and the mask stores.
+template <typename T, int STATES, int PRUNE, bool TRACK>
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run_chunk(Flags f, const TensorScalars& s,
                                                                       const TensorJob& job, int64_t word_begin,
                                                                       int64_t word_end) {
@@ -75,8 +78,8 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
   float* __restrict st0 = job.state[0];
   float* __restrict st1 = job.state[1];
   float* __restrict st2 = job.state[2];
-  const bool draw = PRUNE == PRUNE_STOCHASTIC && s.sample;
-  const bool has_stats = f.has_stats;
+  const bool draw = TRACK && PRUNE == PRUNE_STOCHASTIC && s.sample;
+  const bool has_stats = TRACK && f.has_stats;
   const bool kernel_on = has_stats && s.kernel_on;
   const bool groups = f.has_groups;
   int64_t alive = 0;
@@ -97,7 +100,11 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     for (int i = 0; i < words; ++i) {
       bits[i] = f.has_mask ? static_cast<uint32_t>(job.mask[block + i]) : 0xffffffffu;
       const int inside = n - 32 * i;  // elements of word i inside the tensor
-      if (inside < 32) bits[i] &= inside > 0 ? (1u << inside) - 1u : 0u;
+      if (inside < 32) {
+        bits[i] &= inside > 0 ? (1u << inside) - 1u : 0u;
+        // the word as the tracking loop stores it (its keep bits are its live bits): bits past the end cleared
+        if (!TRACK && f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(bits[i]);
+      }
       any |= bits[i];
     }
     if (any == 0) continue;  // dead words: their elements are neither read nor written
@@ -159,20 +166,23 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       const float c_old = STATES >= 3 ? s2[k] : 0.0f;
       float w = w_old, a = a_old, b = b_old, c = c_old;
       const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
+      (void)kept;  // read only when tracking
       const bool on = live[k] != 0;
       pw[k] = on ? w : w_old;  // dead elements are stored back unchanged
       if (STATES >= 1) s0[k] = on ? a : a_old;
       if (STATES >= 2) s1[k] = on ? b : b_old;
       if (STATES >= 3) s2[k] = on ? c : c_old;
-      const int32_t kp = live[k] & static_cast<int32_t>(kept);
-      keep[k] = kp;
-      abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
-      abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
-      if constexpr (PRUNE == PRUNE_STOCHASTIC) {
-        cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c));
+      if constexpr (TRACK) {
+        const int32_t kp = live[k] & static_cast<int32_t>(kept);
+        keep[k] = kp;
+        abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
+        abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
+        if constexpr (PRUNE == PRUNE_STOCHASTIC) {
+          cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c));
+        }
       }
     }
-    if constexpr (PRUNE == PRUNE_STOCHASTIC) {
+    if constexpr (PRUNE == PRUNE_STOCHASTIC && TRACK) {
       if (draw) {
         constexpr int V = 16;  // the decisions are taken in whole vectors: the tail is padding
         alignas(64) int32_t where[BLOCK + COMPACT_SLACK];
@@ -206,7 +216,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
         }
       }
     }
-    if constexpr (PRUNE == PRUNE_NM) {  // n is a multiple of M: groups never straddle a block
+    if constexpr (PRUNE == PRUNE_NM && TRACK) {  // n is a multiple of M: groups never straddle a block
       const int m = s.nm_m, nn = s.nm_n;
       for (int g0 = 0; g0 < n; g0 += m) {
         float a[32];
@@ -227,6 +237,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
         if (live[k] != 0) param[base + k] = static_cast<T>(wbuf[k]);
       }
     }
+    if constexpr (!TRACK) continue;
     for (int k = n; k < BLOCK; ++k) {
       keep[k] = 0;
       abs_w[k] = 0.0f;
@@ -271,38 +282,42 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
 
 using ChunkFn = Partials (*)(Flags, const TensorScalars&, const TensorJob&, int64_t, int64_t);
 
+// The modes that decide on every step (threshold, group, N:M) are always tracking; none and
+// stochastic track only when the chunks compute statistics or a sampling event decides.
 template <typename T, int STATES>
-ChunkFn pick_prune(int prune) {
+ChunkFn pick_prune(int prune, bool track) {
   switch (prune) {
     case PRUNE_STOCHASTIC:
-      return &run_chunk<T, STATES, PRUNE_STOCHASTIC>;
+      return track ? &run_chunk<T, STATES, PRUNE_STOCHASTIC, true> : &run_chunk<T, STATES, PRUNE_STOCHASTIC, false>;
     case PRUNE_LOW:
-      return &run_chunk<T, STATES, PRUNE_LOW>;
+      return &run_chunk<T, STATES, PRUNE_LOW, true>;
     case PRUNE_HIGH:
-      return &run_chunk<T, STATES, PRUNE_HIGH>;
+      return &run_chunk<T, STATES, PRUNE_HIGH, true>;
     case PRUNE_GROUP:
-      return &run_chunk<T, STATES, PRUNE_GROUP>;
+      return &run_chunk<T, STATES, PRUNE_GROUP, true>;
     case PRUNE_NM:
-      return &run_chunk<T, STATES, PRUNE_NM>;
+      return &run_chunk<T, STATES, PRUNE_NM, true>;
     default:
-      return &run_chunk<T, STATES, PRUNE_NONE>;
+      return track ? &run_chunk<T, STATES, PRUNE_NONE, true> : &run_chunk<T, STATES, PRUNE_NONE, false>;
   }
 }
 
 template <typename T>
-ChunkFn pick(const Flags& f) {
-  if (f.adam) return f.amsgrad ? pick_prune<T, 3>(f.prune) : pick_prune<T, 2>(f.prune);
-  return f.momentum ? pick_prune<T, 1>(f.prune) : pick_prune<T, 0>(f.prune);
+ChunkFn pick(const Flags& f, bool track) {
+  if (f.adam) return f.amsgrad ? pick_prune<T, 3>(f.prune, track) : pick_prune<T, 2>(f.prune, track);
+  return f.momentum ? pick_prune<T, 1>(f.prune, track) : pick_prune<T, 0>(f.prune, track);
 }
 
-ChunkFn pick(const Flags& f, at::ScalarType dtype) {
+// chunk_flags: the flags the chunks run with (has_stats: statistics written by this step).
+ChunkFn pick(const Flags& chunk_flags, const TensorScalars& s, at::ScalarType dtype) {
+  const bool track = chunk_flags.has_stats || (chunk_flags.prune == PRUNE_STOCHASTIC && s.sample);
   switch (dtype) {
     case at::kBFloat16:
-      return pick<c10::BFloat16>(f);
+      return pick<c10::BFloat16>(chunk_flags, track);
     case at::kHalf:
-      return pick<c10::Half>(f);
+      return pick<c10::Half>(chunk_flags, track);
     default:
-      return pick<float>(f);
+      return pick<float>(chunk_flags, track);
   }
 }
 
@@ -315,6 +330,9 @@ void run(Call& call) {
   std::vector<TensorScalars> scalars(n);
   std::vector<ChunkFn> fns(n);
   std::vector<int64_t> first_chunk(n + 1, 0);
+  // the chunks compute statistics only when they are written (the scalars below read the previous ones)
+  Flags chunk_flags = f;
+  chunk_flags.has_stats = f.has_stats && call.write_stats;
   for (size_t t = 0; t < n; ++t) {
     const TensorJob& job = call.jobs[t];
     scalars[t] = prepare_tensor(f, call.hyper, lr, lr_on_device, job.coefs, job.stats, *job.step);
@@ -326,7 +344,7 @@ void run(Call& call) {
                   " needs tensors (and shards) whose element count and offset are multiples of M; tensor ", t,
                   " has ", job.numel, " elements at offset ", job.shard_offset);
     }
-    fns[t] = pick(f, call.dtypes[t]);
+    fns[t] = pick(chunk_flags, scalars[t], call.dtypes[t]);
     const int64_t words = (job.numel + 31) / 32;
     first_chunk[t + 1] = first_chunk[t] + std::max<int64_t>(1, (words + CHUNK_WORDS - 1) / CHUNK_WORDS);
   }
@@ -336,9 +354,6 @@ void run(Call& call) {
     std::fill(chunk_tensor.begin() + first_chunk[t], chunk_tensor.begin() + first_chunk[t + 1],
               static_cast<int32_t>(t));
   }
-  // the chunks compute statistics only when they are written (the scalars above read the previous ones)
-  Flags chunk_flags = f;
-  chunk_flags.has_stats = f.has_stats && call.write_stats;
   std::vector<Partials> partials(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
