@@ -119,7 +119,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), u);
     }
     alignas(64) int32_t live[BLOCK];
-    for (int k = 0; k < BLOCK; ++k) live[k] = static_cast<int32_t>((bits[k / 32] >> (k % 32)) & 1u);
+    for (int i = 0; i < BLOCK_WORDS; ++i) {  // word by word: one broadcast word and shifts, no gather
+      const uint32_t word = bits[i];
+      for (int j = 0; j < 32; ++j) live[32 * i + j] = static_cast<int32_t>((word >> j) & 1u);
+    }
     // fp32 parameters are read and written in place; bf16 / fp16 ones go through float copies
     // (their conversions do not vectorize, the element loop then does)
     constexpr bool F32 = std::is_same<T, float>::value;
