@@ -40,6 +40,14 @@ def _train(backend: str, always: bool, monkeypatch, method_factory):
     return method, computed, params, masks
 
 
+def _assert_identical(params, mask_list, params_other, masks_other) -> None:
+    """Weights and masks of two runs are bit-identical."""
+    for a, b in zip(params, params_other, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(mask_list, masks_other, strict=True):
+        assert torch.equal(a, b)
+
+
 def _backends():
     usable = triton_usable()[0]
     return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not usable, reason="no triton"))]
@@ -56,10 +64,7 @@ def test_stochastic_steps_compute_statistics_only_before_events(backend, monkeyp
     assert not any(computed[k] for k in (6, 11, 16))  # an event reads the statistics, computes none
     _, always, params_always, masks_always = _train(backend, True, monkeypatch, factory)
     assert all(always)
-    for a, b in zip(params, params_always):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(mask_list, masks_always):
-        assert torch.equal(a, b)
+    _assert_identical(params, mask_list, params_always, masks_always)
 
 
 def test_a_method_that_reads_no_statistics_computes_none(monkeypatch):
@@ -69,10 +74,7 @@ def test_a_method_that_reads_no_statistics_computes_none(monkeypatch):
     _, computed, params, mask_list = _train("torch", False, monkeypatch, factory)
     assert not any(computed)
     _, _, params_always, masks_always = _train("torch", True, monkeypatch, factory)
-    for a, b in zip(params, params_always):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(mask_list, masks_always):
-        assert torch.equal(a, b)
+    _assert_identical(params, mask_list, params_always, masks_always)
 
 
 def test_selective_decay_computes_statistics_every_step(monkeypatch):
