@@ -280,7 +280,9 @@ class Pruner:
         ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
             a selected weight that is not in the optimizer, a layout the method cannot handle, or
             ``shrink_after_prune`` where shrinking is not possible, a ``method`` object that already
-            drives another attached Pruner (all before anything is modified).
+            drives another attached Pruner (all before anything is modified). A method object whose
+            Pruner was removed (:meth:`remove`) can drive a new one: its schedule starts afresh, as a
+            new object's would (unless the optimizer's state_dict carries a saved schedule to continue).
 
     Attributes:
         targets (list[Target]): the pruned tensors, in model order (structured: every member of
@@ -374,10 +376,12 @@ class Pruner:
         optimizer.uses_groups = optimizer.uses_groups or method.uses_groups
         self.step_count = 0
         self._skipped = False
+        method.remember_initial_state()
         if saved is not None:  # the optimizer's state_dict carried this pruner's state: continue from it
             self.load_schedule_state_dict(saved)
             optimizer.loaded_pruner_state = None
-        else:
+        else:  # a new schedule, also for a method object a removed Pruner drove before
+            method.restart()
             method.attach(self)
         optimizer.pruner = self
         _DRIVEN_BY[method] = weakref.ref(self)
@@ -435,7 +439,8 @@ class Pruner:
         self._maybe_shrink()
 
     def remove(self) -> None:
-        """Detach from the optimizer (masks stay in its state)."""
+        """Detach from the optimizer (masks stay in its state). The method object can then drive a new
+        Pruner, whose schedule starts afresh."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

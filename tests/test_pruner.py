@@ -384,3 +384,42 @@ def test_a_compiled_model_is_pruned_under_its_own_module_names(path):
     small = pruner.export()
     assert type(small) is nn.Sequential
     torch.testing.assert_close(small[0].weight, model[0].weight.detach() * pruner.mask("0.weight"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: methods.GReg1(0.5, delta=0.1, update_interval=1, stabilize=1),
+        lambda: methods.GReg2(0.5, delta=0.1, delta_all=0.01, warm_ceiling=0.02, update_interval=1, stabilize=1),
+    ],
+    ids=["GReg1", "GReg2"],
+)
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_a_method_object_attached_again_after_remove_starts_a_fresh_schedule(make, path):
+    """Attached again after remove(), a GReg object stayed in its old phase ("pruned") with its old picks
+    and penalties: the new model was never pruned. It now prunes exactly as a new object does."""
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def run(method):
+        model = _cnn()
+        if path == "fused":
+            opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, backend="torch")
+            pruner = sparsetrain.Pruner(model, opt, method, example_inputs=x)
+            _steps(model, opt, 16)
+        else:
+            pruner = MaskedPruner(model, method, example_inputs=x, backend="torch")
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            _steps(model, opt, 16, after=pruner.step)
+        return pruner
+
+    used = make()
+    first = run(used)
+    assert used.phase == "pruned"
+    first.remove()
+    again, fresh = run(used), run(make())
+    assert not again.mask("0.weight").all()
+    for target in fresh.targets:
+        assert torch.equal(again.mask(target.name), fresh.mask(target.name)), target.name
+    again_state, fresh_state = again.schedule_state_dict()["method"], fresh.schedule_state_dict()["method"]
+    assert again_state.pop("phase") == fresh_state.pop("phase") == "pruned"
+    torch.testing.assert_close(again_state, fresh_state, rtol=0, atol=0)

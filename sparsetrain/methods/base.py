@@ -7,6 +7,7 @@ step it may read a few scalars at its own intervals (GReg's magnitude ratio).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,23 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def remember_initial_state(self) -> None:
+        """Keep a copy of the schedule's state as it is before any Pruner drove this object (the
+        first call keeps it; later calls do nothing). The :class:`~sparsetrain.Pruner` calls it."""
+        if "_initial_state" not in self.__dict__:
+            self.__dict__["_initial_state"] = copy.deepcopy(self.state_dict())
+
+    def restart(self) -> None:
+        """Return the schedule's state (:meth:`state_dict`) to the one kept by :meth:`remember_initial_state`.
+
+        A Pruner that starts a schedule (no saved one to continue) calls it before :meth:`attach`, so
+        a method object attached again after the previous Pruner's ``remove()`` starts afresh, as a
+        new object would, instead of continuing where the old schedule stopped.
+        """
+        initial = self.__dict__.get("_initial_state")
+        if initial is not None:
+            self.load_state_dict(copy.deepcopy(initial))
 
 
 def warn_if_sparser(targets: list[Target]) -> None:
