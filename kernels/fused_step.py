@@ -270,7 +270,7 @@ def fused_step_kernel(
             inv_tm_now = ((1.0 / tl.where(tm_now > 0, tm_now, 1.0)) * NEG_LOG2E).to(tl.float32)  # as inv_tm
         # statistics: per-thread fp64 sums over the program's blocks (no cross-thread exchange per block),
         # reduced across the program once at its end; a fixed order, so deterministic
-        acc_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
+        acc_alive = tl.zeros([WORDS], dtype=tl.int32)
         acc_w = tl.zeros([WORDS, 8], dtype=tl.float64)
         acc_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
         acc_g = tl.zeros([WORDS, 8], dtype=tl.float64)
@@ -345,8 +345,9 @@ def _step_block(
     WORDS: tl.constexpr, FULL: tl.constexpr, NM_M: tl.constexpr,
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element. Returns the block's statistics
-    as [WORDS, 8] fp64 sums of four consecutive elements (alive, |w|, kernel terms, |g|; zeros unless
-    STATS_OUT): four consecutive elements are held by one thread, so these sums stay in registers.
+    (zeros unless STATS_OUT): the alive count per mask word ([WORDS] int32, popcounts of the packed
+    decisions), and [WORDS, 8] fp64 sums of four consecutive elements of |w|, the kernel terms and
+    |g|: four consecutive elements are held by one thread, so these sums stay in registers.
 
     FULL: the block lies wholly inside the tensor and is not sparse; unmasked (vectorizable) loads
     and stores, a dead element is read and written back unchanged, so memory sees the same values
@@ -452,8 +453,13 @@ def _step_block(
     elif PRUNE == PRUNE_NM:
         keep = live & _nm_keep(tl.abs(w), live, nm_n, WORDS, NM_M)
 
-    # writes: pruned-now elements become zero; dead-before elements get back what was read
-    w = tl.where(keep, w, 0.0)
+    # writes: pruned-now elements become zero; dead-before elements get back what was read.
+    # With statistics the zero is `step * 0.0` (+0.0, which the compiler cannot see as a constant):
+    # |w| of the statistics is then this select's result (no second select), and the fp64
+    # conversion stays after it (with a constant zero the compiler sinks the select past the
+    # conversion, two selects of the 64-bit halves)
+    zero = step * 0.0 if STATS_OUT else 0.0
+    w = tl.where(keep, w, zero)
     # chosen in fp32, then rounded once: 16-bit parameters are packed two to a register in one instruction
     store_block(param_ptr, offs, tl.where(live, w, w_in).to(PARAM_DTYPE), io, ALIGNED, FULL)
     if IS_ADAM:
@@ -463,26 +469,26 @@ def _step_block(
             store_block(state3_ptr, offs, tl.where(keep, vmax, tl.where(live, 0.0, vmax_old)), io, ALIGNED, FULL)
     elif HAS_MOMENTUM:
         store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
-    if HAS_MASK and PRUNE != PRUNE_NONE:  # without a decision the mask words cannot change
+    if HAS_MASK and PRUNE == PRUNE_NONE and FULL:
+        keep_words = words  # keep = live: every bit of a full block's words is inside the tensor
+    elif (HAS_MASK and PRUNE != PRUNE_NONE) or STATS_OUT:
         bits = tl.where(keep, 1 << tl.arange(0, 32)[None, :], 0)
-        new_words = tl.sum(bits, axis=1)  # packed as unpack_live reads
-        tl.store(mask_ptr + word_idx, new_words, mask=(word_idx * 32 < numel) & (words != 0))
+        keep_words = tl.sum(bits, axis=1)  # packed as unpack_live reads
+    if HAS_MASK and PRUNE != PRUNE_NONE:  # without a decision the mask words cannot change
+        tl.store(mask_ptr + word_idx, keep_words, mask=(word_idx * 32 < numel) & (words != 0))
 
-    part_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
+    part_alive = tl.zeros([WORDS], dtype=tl.int32)
     part_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
     if STATS_OUT:
-        # step * 0: +0.0 that the compiler cannot see as a constant, so selects stay before the fp64
-        # conversion (one select of a 32-bit value, where a constant zero makes it two of the 64-bit one)
-        zero = step * 0.0
-        abs_w = tl.abs(tl.where(keep, w, zero))
-        part_alive = _quad_sums(keep.to(tl.int32), WORDS)  # exact count, summed as integers
+        # selects of 32-bit values before the fp64 conversions, whose abs modifier takes |x|
+        abs_w = tl.abs(w)  # zero for pruned and dead elements (the select above)
+        part_alive = _popcount(keep_words)  # exact count per word, from the packed decisions
         part_w = _quad_sums(abs_w.to(tl.float64), WORDS)
         # computed also while the kernel is off (kernel_on = 0: the program's sum is dropped at its end),
         # so that no branch splits the block while the decisions are held
-        kernel_arg = tl.where(keep, abs_w * inv_tm_now, float("-inf"))  # exp2(-inf) = 0: pruned and dead
-        part_kernel = _quad_sums(tl.exp2(kernel_arg).to(tl.float64), WORDS)
+        part_kernel = _quad_sums(tl.where(keep, tl.exp2(abs_w * inv_tm_now), zero).to(tl.float64), WORDS)
         part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), zero).to(tl.float64), WORDS)
     return part_alive, part_w, part_kernel, part_g
 

@@ -58,7 +58,7 @@ def full_block_kernel(
 ):  # fmt: skip
     """The fused step's work for BLOCKS live full blocks of one program (unrolled), nothing else."""
     keys = stream_random.philox_keys(seed)  # once per program, as the fused kernel does
-    acc_alive = tl.zeros([WORDS, 8], dtype=tl.int32)
+    acc_alive = tl.zeros([WORDS], dtype=tl.int32)
     acc_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     acc_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     acc_g = tl.zeros([WORDS, 8], dtype=tl.float64)
