@@ -7,9 +7,9 @@ without the native extension runs) instead of the extension's one-pass C++ scans
 
 Measures the Python work ``opt.step()`` does per step for the ResNet-50 and GPT-2-medium parameter
 lists with the triton backend's plan cache warm, and ``StochasticMagnitude.before_step`` at an
-event (the prune-count calibration of every tensor): what remains between the user's call and the two
-kernel launches. On a GPU this overlaps the previous step's kernels; it bounds the step time
-from below when the GPU work is shorter.
+event (the prune-count calibration of every tensor), alone and in front of the step it schedules:
+what remains between the user's call and the two kernel launches. On a GPU this overlaps the
+previous step's kernels; it bounds the step time from below when the GPU work is shorter.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ def main() -> None:
             method.before_step(pruner, 10)
         median, best = _rounds(lambda: method.before_step(pruner, 10))
         print(f"{name}: StochasticMagnitude.before_step at an event: {median:.0f} us (best round {best:.0f} us)")
+        # the whole host side of an event: the calibration, then the step it schedules
+        median, best = _rounds(lambda: (method.before_step(pruner, 10), opt.step()))
+        print(f"{name}: event step with before_step in front: {median:.0f} us (best round {best:.0f} us)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // The optimizers' host path in C++ (sparsetrain/scan.py): scans of tensor lists, one C call per list, and
-// the event seeds of sparsetrain/philox.py, and per-tensor scalar stores for CPU tensors.
+// the event seeds of sparsetrain/philox.py, per-tensor scalar stores and loads for CPU tensors, and
+// identity / equality checks of cached per-tensor objects.
 //
 // A step reads, for every parameter, its gradient and a few properties (dtype, shape, device,
 // layout, contiguity, data pointer, version counter). Read attribute by attribute from Python these
@@ -269,6 +270,109 @@ PyObject* copy_elements(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// items_are(mappings, key, expected) -> bool: len(mappings) == len(expected) and mappings[i][key] is
+// expected[i] for every i (a missing key raises KeyError, as the Python fallback's itemgetter does).
+PyObject* items_are(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *mappings_obj, *key, *expected_obj;
+  if (!PyArg_ParseTuple(args, "OOO", &mappings_obj, &key, &expected_obj)) return nullptr;
+  Items mappings(sequence(mappings_obj, "items_are"));
+  if (!mappings.seq) return nullptr;
+  Items expected(sequence(expected_obj, "items_are"));
+  if (!expected.seq) return nullptr;
+  const Py_ssize_t n = mappings.size();
+  if (expected.size() != n) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* mapping = mappings[i];
+    PyObject* item;
+    if (PyDict_CheckExact(mapping)) {
+      item = PyDict_GetItemWithError(mapping, key);  // borrowed
+      if (!item) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+        return nullptr;
+      }
+      if (item != expected[i]) Py_RETURN_FALSE;
+    } else {
+      item = PyObject_GetItem(mapping, key);  // new reference
+      if (!item) return nullptr;
+      const bool same = item == expected[i];
+      Py_DECREF(item);
+      if (!same) Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+// attrs_equal(objects, name, values) -> bool: len(objects) == len(values) and getattr(objects[i], name)
+// == values[i] for every i (compared as Python compares them: identity first, then ==).
+PyObject* attrs_equal(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *objects_obj, *name, *values_obj;
+  if (!PyArg_ParseTuple(args, "OUO", &objects_obj, &name, &values_obj)) return nullptr;
+  Items objects(sequence(objects_obj, "attrs_equal"));
+  if (!objects.seq) return nullptr;
+  Items values(sequence(values_obj, "attrs_equal"));
+  if (!values.seq) return nullptr;
+  const Py_ssize_t n = objects.size();
+  if (values.size() != n) Py_RETURN_FALSE;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* value = PyObject_GetAttr(objects[i], name);
+    if (!value) return nullptr;
+    const int equal = PyObject_RichCompareBool(value, values[i], Py_EQ);
+    Py_DECREF(value);
+    if (equal < 0) return nullptr;
+    if (!equal) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+// gather_elements(dst, src) -> bool: dst[i] = src[i] for one-element CPU tensors ``src`` and a contiguous
+// CPU vector ``dst`` of their dtype (float32 or float64), as plain loads (dst's version counter bumped,
+// as an in-place write bumps it). False, with nothing written, for anything else (CUDA tensors, other
+// dtypes, subclasses): the caller then gathers with torch operations.
+PyObject* gather_elements(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *dst_obj, *src_obj;
+  if (!PyArg_ParseTuple(args, "OO", &dst_obj, &src_obj)) return nullptr;
+  Items src(sequence(src_obj, "gather_elements"));
+  if (!src.seq) return nullptr;
+  if (!plain(dst_obj)) Py_RETURN_FALSE;
+  const at::Tensor& dst = THPVariable_Unpack(dst_obj);
+  const Py_ssize_t n = src.size();
+  const auto dtype = dst.scalar_type();
+  if (!dst.device().is_cpu() || dst.layout() != at::kStrided || !dst.is_contiguous() || dst.dim() != 1 ||
+      dst.numel() != n || (dtype != at::kFloat && dtype != at::kDouble) || dst.requires_grad() ||
+      dst.is_conj() || dst.is_neg() || !dst.has_storage()) {
+    Py_RETURN_FALSE;
+  }
+  std::vector<const at::TensorImpl*> impls;
+  impls.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = src[i];
+    if (!plain(obj)) Py_RETURN_FALSE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.numel() != 1 ||
+        t.is_conj() || t.is_neg() || !t.has_storage()) {
+      Py_RETURN_FALSE;
+    }
+    impls.push_back(t.unsafeGetTensorImpl());
+  }
+  at::TensorImpl* out = dst.unsafeGetTensorImpl();
+  void* values = out->mutable_data();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (dtype == at::kFloat) {
+      static_cast<float*>(values)[i] = *static_cast<const float*>(impls[i]->data());
+    } else {
+      static_cast<double*>(values)[i] = *static_cast<const double*>(impls[i]->data());
+    }
+  }
+  out->bump_version();
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"grads", grads, METH_O, "grads(lists of params) -> (grads, presence bytes, id bytes, all present gradients plain)"},
     {"versions", versions, METH_O, "versions(tensors) -> version counters as bytes of int64"},
@@ -276,6 +380,9 @@ PyMethodDef methods[] = {
     {"all_contiguous", all_contiguous, METH_O, "all_contiguous(tensors) -> bool"},
     {"event_seeds", event_seeds, METH_VARARGS, "event_seeds(base_seed, tensor_indices, event) -> int64 tensor"},
     {"copy_elements", copy_elements, METH_VARARGS, "copy_elements(dst, src) -> whether it copied (CPU only)"},
+    {"gather_elements", gather_elements, METH_VARARGS, "gather_elements(dst, src) -> whether it copied (CPU only)"},
+    {"items_are", items_are, METH_VARARGS, "items_are(mappings, key, expected) -> all(m[key] is e ...)"},
+    {"attrs_equal", attrs_equal, METH_VARARGS, "attrs_equal(objects, name, values) -> all(getattr(o, name) == v ...)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -12,6 +12,7 @@ subclasses and active torch function modes are read through Python attributes by
 from __future__ import annotations
 
 import importlib
+import operator
 from array import array
 from collections.abc import Sequence
 from functools import cache
@@ -20,7 +21,17 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_FUNCTIONS = ("grads", "versions", "data_ptrs", "all_contiguous", "event_seeds", "copy_elements")
+_FUNCTIONS = (
+    "grads",
+    "versions",
+    "data_ptrs",
+    "all_contiguous",
+    "event_seeds",
+    "copy_elements",
+    "gather_elements",
+    "items_are",
+    "attrs_equal",
+)
 
 
 @cache
@@ -89,3 +100,29 @@ def copy_elements(dst: list[Tensor], src: Tensor, items: list[Tensor]) -> None:
     module = native()
     if module is None or not module.copy_elements(dst, src):
         torch._foreach_copy_(dst, items)
+
+
+def gather_elements(dst: Tensor, src: list[Tensor]) -> bool:
+    """``dst[i] = src[i]`` for one-element tensors ``src`` and a vector ``dst`` of their dtype, when all are
+    CPU tensors and the extension is present: plain loads in C++ (a ``torch.stack`` costs more than the
+    values). Returns ``False``, with nothing written, otherwise: the caller then gathers with torch."""
+    module = native()
+    return module is not None and module.gather_elements(dst, src)
+
+
+def items_are(mappings: Sequence, key: object, expected: Sequence) -> bool:
+    """``len(mappings) == len(expected) and all(m[key] is e for m, e in zip(mappings, expected))``
+    (a missing key raises ``KeyError``)."""
+    module = native()
+    if module is not None:
+        return module.items_are(mappings, key, expected)
+    getter = operator.itemgetter(key)
+    return len(mappings) == len(expected) and all(map(operator.is_, map(getter, mappings), expected))
+
+
+def attrs_equal(objects: Sequence, name: str, values: Sequence) -> bool:
+    """``[getattr(o, name) for o in objects] == list(values)`` (identity, then ``==``, item by item)."""
+    module = native()
+    if module is not None:
+        return module.attrs_equal(objects, name, values)
+    return list(map(operator.attrgetter(name), objects)) == list(values)

@@ -233,6 +233,43 @@ def test_copy_elements_copies_each_element_and_bumps_versions(impl, dtype, sourc
     assert [t._version for t in dst] == [v + 1 for v in before]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("source", ["matching", "other_dtype", "subclass"])
+def test_gather_elements_loads_each_element_or_writes_nothing(impl, dtype, source):
+    holders = [torch.randn(5, dtype=dtype) for _ in range(4)]
+    src = [h[i] for i, h in enumerate(holders)]
+    if source == "other_dtype":
+        src[2] = src[2].half()
+    elif source == "subclass":
+        src[1] = torch.Tensor._make_subclass(Sub, src[1].clone())
+    dst = torch.full((4,), 7.0, dtype=dtype)
+    before = dst._version
+    gathered = scan.gather_elements(dst, src)
+    assert gathered == (impl == "native" and source == "matching")
+    if gathered:
+        torch.testing.assert_close(dst, torch.stack(src), rtol=0, atol=0)
+        assert dst._version > before
+    else:
+        torch.testing.assert_close(dst, torch.full((4,), 7.0, dtype=dtype), rtol=0, atol=0)
+
+
+def test_items_are_and_attrs_equal_compare_item_by_item(impl):
+    values = [torch.zeros(2), torch.ones(3), torch.zeros(1)]
+    mappings = [{"stats": v, "other": 1} for v in values]
+    assert scan.items_are(mappings, "stats", list(values))
+    assert not scan.items_are(mappings, "stats", values[:2])  # lengths differ
+    assert not scan.items_are(mappings, "stats", [values[0], values[1].clone(), values[2]])  # equal, not the same
+    assert not scan.items_are(mappings, "other", list(values))
+    with pytest.raises(KeyError):
+        scan.items_are([*mappings, {}], "stats", [*values, values[0]])
+    objects = [SimpleNamespace(ratio=r) for r in (0.5, 0.25, 0.8)]
+    assert scan.attrs_equal(objects, "ratio", [0.5, 0.25, 0.8])
+    assert not scan.attrs_equal(objects, "ratio", [0.5, 0.25])
+    assert not scan.attrs_equal(objects, "ratio", [0.5, 0.25, 0.75])
+    with pytest.raises(AttributeError):
+        scan.attrs_equal([*objects, SimpleNamespace()], "ratio", [0.5, 0.25, 0.8, 0.1])
+
+
 # ------------------------------------------------- StochasticMagnitude's cached calibration views
 def test_stochastic_calibration_follows_replaced_state_and_changed_ratios(impl):
     params = make_params([(7, 5), (33,), (2, 3, 3)], seed=2)
@@ -263,3 +300,11 @@ def test_stochastic_calibration_follows_replaced_state_and_changed_ratios(impl):
     check(6)
     targets.append(targets.pop(0))  # the same targets in another order
     check(7)
+    replaced = params[2]
+    opt.state[replaced]["stats"] = opt.state[replaced]["stats"].clone()  # by hand, no state_version bump
+    opt.state[replaced]["stats"][contract.STAT_ALIVE] = 4
+    check(8)
+    opt.state[replaced]["coefs"] = opt.state[replaced]["coefs"].clone()
+    check(9)
+    targets[0] = SimpleNamespace(param=targets[0].param, ratio=0.7)  # another object in the same place
+    check(10)

@@ -15,7 +15,6 @@ own definition (docs/design.md, "Methods, as this project defines them").
 from __future__ import annotations
 
 import operator
-from array import array
 from typing import Any
 
 import torch
@@ -137,13 +136,17 @@ class StochasticMagnitude(Method):
             return
         pruner.stats(targets[0])  # sharded parameters: the statistics summed across ranks first
         for views in self._views(pruner.optimizer, targets):
-            keep = views["numels"] - level * views["ratios"] * views["numels"]  # as n - level * ratio * n
-            stats = views["stats"]  # whole vectors: one cat, no per-tensor view (when all have NUM_STATS)
-            if stats:
-                alive = torch.cat(stats).view(len(stats), NUM_STATS)[:, STAT_ALIVE]
-            else:
-                alive = torch.stack(views["alive"])
-            views["buffer"].copy_((alive - keep).clamp_(min=0))
+            # n - level * ratio * n, evaluated as written, in a work vector kept with the views
+            keep = torch.mul(views["ratios"], level, out=views["work"]).mul_(views["numels"])
+            torch.sub(views["numels"], keep, out=keep)
+            alive = views["alive_values"]
+            if not scan.gather_elements(alive, views["alive"]):  # CPU tensors: plain loads in C++
+                stats = views["stats"]  # whole vectors: one cat, no per-tensor view (when all have NUM_STATS)
+                if stats:
+                    alive = torch.cat(stats).view(len(stats), NUM_STATS)[:, STAT_ALIVE]
+                else:
+                    alive = torch.stack(views["alive"])
+            views["buffer"].copy_(torch.sub(alive, keep, out=keep).clamp_(min=0))
             scan.copy_elements(views["counts"], views["buffer"], views["items"])
         pruner.optimizer.schedule_pruning("stochastic")
 
@@ -155,18 +158,21 @@ class StochasticMagnitude(Method):
         Cached while the targets (the same objects, ratios unchanged), the optimizer's ``state``, its
         ``state_version`` (bumped whenever it replaces state tensors or reshapes parameters) and each
         target's ``stats`` and ``coefs`` tensors (also when replaced by hand) stay the same: an event
-        then makes no per-tensor state lookup on the host (a lookup by tensor costs its Python hash).
+        then makes no per-tensor state lookup on the host (a lookup by tensor costs its Python hash),
+        and checks the rest in a few C passes over the lists (:mod:`sparsetrain.scan`).
         """
         state, version = optimizer.state, getattr(optimizer, "state_version", None)
-        key = (array("Q", map(id, targets)).tobytes(), [target.ratio for target in targets], version)
         cached = getattr(self, "_view_cache", None)
         if (
             version is not None
             and cached is not None
-            and cached["key"] == key
+            and cached["version"] == version
             and cached["state"] is state
-            and all(map(operator.is_, map(_STATS, cached["dicts"]), cached["stats"]))
-            and all(map(operator.is_, map(_COEFS, cached["dicts"]), cached["coefs"]))
+            and len(targets) == len(cached["targets"])
+            and all(map(operator.is_, targets, cached["targets"]))
+            and scan.attrs_equal(targets, "ratio", cached["ratios"])
+            and scan.items_are(cached["dicts"], "stats", cached["stats"])
+            and scan.items_are(cached["dicts"], "coefs", cached["coefs"])
         ):
             return cached["views"]
         dicts = [state[target.param] for target in targets]
@@ -188,10 +194,13 @@ class StochasticMagnitude(Method):
             views["ratios"] = torch.tensor(views["ratios"], dtype=torch.float64, device=device)
             views["buffer"] = torch.zeros(len(views["alive"]), dtype=views["counts"][0].dtype, device=device)
             views["items"] = list(views["buffer"].unbind())
+            views["alive_values"] = torch.zeros(len(views["alive"]), dtype=views["alive"][0].dtype, device=device)
+            views["work"] = torch.zeros(len(views["alive"]), dtype=torch.float64, device=device)
         self._view_cache = {
-            "key": key,
+            "version": version,
             "state": state,
-            "targets": targets,  # kept, so that their ids stay theirs
+            "targets": list(targets),  # a copy (the list may change in place), which keeps the objects alive
+            "ratios": [target.ratio for target in targets],
             "dicts": dicts,
             "stats": list(map(_STATS, dicts)),
             "coefs": list(map(_COEFS, dicts)),
