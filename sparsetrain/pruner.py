@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import distributed
 from .coupled import CoupledGroups, unwrap
@@ -38,6 +39,15 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, n
 # The Pruner each method object drives: a method keeps its schedule's state (GReg's phase and penalties,
 # event counts), so one object driving two pruners would advance once per pruner and step.
 _DRIVEN_BY: weakref.WeakKeyDictionary[Method, weakref.ref] = weakref.WeakKeyDictionary()
+# The Pruner that prunes each weight: a second one (a MaskedPruner beside a fused Pruner, two optimizers
+# holding one weight) would mask it with a second schedule and a second set of masks.
+_PRUNED_BY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _attached(ref: weakref.ref | None) -> Pruner | None:
+    """The Pruner behind ``ref`` while it is attached to its optimizer (not removed), else None."""
+    pruner = ref() if ref is not None else None
+    return pruner if pruner is not None and pruner.optimizer.pruner is pruner else None
 
 
 def default_types() -> tuple[type[nn.Module], ...]:
@@ -280,7 +290,8 @@ class Pruner:
         ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
             a selected weight that is not in the optimizer, a layout the method cannot handle, or
             ``shrink_after_prune`` where shrinking is not possible, a ``method`` object that already
-            drives another attached Pruner (all before anything is modified). A method object whose
+            drives another attached Pruner, a weight that another attached Pruner or MaskedPruner
+            prunes (all before anything is modified). A method object whose
             Pruner was removed (:meth:`remove`) can drive a new one: its schedule starts afresh, as a
             new object's would (unless the optimizer's state_dict carries a saved schedule to continue).
 
@@ -325,9 +336,7 @@ class Pruner:
                 "use the autograd path: sparsetrain.autograd.MaskedPruner(model, method)"
             )
         include, exclude, types, ratios = selection_args(model, method, include, exclude, types, ratios)
-        driver = _DRIVEN_BY.get(method)
-        other = driver() if driver is not None else None
-        if other is not None and other.optimizer.pruner is other:
+        if _attached(_DRIVEN_BY.get(method)) is not None:
             raise ValueError(
                 f"this {type(method).__name__} object already drives another Pruner, and a method keeps its "
                 "schedule's state: create one method object per Pruner (or call the other Pruner's remove() first)"
@@ -354,6 +363,13 @@ class Pruner:
                 raise ValueError(f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer")
         if optimizer.pruner is not None:
             raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
+        for target in self.targets:
+            other = _attached(_PRUNED_BY.get(target.param))
+            if other is not None:
+                raise ValueError(
+                    f"{target.name} is already pruned by another {type(other).__name__} (of optimizer "
+                    f"{type(other.optimizer).__name__}): one pruner per weight; call its remove() first"
+                )
         self.shrink_after_prune = bool(shrink_after_prune)
         if self.shrink_after_prune:
             self._check_auto_shrink()
@@ -385,6 +401,8 @@ class Pruner:
             method.attach(self)
         optimizer.pruner = self
         _DRIVEN_BY[method] = weakref.ref(self)
+        for target in self.targets:
+            _PRUNED_BY[target.param] = _DRIVEN_BY[method]
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
         if self._shrink_in_init:
             self._maybe_shrink()

@@ -284,6 +284,31 @@ def test_a_second_masked_pruner_on_the_same_model_is_refused_by_name():
             build()
 
 
+def test_a_weight_already_pruned_by_an_attached_pruner_is_refused_by_name():
+    """A MaskedPruner on a model a fused Pruner already pruned was accepted: two schedules and two sets of
+    masks on the same weights (the reverse order was refused). Two optimizers holding one weight likewise."""
+    model = _mlp()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, Magnitude(0.5), exclude=["2"])
+    snap = Snapshot(opt, pruner, model)
+    second = sparsetrain.optim.SGD(model[0].parameters(), lr=0.1, backend="torch")
+    for build in (
+        lambda: sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5)),
+        lambda: sparsetrain.Pruner(model, second, Magnitude(0.5), include=["0"]),
+    ):
+        with pytest.raises(
+            ValueError, match=r"0\.weight is already pruned by another Pruner .*call its remove\(\) first"
+        ):
+            build()
+    snap.unchanged()
+    assert second.pruner is None and not any(hasattr(m, "parametrizations") for m in model.modules())
+    third = sparsetrain.optim.SGD(model[2].parameters(), lr=0.1, backend="torch")
+    assert sparsetrain.Pruner(model, third, Magnitude(0.3), include=["2"]).targets[0].name == "2.weight"  # disjoint
+    pruner.remove()
+    masked = sparsetrain.autograd.MaskedPruner(model, Magnitude(0.5), include=["0"])
+    assert [t.name for t in masked.targets] == ["0.weight"]
+
+
 @pytest.mark.parametrize("path", ["fused", "autograd"])
 def test_one_method_object_driving_two_pruners_is_refused(path):
     """A shared GReg1 advanced its phase once per pruner and step: the first model was never pruned."""
