@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 import math
 import sys
 import weakref
@@ -365,6 +366,10 @@ class Pruner:
             raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
         for target in self.targets:
             other = _attached(_PRUNED_BY.get(target.param))
+            if other is not None:  # an optimizer and Pruner nothing refers to any more wait for the cycle collector
+                del other
+                gc.collect()
+                other = _attached(_PRUNED_BY.get(target.param))
             if other is not None:
                 raise ValueError(
                     f"{target.name} is already pruned by another {type(other).__name__} (of optimizer "
