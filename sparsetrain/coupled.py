@@ -25,6 +25,7 @@ structurally unless named in ``include``; layers matched by ``exclude`` are Torc
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import math
 import sys
@@ -438,8 +439,14 @@ class CoupledGroups:
             for pattern, value in (ratios or {}).items():
                 if fnmatch.fnmatchcase(name, pattern):
                     ratio = check_ratio(f"ratios[{pattern!r}]", value)
-            groups.append(ChannelGroup(name, module, channels, ratio, offset, members))
-            offset += channels
+            groups.append(ChannelGroup(name, module, channels, ratio, 0, members))
+        for name, problem in removal_problems(model, example_inputs, groups).items():
+            if id(modules[name]) in named:
+                raise StructureError(f"layer {name!r} cannot be pruned structurally: {problem}")
+            skipped[name] = problem
+        groups = [g for g in groups if g.name not in skipped]
+        for g in groups:
+            g.offset, offset = offset, offset + g.size
         if not groups:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:4])
             raise StructureError(
@@ -652,6 +659,79 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
                 positions = entry.removed.setdefault(dim % param.dim(), [])
                 positions.extend(sorted(set(idxs) - set(positions)))
     return list(found.values())
+
+
+def _on_meta(value: Any) -> Any:
+    """``value`` with every tensor inside it (tensors, tuples, lists, dicts) replaced by a meta tensor."""
+    if isinstance(value, Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, dict):
+        return {k: _on_meta(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_meta(v) for v in value)
+    return value
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors (no memory for their values)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _runs_after_removal(model: nn.Module, example_inputs: Any, roots: list[str]) -> str | None:
+    """On a meta copy of ``model``: None if it still runs with unit 0 of each of ``roots`` removed, else why not."""
+    copied, inputs = _meta_copy(model), _on_meta(example_inputs)
+    try:
+        graph = build_graph(copied, inputs)
+    except Exception:  # noqa: BLE001 (the model does not trace on meta tensors: nothing to judge)
+        return None
+    try:
+        remove_units(copied, graph, {name: [0] for name in roots})
+        with torch.no_grad():
+            call_model(copied, inputs)
+    except Exception as exc:  # noqa: BLE001 (any failure of the smaller model is the finding)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def removal_problems(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]) -> dict[str, str]:
+    """Per group (root name): why the model no longer runs once the group's channels are removed.
+
+    Torch-Pruning can return a group that misses a consumer of its channels (a ``chunk`` after
+    ShuffleNetV2's channel shuffle): masking it trains, but no smaller model computes the same, so
+    export and shrink fail after the training. Checked when the groups are traced, on a meta copy of
+    the model (shapes only, no memory for the weights): unit 0 of every group removed at once, then,
+    only if that fails, each group alone to name it. A model that does not run on meta tensors
+    (data-dependent control flow) is not checked here; export still compares the outputs.
+    """
+    from .distributed import is_sharded
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type == "meta" or is_sharded(t) for t in tensors):
+        return {}  # meta already, or FSDP2 shards (every rank traces the same groups): nothing to check here
+    candidates = [g.name for g in groups if g.size >= 2 and not g.inputs]
+    if not candidates:
+        return {}
+    training = model.training
+    model.eval()
+    try:
+        if _runs_after_removal(model, example_inputs, candidates) is None:
+            return {}
+        problems = {}
+        for name in candidates:
+            problem = _runs_after_removal(model, example_inputs, [name])
+            if problem is not None:
+                problems[name] = (
+                    "Torch-Pruning's group misses a layer its channels reach: the model does not run once they "
+                    f"are removed ({problem})"
+                )
+        return problems
+    finally:
+        model.train(training)
 
 
 def remove_units(model: nn.Module, graph, plan: dict[str, list[int]]) -> None:

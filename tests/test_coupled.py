@@ -256,3 +256,58 @@ def test_ratio_is_a_deprecated_spelling_of_target():
         assert methods.GReg2(target=0.4).target == 0.4
     with pytest.raises(TypeError, match="give target= only"):
         methods.GReg1(0.3, ratio=0.3)
+
+
+class _ChannelShuffle(nn.Module):
+    """ShuffleNetV2's pattern: two branches concatenated, channels shuffled, then split in halves again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.next = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(16, 4)
+
+    @staticmethod
+    def shuffle(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.shuffle(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1))
+        kept, passed = y.chunk(2, dim=1)
+        y = self.shuffle(torch.cat([kept, torch.relu(self.next(passed))], 1))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_group_the_smaller_model_cannot_run_without_is_left_out_when_traced():
+    """Torch-Pruning's group of a branch before a channel shuffle and a chunk misses the layer reading the
+    second half (ShuffleNetV2): it was pruned, and export failed after training with the model's shape error.
+    Such a group is now found when the groups are traced (a meta copy with its channels removed does not
+    run) and left out with the reason; naming it in include= raises it."""
+    torch.manual_seed(0)
+    model, x = _ChannelShuffle(), torch.randn(2, 3, 6, 6)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), example_inputs=x)
+    left_out = [name for name in ("left", "right") if name in pruner.groups.skipped]
+    assert left_out and all("does not run once they are removed" in pruner.groups.skipped[n] for n in left_out)
+    assert [g.name for g in pruner.groups.groups] == ["stem"]
+    assert not pruner.mask("stem.weight").all()
+    for _ in range(2):
+        _loss(model(x)).backward()
+        opt.step()
+        opt.zero_grad()
+    small = pruner.export(x)
+    assert small.stem.out_channels == 4 and small.left.in_channels == small.right.in_channels == 4
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(StructureError, match=f"layer '{left_out[0]}' cannot be pruned structurally: .*does not run"):
+        sparsetrain.Pruner(
+            _ChannelShuffle(),
+            sparsetrain.optim.SGD(model.parameters(), lr=0.05),
+            methods.Magnitude(0.5, structure="filters"),
+            example_inputs=x,
+            include=[left_out[0]],
+        )
