@@ -45,19 +45,39 @@ def _inner_name(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
-def _strip_parametrizations(model: nn.Module) -> None:
-    """Turn the copy's masked parametrizations back into plain parameters.
+def _is_mask(parametrization: nn.Module) -> bool:
+    return type(parametrization).__name__ == "_MaskParametrization"
 
-    torch's ``remove_parametrizations`` edits the module's dynamically made class, which a deep copy
-    shares with the original, so the copy is unwrapped by hand and the original keeps working.
+
+def _strip_parametrizations(model: nn.Module) -> None:
+    """Turn the copy's mask parametrizations (a MaskedPruner's) back into plain parameters.
+
+    The model's own parametrizations (``weight_norm``, ``spectral_norm``, ...) stay as they are. torch's
+    ``remove_parametrizations`` edits the module's dynamically made class, which a deep copy shares with
+    the original, so the copy is unwrapped by hand (on a class of its own) and the original keeps working.
     """
     for module in list(model.modules()):
         parametrizations = module._modules.get("parametrizations")
         if parametrizations is None:
             continue
-        originals = {name: parametrizations[name].original for name in parametrizations}
-        module.__class__ = module.__class__.__bases__[0]
-        del module._modules["parametrizations"]
+        ours = [name for name, plist in parametrizations.items() if any(map(_is_mask, plist))]
+        if not ours:
+            continue
+        stacked = [name for name in ours if not all(map(_is_mask, parametrizations[name]))]
+        if stacked:
+            raise RuntimeError(
+                f"export: {type(module).__name__}.{stacked[0]} carries the pruner's mask together with other "
+                "parametrizations; remove those (torch.nn.utils.parametrize.remove_parametrizations) before pruning"
+            )
+        originals = {name: parametrizations[name].original for name in ours}
+        cls = module.__class__
+        if len(ours) == len(parametrizations):
+            module.__class__ = cls.__bases__[0]
+            del module._modules["parametrizations"]
+        else:  # the model's own parametrizations stay: a class of the copy's own without the stripped properties
+            module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ours})
+            for name in ours:
+                del parametrizations[name]
         for name, original in originals.items():
             module.register_parameter(name, original)
 

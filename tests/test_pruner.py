@@ -423,3 +423,28 @@ def test_a_method_object_attached_again_after_remove_starts_a_fresh_schedule(mak
     again_state, fresh_state = again.schedule_state_dict()["method"], fresh.schedule_state_dict()["method"]
     assert again_state.pop("phase") == fresh_state.pop("phase") == "pruned"
     torch.testing.assert_close(again_state, fresh_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_export_keeps_the_models_own_parametrizations(path):
+    """A model with a weight_norm-parametrized layer (wav2vec2's positional convolution) could not be exported:
+    export read ``.original`` of every parametrization, and weight_norm keeps ``original0`` / ``original1``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.utils.parametrizations.weight_norm(model[2])
+    method = methods.Magnitude(0.5)
+    if path == "fused":
+        pruner = sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), method)
+    else:
+        pruner = MaskedPruner(model, method)
+    assert [t.name for t in pruner.targets] == ["0.weight", "4.weight"]  # weight_norm's weight is no Parameter
+    small = pruner.export()
+    assert nn.utils.parametrize.is_parametrized(small[2], "weight") and not nn.utils.parametrize.is_parametrized(
+        small[0]
+    )
+    assert nn.utils.parametrize.is_parametrized(model[2], "weight")  # the original model is untouched
+    assert (path == "autograd") == nn.utils.parametrize.is_parametrized(model[0], "weight")
+    torch.testing.assert_close(small[0].weight, model[0].weight.detach() * pruner.mask("0.weight"), rtol=0, atol=0)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
