@@ -25,9 +25,12 @@ namespace sparsetrain {
 namespace {
 
 constexpr int64_t CHUNK_WORDS = 2048;
-constexpr int LANES = 8;
+// lanes of the fp64 statistics sums (two AVX-512 vectors): a block's terms go to lane k mod
+// STAT_LANES, a chunk's lanes are added in lane order at its end
+constexpr int STAT_LANES = 16;
 constexpr int BLOCK_WORDS = 8;  // words handled together: the element loops run over 256 elements
 constexpr int BLOCK = BLOCK_WORDS * 32;
+#define ST_INLINE inline __attribute__((always_inline))
 
 struct Partials {
   double v[NUM_PARTIALS];
@@ -55,20 +58,103 @@ inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
   }
 }
 
+// The element loop of a block of n <= BLOCK elements (the parameter and gradient as floats, the
+// states at the block's first element). LOOP_PRUNE: the decision the loop takes (stochastic
+// decisions are taken after it). Dead elements (live[k] == 0) are stored back unchanged. When tracking, live[k] becomes
+// the keep bit where the loop decides, and cand[k] marks the stochastic candidates.
+template <int STATES, int LOOP_PRUNE, bool TRACK, int PRUNE>
+ST_INLINE void element_loop(const Flags& f, const TensorScalars& s, int n, float* __restrict pw,
+                            const float* __restrict pg, float* __restrict s0, float* __restrict s1,
+                            float* __restrict s2, const float* __restrict lam, const int32_t* __restrict flagged,
+                            const float* __restrict u, int32_t* __restrict live, int32_t* __restrict cand) {
+  constexpr bool LOOP_DECIDES = LOOP_PRUNE == PRUNE_LOW || LOOP_PRUNE == PRUNE_HIGH || LOOP_PRUNE == PRUNE_GROUP;
+#pragma omp simd
+  for (int k = 0; k < n; ++k) {
+    const float w_old = pw[k];
+    const float g = pg[k];
+    const float a_old = STATES >= 1 ? s0[k] : 0.0f;
+    const float b_old = STATES >= 2 ? s1[k] : 0.0f;
+    const float c_old = STATES >= 3 ? s2[k] : 0.0f;
+    float w = w_old, a = a_old, b = b_old, c = c_old;
+    const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
+    (void)kept;  // read only where the loop decides
+    const int32_t on = live[k];
+    pw[k] = on != 0 ? w : w_old;
+    if (STATES >= 1) s0[k] = on != 0 ? a : a_old;
+    if (STATES >= 2) s1[k] = on != 0 ? b : b_old;
+    if (STATES >= 3) s2[k] = on != 0 ? c : c_old;
+    if constexpr (TRACK && LOOP_DECIDES) live[k] = on & static_cast<int32_t>(kept);
+    if constexpr (TRACK && PRUNE == PRUNE_STOCHASTIC) cand[k] = on & static_cast<int32_t>(!(u[k] >= s.sample_c));
+  }
+}
+
+// The statistics terms of a decided block of n elements (keep[k]: the element stays) in fp64: |w|,
+// |g| and, when kernel_on, the sampling kernel term of each kept element go to lane k mod
+// STAT_LANES, each lane in element order (the same lanes and order for the short last block of a
+// tensor). The loads are unconditional: a select, not a branch, keeps the loops vectorized.
+ST_INLINE void add_stats(const TensorScalars& s, bool kernel_on, int n, const float* __restrict pw,
+                         const float* __restrict pg, const int32_t* __restrict keep, double* __restrict sum_w,
+                         double* __restrict sum_g, double* __restrict sum_kernel) {
+  if (n == BLOCK) {
+    for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
+#pragma omp simd
+      for (int j = 0; j < STAT_LANES; ++j) {
+        const bool on = keep[k0 + j] != 0;
+        const float w = pw[k0 + j], g = pg[k0 + j];
+        sum_w[j] += static_cast<double>(on ? fabs_(w) : 0.0f);
+        sum_g[j] += static_cast<double>(on ? fabs_(g) : 0.0f);
+      }
+    }
+    if (!kernel_on) return;
+    for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
+#pragma omp simd
+      for (int j = 0; j < STAT_LANES; ++j) {
+        const bool on = keep[k0 + j] != 0;
+        const float term = kernel_term(s, pw[k0 + j]);  // computed for every element, then selected
+        sum_kernel[j] += static_cast<double>(on ? term : 0.0f);
+      }
+    }
+    return;
+  }
+  for (int k = 0; k < n; ++k) {
+    const int j = k % STAT_LANES;
+    const bool on = keep[k] != 0;
+    sum_w[j] += static_cast<double>(on ? fabs_(pw[k]) : 0.0f);
+    sum_g[j] += static_cast<double>(on ? fabs_(pg[k]) : 0.0f);
+    if (kernel_on) sum_kernel[j] += static_cast<double>(on ? kernel_term(s, pw[k]) : 0.0f);
+  }
+}
+
+// bf16 / fp16 parameters: the live elements' float copies back, once their block is decided.
+template <typename T>
+ST_INLINE void store_back(int n, const uint32_t* bits, const float* wbuf, T* param) {
+  if constexpr (!std::is_same<T, float>::value) {
+    for (int k = 0; k < n; ++k) {
+      if (((bits[k >> 5] >> (k & 31)) & 1u) != 0) param[k] = static_cast<T>(wbuf[k]);
+    }
+  }
+}
+
 // Words [word_begin, word_end) of one tensor. Compile-time: the parameter type, the number of
 // optimizer states (SGD: 0 without momentum, 1 with; Adam: 2, 3 with AMSGrad) and the prune mode,
 // so that the element loop has no switch and no null state pointer in it; the remaining flags are
 // loop-invariant selects. Each block of 256 elements is one fused loop that reads the parameter,
 // gradient and states once, runs the element contract and stores every element back (dead ones
-// with their own value), then a fixed-order pass adds the block's statistics in fp64.
+// with their own value); then the decisions taken after the loop (stochastic, N:M), the block's
+// keep bits (mask words, alive count by popcount) and, when this step writes statistics, one pass
+// that adds the kept elements' terms to fixed fp64 lanes (add_stats).
 // TRACK: this step decides (a prune mode that decides every step, or a sampling event) or computes
 // statistics. Without it a step changes no mask bit and computes no statistic: the element loop is a
-// pure streaming loop, without the keep / |w| / |g| arrays, the keep bits and the mask stores.
+// pure streaming loop, without the keep bits and the mask stores. The keep bits of the modes that
+// keep every live element in the loop (none, stochastic, N:M) start as the live bits; only the
+// elements a later decision prunes clear theirs.
 template <typename T, int STATES, int PRUNE, bool TRACK>
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run_chunk(Flags f, const TensorScalars& s,
                                                                       const TensorJob& job, int64_t word_begin,
                                                                       int64_t word_end) {
   constexpr bool ADAM = STATES >= 2;
+  // the modes whose decision the element loop takes (the others keep every live element there)
+  constexpr bool LOOP_DECIDES = PRUNE == PRUNE_LOW || PRUNE == PRUNE_HIGH || PRUNE == PRUNE_GROUP;
   f.adam = ADAM;
   f.prune = PRUNE;
   f.momentum = STATES == 1 || ADAM;
@@ -83,9 +169,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
   const bool kernel_on = has_stats && s.kernel_on;
   const bool groups = f.has_groups;
   int64_t alive = 0;
-  double sum_w[LANES] = {}, sum_kernel[LANES] = {}, sum_g[LANES] = {};
-  alignas(64) float lam[BLOCK], u[BLOCK], abs_w[BLOCK], abs_g[BLOCK], kernel[BLOCK];
-  alignas(64) int32_t flagged[BLOCK], keep[BLOCK], cand[BLOCK];
+  // lane j of a sum adds the terms of the elements k = j mod STAT_LANES of each block, in order
+  alignas(64) double sum_w[STAT_LANES] = {}, sum_kernel[STAT_LANES] = {}, sum_g[STAT_LANES] = {};
+  alignas(64) float lam[BLOCK], u[BLOCK];
+  alignas(64) int32_t flagged[BLOCK], cand[BLOCK];
   for (int k = 0; k < BLOCK; ++k) {
     lam[k] = 0.0f;
     u[k] = 0.0f;
@@ -118,6 +205,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     if (draw) {
       uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), u);
     }
+    // live[k]: element k is live; once the block is decided, that it stays (its keep bit)
     alignas(64) int32_t live[BLOCK];
     for (int i = 0; i < BLOCK_WORDS; ++i) {  // word by word: one broadcast word and shifts, no gather
       const uint32_t word = bits[i];
@@ -143,49 +231,29 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     float* __restrict s0 = st0 + base;
     float* __restrict s1 = st1 + base;
     float* __restrict s2 = st2 + base;
-    // An element pruned after the element loop (stochastic and N:M decisions): as step_element
-    // leaves a pruned element, and out of this block's statistics.
-    auto prune_element = [&](int k) {
-      pw[k] = 0.0f;
-      if (STATES >= 1) s0[k] = 0.0f;
-      if (STATES >= 2) s1[k] = 0.0f;
-      if (STATES >= 3) s2[k] = 0.0f;
-      keep[k] = 0;
-      abs_w[k] = 0.0f;
-      abs_g[k] = 0.0f;
-    };
     // The stochastic decision is taken after the loop, on the few elements that can be pruned: the
     // loop keeps every live element and marks as candidates those whose uniform is not at least the
     // sampling constant c. Any other element is kept by the decision: its probability min(c * exp_(x),
     // 1) with x <= 0 is at most c, since exp_ of a non-positive float is at most 1 (or it is NaN,
     // which prunes nothing).
     constexpr int LOOP_PRUNE = PRUNE == PRUNE_STOCHASTIC ? PRUNE_NONE : PRUNE;
-#pragma omp simd
-    for (int k = 0; k < n; ++k) {
-      const float w_old = pw[k];
-      const float g = pg[k];
-      const float a_old = STATES >= 1 ? s0[k] : 0.0f;
-      const float b_old = STATES >= 2 ? s1[k] : 0.0f;
-      const float c_old = STATES >= 3 ? s2[k] : 0.0f;
-      float w = w_old, a = a_old, b = b_old, c = c_old;
-      const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
-      (void)kept;  // read only when tracking
-      const bool on = live[k] != 0;
-      pw[k] = on ? w : w_old;  // dead elements are stored back unchanged
-      if (STATES >= 1) s0[k] = on ? a : a_old;
-      if (STATES >= 2) s1[k] = on ? b : b_old;
-      if (STATES >= 3) s2[k] = on ? c : c_old;
-      if constexpr (TRACK) {
-        const int32_t kp = live[k] & static_cast<int32_t>(kept);
-        keep[k] = kp;
-        abs_w[k] = kp != 0 ? fabs_(w) : 0.0f;
-        abs_g[k] = kp != 0 ? fabs_(g) : 0.0f;
-        if constexpr (PRUNE == PRUNE_STOCHASTIC) {
-          cand[k] = kp & static_cast<int32_t>(!(u[k] >= s.sample_c));
-        }
+    element_loop<STATES, LOOP_PRUNE, TRACK, PRUNE>(f, s, n, pw, pg, s0, s1, s2, lam, flagged, u, live, cand);
+    if constexpr (!TRACK) {
+      store_back(n, bits, wbuf, param + base);
+      continue;
+    }
+    // keep bits: the live bits, less what the loop pruned (LOOP_DECIDES) or the decisions below prune
+    uint32_t kw[BLOCK_WORDS];
+    for (int i = 0; i < BLOCK_WORDS; ++i) {
+      if constexpr (LOOP_DECIDES) {
+        uint32_t word = 0;
+        for (int k = 0; k < 32; ++k) word |= static_cast<uint32_t>(live[32 * i + k]) << k;
+        kw[i] = word;
+      } else {
+        kw[i] = bits[i];
       }
     }
-    if constexpr (PRUNE == PRUNE_STOCHASTIC && TRACK) {
+    if constexpr (PRUNE == PRUNE_STOCHASTIC) {
       if (draw) {
         constexpr int V = 16;  // the decisions are taken in whole vectors: the tail is padding
         alignas(64) int32_t where[BLOCK + COMPACT_SLACK];
@@ -213,69 +281,45 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
           if (STATES >= 1) s0[k] = bits_float(float_bits(s0[k]) & m);
           if (STATES >= 2) s1[k] = bits_float(float_bits(s1[k]) & m);
           if (STATES >= 3) s2[k] = bits_float(float_bits(s2[k]) & m);
-          keep[k] &= ck[j];
-          abs_w[k] = bits_float(float_bits(abs_w[k]) & m);
-          abs_g[k] = bits_float(float_bits(abs_g[k]) & m);
+          kw[k >> 5] &= ~(static_cast<uint32_t>(ck[j] ^ 1) << (k & 31));
+          live[k] &= ck[j];
         }
       }
     }
-    if constexpr (PRUNE == PRUNE_NM && TRACK) {  // n is a multiple of M: groups never straddle a block
+    if constexpr (PRUNE == PRUNE_NM) {  // n is a multiple of M: groups never straddle a block (nor a word)
       const int m = s.nm_m, nn = s.nm_n;
+      const uint32_t group_bits = m == 32 ? 0xffffffffu : (1u << m) - 1u;
       for (int g0 = 0; g0 < n; g0 += m) {
         float a[32];
-        uint32_t lv = 0;
-        for (int j = 0; j < m; ++j) {
-          lv |= static_cast<uint32_t>(keep[g0 + j]) << j;
-          a[j] = fabs_(pw[g0 + j]);
-        }
+        const uint32_t lv = (kw[g0 >> 5] >> (g0 & 31)) & group_bits;
+        for (int j = 0; j < m; ++j) a[j] = fabs_(pw[g0 + j]);
         const uint32_t kb = nm_group_keep(a, lv, nn, m);
         if (kb == lv) continue;
+        kw[g0 >> 5] &= ~((lv & ~kb) << (g0 & 31));
         for (int j = 0; j < m; ++j) {
-          if (((lv & ~kb) >> j) & 1u) prune_element(g0 + j);
+          if (((lv & ~kb) >> j) & 1u) {  // pruned as step_element leaves a pruned element
+            const int k = g0 + j;
+            pw[k] = 0.0f;
+            if (STATES >= 1) s0[k] = 0.0f;
+            if (STATES >= 2) s1[k] = 0.0f;
+            if (STATES >= 3) s2[k] = 0.0f;
+            live[k] = 0;
+          }
         }
       }
     }
-    if constexpr (!F32) {
-      for (int k = 0; k < n; ++k) {
-        if (live[k] != 0) param[base + k] = static_cast<T>(wbuf[k]);
-      }
-    }
-    if constexpr (!TRACK) continue;
-    for (int k = n; k < BLOCK; ++k) {
-      keep[k] = 0;
-      abs_w[k] = 0.0f;
-      abs_g[k] = 0.0f;
-    }
+    store_back(n, bits, wbuf, param + base);
     for (int i = 0; i < words; ++i) {
-      uint32_t keep_bits = 0;
-      for (int k = 0; k < 32; ++k) keep_bits |= static_cast<uint32_t>(keep[32 * i + k]) << k;
-      if (f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(keep_bits);
-      alive += __builtin_popcount(keep_bits);
-    }
-    if (has_stats) {  // float terms first (one vector width), then added in fp64 in a fixed order
-      for (int k = 0; k < BLOCK; k += LANES) {
-#pragma omp simd
-        for (int j = 0; j < LANES; ++j) {
-          sum_w[j] += static_cast<double>(abs_w[k + j]);
-          sum_g[j] += static_cast<double>(abs_g[k + j]);
-        }
+      if (f.has_mask && bits[i] != 0 && static_cast<uint32_t>(job.mask[block + i]) != kw[i]) {
+        job.mask[block + i] = static_cast<int32_t>(kw[i]);
       }
-      if (kernel_on) {
-#pragma omp simd
-        for (int k = 0; k < BLOCK; ++k) {
-          const float term = kernel_term(s, abs_w[k]);  // computed for every element, then selected
-          kernel[k] = keep[k] != 0 ? term : 0.0f;
-        }
-        for (int k = 0; k < BLOCK; k += LANES) {
-#pragma omp simd
-          for (int j = 0; j < LANES; ++j) sum_kernel[j] += static_cast<double>(kernel[k + j]);
-        }
-      }
+      alive += __builtin_popcount(kw[i]);
     }
+    if (has_stats) add_stats(s, kernel_on, n, pw, pg, live, sum_w, sum_g, sum_kernel);
   }
   Partials out{};
   out.v[STAT_ALIVE] = static_cast<double>(alive);
-  for (int j = 0; j < LANES; ++j) {
+  for (int j = 0; j < STAT_LANES; ++j) {
     out.v[STAT_SUM_ABS_W] += sum_w[j];
     out.v[STAT_SUM_KERNEL] += sum_kernel[j];
     out.v[STAT_SUM_ABS_G] += sum_g[j];
