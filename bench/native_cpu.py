@@ -1,6 +1,7 @@
 """CPU timings of the native backend's fused step against torch.optim (foreach) and the torch reference.
 
-A list of fp32 tensors (the first ResNet-50 shapes up to about 10M elements) takes, per thread count:
+A list of fp32 tensors (the first ResNet-50 shapes, as many as reach ``--elements``: 10M by default) takes,
+per thread count:
 
 * torch.optim.SGD(foreach=True), momentum 0.9 + weight decay, no pruning at all;
 * the native SGD step with momentum + L2 + a 50%-sparse mask, no pruning event and no statistics (the
@@ -40,15 +41,13 @@ from sparsetrain.benchmarks.shapes import resnet50_shapes
 
 
 def _shapes(elements: int) -> list[tuple[int, ...]]:
+    """The first ResNet-50 shapes whose elements add up to at least ``elements`` (all of them if they hold fewer)."""
     out, total = [], 0
     for shape in resnet50_shapes():
-        n = 1
-        for d in shape:
-            n *= d
-        if total + n > elements and out:
+        if total >= elements:
             break
         out.append(shape)
-        total += n
+        total += torch.Size(shape).numel()
     return out
 
 
@@ -205,7 +204,8 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit or 'n/a'}",
         f"Command: python bench/native_cpu.py {' '.join(sys.argv[1:])}".rstrip(),
         "",
-        f"{len(shapes)} fp32 tensors (first ResNet-50 shapes), {total / 1e6:.2f}M elements; masks 50% alive; "
+        f"{len(shapes)} fp32 tensors (the first ResNet-50 shapes reaching {args.elements / 1e6:g}M elements), "
+        f"{total / 1e6:.2f}M elements; masks 50% alive; "
         f"median of {args.reps} steps after 2 warm-up steps (torch reference: one step). Milliseconds of "
         f"{'wall time' if args.clock == 'wall' else 'process CPU time (all threads)'} per step.",
         "",
