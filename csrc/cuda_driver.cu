@@ -14,11 +14,11 @@
 // warps, warps in order) and stores them; the last block of a tensor to finish (an integer ticket, so
 // no float atomics) adds the tensor's chunk partials in a fixed order, writes the statistics and
 // advances the step count, then resets the ticket. Results do not depend on block scheduling, and
-// no second launch is needed.
+// no second launch is needed. A step that does not write statistics (write_stats=False) still reads
+// the previous ones (selective decay, the sampling constant, the kernel scale) but neither sums nor
+// stores any: its blocks only take their tickets, and the last one advances the step count.
 //
 // The launch runs on the current stream under a device guard; every launch is checked.
-#include <ATen/ops/_foreach_add.h>
-#include <ATen/ops/_foreach_copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -150,9 +150,10 @@ __device__ __forceinline__ uint32_t nm_lane_keep(const float* w, uint32_t live, 
 
 template <typename T, bool ADAM>
 __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor* __restrict__ table, int num_tensors,
-                                                             Flags flags, Hyper hyper, const double* lr_ptr,
-                                                             const float* found_inf, const int64_t* seeds,
-                                                             double* __restrict__ partials, int* tickets) {
+                                                             Flags flags, Hyper hyper, bool write_stats,
+                                                             const double* lr_ptr, const float* found_inf,
+                                                             const int64_t* seeds, double* __restrict__ partials,
+                                                             int* tickets) {
   constexpr int VEC = Vec<T>::N;
   constexpr int TILE = 32 * VEC;
   constexpr int WORDS_PER_TILE = VEC;  // 32 * VEC elements = VEC mask words
@@ -190,6 +191,8 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
   const int64_t chunk_end = chunk_begin + CHUNK < numel ? chunk_begin + CHUNK : numel;
   const int64_t num_words = (numel + 31) / 32;
   const bool draw = flags.prune == PRUNE_STOCHASTIC && s.sample;
+  // statistics summed and stored by this step (prepare_tensor above read the previous ones either way)
+  const bool stats_out = flags.has_stats && write_stats;
   const uint64_t seed = draw ? static_cast<uint64_t>(seeds[t]) : 0;
   const bool quads_aligned = (job.shard_offset & 3) == 0;
   T* param = static_cast<T*>(job.param);
@@ -279,7 +282,7 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
         }
         const bool keep = step_element(flags, s, w[k], g[k], st[0][k], st[1][k], st[2][k], lam, flagged, u[k]);
         keep_bits |= static_cast<uint32_t>(keep) << k;
-        if (flags.has_stats && keep && flags.prune != PRUNE_NM) {  // N:M: counted after its decision
+        if (stats_out && keep && flags.prune != PRUNE_NM) {  // N:M: counted after its decision
           acc[STAT_ALIVE] += 1.0;
           acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
           acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
 #pragma unroll
           for (int i = 0; i < 3; ++i) st[i][k] = 0.0f;
         }
-        if (flags.has_stats && keep) {
+        if (stats_out && keep) {
           acc[STAT_ALIVE] += 1.0;
           acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
           acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
@@ -347,11 +350,14 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
     }
   }
 
-  // this chunk's partials, then the tensor's last block combines them in chunk order
-  block_sum4(acc, reduce_shared);
+  // this chunk's partials, then the tensor's last block combines them in chunk order (stats_out is
+  // the same for every block: the block-wide sums are skipped by all threads or by none)
+  if (stats_out) block_sum4(acc, reduce_shared);
   if (threadIdx.x == 0) {
+    if (stats_out) {
 #pragma unroll
-    for (int i = 0; i < NUM_PARTIALS; ++i) partials[chunk * NUM_PARTIALS + i] = acc[i];
+      for (int i = 0; i < NUM_PARTIALS; ++i) partials[chunk * NUM_PARTIALS + i] = acc[i];
+    }
     __threadfence();
     const int ticket = atomicAdd(&tickets[t], 1);
     is_last = ticket == entry.num_chunks - 1;
@@ -360,13 +366,15 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
   if (!is_last) return;
   __threadfence();
   double total[NUM_PARTIALS] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t c = entry.first_chunk + threadIdx.x; c < entry.first_chunk + entry.num_chunks; c += THREADS) {
+  if (stats_out) {
+    for (int64_t c = entry.first_chunk + threadIdx.x; c < entry.first_chunk + entry.num_chunks; c += THREADS) {
 #pragma unroll
-    for (int i = 0; i < NUM_PARTIALS; ++i) total[i] += __ldcg(partials + c * NUM_PARTIALS + i);
+      for (int i = 0; i < NUM_PARTIALS; ++i) total[i] += __ldcg(partials + c * NUM_PARTIALS + i);
+    }
+    block_sum4(total, reduce_shared);
   }
-  block_sum4(total, reduce_shared);
   if (threadIdx.x == 0) {
-    if (flags.has_stats) {
+    if (stats_out) {
 #pragma unroll
       for (int i = 0; i < NUM_PARTIALS; ++i) job.stats[i] = total[i];
       job.stats[STAT_TM] = s.tm_now;
@@ -413,7 +421,11 @@ void launch_dtype(const Call& call, const std::vector<size_t>& members, const at
   at::Tensor table_host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(table_host.data_ptr(), host.data(), bytes);
   at::Tensor table = table_host.to(device, /*non_blocking=*/true);
-  at::Tensor partials = at::empty({chunks * NUM_PARTIALS}, at::TensorOptions().dtype(at::kDouble).device(device));
+  // the chunks' partial statistics (none when this step writes no statistics)
+  const bool stats_out = call.flags.has_stats && call.write_stats;
+  at::Tensor partials;
+  if (stats_out) partials = at::empty({chunks * NUM_PARTIALS}, at::TensorOptions().dtype(at::kDouble).device(device));
+  double* partials_ptr = stats_out ? partials.data_ptr<double>() : nullptr;
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
   at::Tensor tickets = tickets_for(current, static_cast<int64_t>(host.size()));
   const cudaStream_t stream = current.stream();
@@ -421,11 +433,11 @@ void launch_dtype(const Call& call, const std::vector<size_t>& members, const at
   const int n = static_cast<int>(host.size());
   if (call.flags.adam) {
     fused_step_kernel<T, true><<<static_cast<unsigned>(chunks), THREADS, 0, stream>>>(
-        table_ptr, n, call.flags, call.hyper, lr_ptr, found_inf, seeds, partials.data_ptr<double>(),
+        table_ptr, n, call.flags, call.hyper, call.write_stats, lr_ptr, found_inf, seeds, partials_ptr,
         tickets.data_ptr<int>());
   } else {
     fused_step_kernel<T, false><<<static_cast<unsigned>(chunks), THREADS, 0, stream>>>(
-        table_ptr, n, call.flags, call.hyper, lr_ptr, found_inf, seeds, partials.data_ptr<double>(),
+        table_ptr, n, call.flags, call.hyper, call.write_stats, lr_ptr, found_inf, seeds, partials_ptr,
         tickets.data_ptr<int>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -476,24 +488,6 @@ void run(Call& call, at::TensorList params, const at::Tensor& seeds) {
   }
 }
 
-// write_stats=False: the kernel computes and writes statistics; the previous ones are copied aside
-// before the launch and put back after it (on the current stream, in order).
-class ReadOnlyStats {
- public:
-  ReadOnlyStats(at::TensorList stats, bool write_stats) : stats_(stats) {
-    if (!write_stats && !stats.empty()) kept_ = at::_foreach_add(stats, 0.0);
-  }
-  ~ReadOnlyStats() {
-    if (!kept_.empty()) at::_foreach_copy_(stats_, kept_);
-  }
-  ReadOnlyStats(const ReadOnlyStats&) = delete;
-  ReadOnlyStats& operator=(const ReadOnlyStats&) = delete;
-
- private:
-  at::TensorList stats_;
-  std::vector<at::Tensor> kept_;
-};
-
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::TensorList steps, at::TensorList mask_words, at::TensorList stats,
                    at::TensorList tensor_coefs, at::TensorList group_coefs, at::IntArrayRef group_inner,
@@ -505,7 +499,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
-  const ReadOnlyStats kept(stats, write_stats);
+  call.write_stats = write_stats;
   if (!params.empty()) run(call, params, seeds);
 }
 
@@ -521,7 +515,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,
                      lr_tensor, f, h);
-  const ReadOnlyStats kept(stats, write_stats);
+  call.write_stats = write_stats;
   if (!params.empty()) run(call, params, seeds);
 }
 
