@@ -308,3 +308,6 @@ def test_stochastic_calibration_follows_replaced_state_and_changed_ratios(impl):
     check(9)
     targets[0] = SimpleNamespace(param=targets[0].param, ratio=0.7)  # another object in the same place
     check(10)
+    for target in targets:  # one ratio for all (its product with the level taken on the host)
+        target.ratio = 0.35
+    check(10)

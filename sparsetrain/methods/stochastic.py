@@ -137,7 +137,10 @@ class StochasticMagnitude(Method):
         pruner.stats(targets[0])  # sharded parameters: the statistics summed across ranks first
         for views in self._views(pruner.optimizer, targets):
             # n - level * ratio * n, evaluated as written, in a work vector kept with the views
-            keep = torch.mul(views["ratios"], level, out=views["work"]).mul_(views["numels"])
+            if views["ratio"] is not None:  # one ratio for all: level * ratio is the same double on the host
+                keep = torch.mul(views["numels"], level * views["ratio"], out=views["work"])
+            else:
+                keep = torch.mul(views["ratios"], level, out=views["work"]).mul_(views["numels"])
             torch.sub(views["numels"], keep, out=keep)
             alive = views["alive_values"]
             if not scan.gather_elements(alive, views["alive"]):  # CPU tensors: plain loads in C++
@@ -191,6 +194,8 @@ class StochasticMagnitude(Method):
             if not all(s.shape == (NUM_STATS,) and s.dtype == torch.float64 for s in views["stats"]):
                 views["stats"] = []  # not the vectors the optimizer makes: the alive counts are stacked one by one
             views["numels"] = torch.tensor(views["numels"], dtype=torch.float64, device=device)
+            ratios = set(views["ratios"])
+            views["ratio"] = float(next(iter(ratios))) if len(ratios) == 1 else None
             views["ratios"] = torch.tensor(views["ratios"], dtype=torch.float64, device=device)
             views["buffer"] = torch.zeros(len(views["alive"]), dtype=views["counts"][0].dtype, device=device)
             views["items"] = list(views["buffer"].unbind())
