@@ -203,7 +203,18 @@ def build_graph(model: nn.Module, example_inputs: Any):
 # reaches one node with a handful of them (a split and re-concatenation of the same channels). The
 # rotary embeddings of Llama-style attention (slice halves, negate one, concatenate) make its index
 # mapping diverge instead: every turn around the cycle shifts the indices and the walk never ends.
+# Swin's window reshapes make it grow: every turn multiplies the index set (a layer of 32 features
+# reached with 8192 channels), and the walk spends minutes building lists before the visits stop it.
 MAX_VISITS = 16
+
+
+def _index_limit(module: Any) -> int | None:
+    """The most channels a walk can legitimately map onto ``module``: its parameters' largest dimension."""
+    tensors = [module] if isinstance(module, Tensor) else []
+    if isinstance(module, nn.Module):
+        tensors = list(module.parameters(recurse=False))
+    sizes = [max(t.shape) for t in tensors if t.dim()]
+    return max(sizes) if sizes else None
 
 
 @contextlib.contextmanager
@@ -214,6 +225,12 @@ def _bounded_walk() -> Iterator[None]:
     original = group_type.add_dep
 
     def add_dep(group, dep, idxs):
+        limit = _index_limit(dep.target.module)
+        if limit is not None and len(idxs) > limit:
+            raise StructureError(
+                f"Torch-Pruning's channel mapping does not converge through {dep.target.name} (it maps "
+                f"{len(idxs)} channels onto a layer no dimension of which has more than {limit})"
+            )
         visits = group.__dict__.setdefault("_sparsetrain_visits", Counter())
         key = (id(dep.target), getattr(dep.handler, "__name__", id(dep.handler)))
         visits[key] += 1

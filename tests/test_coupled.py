@@ -311,3 +311,23 @@ def test_a_group_the_smaller_model_cannot_run_without_is_left_out_when_traced():
             example_inputs=x,
             include=[left_out[0]],
         )
+
+
+def test_a_channel_mapping_that_grows_past_a_layers_size_stops_the_group_walk():
+    """Through torchvision's Swin-T window reshapes Torch-Pruning's group walk multiplies its index sets at
+    every turn (a layer of 32 features reached with 8192 channels): building the groups did not finish in
+    15 minutes. The walk now stops, naming the layer, once it maps more channels onto a layer than any of
+    its dimensions has; such a group is left out like the other walks that do not converge."""
+    tp = pytest.importorskip("torch_pruning")
+    from sparsetrain.coupled import _bounded_walk, build_graph
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    graph = build_graph(model, torch.randn(2, 4))
+    node = graph.module2node[model[2]]
+    handler = graph.get_pruner_of_module(model[2]).prune_in_channels
+    dep = tp.dependency.Dependency(handler, handler, source=node, target=node)
+    idxs = [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in range(7)]
+    with _bounded_walk(), pytest.raises(StructureError, match=r"maps 7 channels onto a layer .* more than 6\)"):
+        tp.dependency.Group().add_dep(dep, idxs)
+    with _bounded_walk():
+        tp.dependency.Group().add_dep(dep, idxs[:6])  # within the layer's size: a legitimate walk goes on
