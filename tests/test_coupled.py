@@ -258,58 +258,50 @@ def test_ratio_is_a_deprecated_spelling_of_target():
         methods.GReg1(0.3, ratio=0.3)
 
 
-class _ChannelShuffle(nn.Module):
-    """ShuffleNetV2's pattern: two branches concatenated, channels shuffled, then split in halves again."""
+class _PatchMerging(nn.Module):
+    """Swin's patch merging: four strided spatial slices of a channels-last map concatenated along channels."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.left, self.right = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
-        self.next = nn.Conv2d(8, 8, 1)
-        self.head = nn.Linear(16, 4)
+        self.embed, self.mix = nn.Linear(3, 8), nn.Linear(8, 8)
+        self.reduction, self.fc, self.head = nn.Linear(32, 16), nn.Linear(16, 16), nn.Linear(16, 2)
 
-    @staticmethod
-    def shuffle(x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        y = self.shuffle(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1))
-        kept, passed = y.chunk(2, dim=1)
-        y = self.shuffle(torch.cat([kept, torch.relu(self.next(passed))], 1))
-        return self.head(y.mean((2, 3)))
+    def forward(self, x):  # [batch, height, width, 3]
+        x = self.embed(x)
+        x = x + self.mix(torch.relu(x))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = self.reduction(x)
+        x = x + self.fc(torch.relu(x))
+        return self.head(x.mean((1, 2)))
 
 
 def test_a_group_the_smaller_model_cannot_run_without_is_left_out_when_traced():
-    """Torch-Pruning's group of a branch before a channel shuffle and a chunk misses the layer reading the
-    second half (ShuffleNetV2): it was pruned, and export failed after training with the model's shape error.
-    Such a group is now found when the groups are traced (a meta copy with its channels removed does not
-    run) and left out with the reason; naming it in include= raises it."""
+    """Torch-Pruning's group of the channels before a patch merging (and, in ShuffleNetV2, before a channel
+    shuffle and a chunk) misses how the concatenation reads them: the group was pruned, and export failed
+    after training with the model's shape error. Such a group is now found when the groups are traced (a
+    meta copy with its channels removed does not run) and left out with the reason; named in include=, it
+    is refused."""
     torch.manual_seed(0)
-    model, x = _ChannelShuffle(), torch.randn(2, 3, 6, 6)
+    model, x = _PatchMerging(), torch.randn(2, 4, 4, 3)
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.05, backend="torch")
     pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), example_inputs=x)
-    left_out = [name for name in ("left", "right") if name in pruner.groups.skipped]
-    assert left_out and all("does not run once they are removed" in pruner.groups.skipped[n] for n in left_out)
-    assert [g.name for g in pruner.groups.groups] == ["stem"]
-    assert not pruner.mask("stem.weight").all()
+    assert "does not run once they are removed" in pruner.groups.skipped["embed"]
+    assert [g.name for g in pruner.groups.groups] == ["reduction"]
     for _ in range(2):
         _loss(model(x)).backward()
         opt.step()
         opt.zero_grad()
     small = pruner.export(x)
-    assert small.stem.out_channels == 4 and small.left.in_channels == small.right.in_channels == 4
-    model.eval()
+    assert small.reduction.out_features == 8 and small.embed.out_features == 8
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(StructureError, match=f"layer '{left_out[0]}' cannot be pruned structurally: .*does not run"):
+    with pytest.raises(StructureError, match="layer 'embed' cannot be pruned structurally: .*does not run"):
         sparsetrain.Pruner(
-            _ChannelShuffle(),
+            _PatchMerging(),
             sparsetrain.optim.SGD(model.parameters(), lr=0.05),
             methods.Magnitude(0.5, structure="filters"),
             example_inputs=x,
-            include=[left_out[0]],
+            include=["embed", "reduction"],
         )
 
 
