@@ -433,21 +433,34 @@ class Pruner:
             self.shrink(optimizers=optimizers)
 
     # -- hooks (under torch.compile the step's opaque op calls _pre_step / _post_step itself)
-    def _before(self, optimizer, args, kwargs) -> None:
-        if not torch.compiler.is_compiling():
-            closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None  # args[0] is the optimizer
-            self._skipped = self._pre_step(closure=closure)
+    def _before(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
+        if torch.compiler.is_compiling():
+            return None
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+        if closure is None:
+            self._skipped = self._pre_step()
+            return None
+
+        def closure_then_schedule():  # the gradients exist once the closure ran: a non-finite step is seen
+            loss = closure()
+            self._skipped = self._pre_step()
+            return loss
+
+        if len(args) > 1:
+            return (args[0], closure_then_schedule, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_schedule}
 
     def _after(self, optimizer, args, kwargs) -> None:
         if not torch.compiler.is_compiling():
             self._post_step(self._skipped)
 
-    def _pre_step(self, closure: bool = False) -> bool:
-        """Run the schedule for this step unless the step will be skipped (returned)."""
+    def _pre_step(self) -> bool:
+        """Run the schedule for this step unless the step will be skipped (returned). With a closure, the
+        step's hook runs it after the closure (:meth:`_before`), once the gradients exist."""
         sync = self.sync
         if sync is not None and self.method.needs_stats(self.step_count):
             sync.request_stats(self.optimizer)  # summed across ranks with the step's first collective
-        if not closure and self.optimizer.nonfinite_grads():
+        if self.optimizer.nonfinite_grads():
             return True  # a skipped step changes nothing: the schedule waits for the next step that runs
         self.method.before_step(self, self.step_count)
         self._structured_event |= self.optimizer._pending_prune == "group"

@@ -133,6 +133,30 @@ def test_skipped_nonfinite_step_changes_nothing_and_keeps_the_event(method):
         assert float((~clean[2].mask(t.param)).float().mean()) == pytest.approx(target, abs=0.12), t.name
 
 
+@pytest.mark.parametrize("method", ["greg1", "magnitude-linear"])
+def test_a_skipped_step_with_a_closure_keeps_the_event_too(method):
+    """With ``opt.step(closure)`` the pruner scheduled before the closure made the gradients, so it never saw
+    a non-finite step: the schedule and the step count advanced on steps skip_nonfinite=True skipped (GReg
+    grew its penalty, Magnitude spent its event). It now schedules once the closure has run."""
+    poisoned, poison = _build(method, skip_nonfinite=True), _Once({3, 4, 5})
+    model, opt, _ = poisoned
+    for step in [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10, 11]:
+
+        def closure(step=step):
+            opt.zero_grad()
+            x, y = _batch(step)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if step in poison:
+                model[2].weight.grad[0, 0] = float("nan")
+            return loss
+
+        opt.step(closure)
+    clean = _build(method, skip_nonfinite=True)
+    _train(clean[0], clean[1], range(STEPS))
+    _assert_same_run(clean, poisoned)
+
+
 class _Once:
     """A set of steps, each held only the first time it is asked for."""
 
