@@ -197,3 +197,22 @@ def test_torch_distributed_checkpoint_helpers_resume_pruning_exactly():
     masks = [resumed_opt.mask(t.param) for t in resumed_pruner.targets]
     assert all(torch.equal(m, straight_opt.mask(q)) for m, q in zip(masks, (straight[0].weight, straight[2].weight)))
     assert 0 < sum(int((~m).sum()) for m in masks)  # something was pruned after the resume too
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_float64_parameters_train_with_the_default_backend(name):
+    """backend="auto" picked the native kernels on the CPU, which refuse float64, so a float64 model failed at
+    its first step with the defaults. "auto" now steps float64 with the torch reference (which computes in
+    float32 and rounds once, the contract of every backend); a kernel backend asked for by name still refuses."""
+    ours_params = [nn.Parameter(p.detach().double()) for p in make_params(SHAPES, seed=3)]
+    ref_params = clone_params(ours_params)
+    ours = getattr(sparsetrain.optim, name)(ours_params, backend="auto", **KWARGS[name])
+    ref = getattr(torch.optim, name)(ref_params, **KWARGS[name])
+    _steps([(ours, ours_params), (ref, ref_params)], range(6))
+    for a, e in zip(ours_params, ref_params):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a.detach(), e.detach(), rtol=1e-6, atol=1e-7)
+    if sparsetrain.backends.availability("native")[0]:
+        native = getattr(sparsetrain.optim, name)(ours_params, backend="native", **KWARGS[name])
+        with pytest.raises(RuntimeError, match="dtype Double; the native backend takes float32"):
+            native.step()

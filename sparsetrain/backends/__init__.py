@@ -123,6 +123,19 @@ def resolve(requested: str | None, device: torch.device) -> str:
     return name
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the native and Triton kernels step
+
+
+def for_dtypes(name: str, requested: str | None, tensors: list[Tensor]) -> str:
+    """``name`` (:func:`resolve`'s choice for the device), or ``"torch"`` when ``"auto"`` chose a kernel
+    backend that cannot step one of ``tensors``' dtypes (float64: only the torch reference computes in
+    it). An explicitly requested backend stays, and refuses such a tensor with the reason."""
+    requested = requested if requested is not None else os.environ.get("SPARSETRAIN_BACKEND", "auto")
+    if name == "torch" or requested != "auto":
+        return name
+    return "torch" if any(t.dtype not in KERNEL_DTYPES for t in tensors) else name
+
+
 def runs_on(name: str, device: torch.device) -> tuple[bool, str]:
     """(usable, reason) for backend ``name`` on tensors of ``device`` (the native build may lack CUDA)."""
     usable, reason = availability(name)

@@ -444,6 +444,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if calls:
             backend = self._backend_for(calls[0].params[0].device)
             sharded = self.shard_sync is not None
+            if not plain:  # plain: fp32 / bf16 / fp16 only; "auto" steps float64 with the torch reference
+                backend = backends.for_dtypes(backend, self.requested_backend, [p for c in calls for p in c.params])
             if sharded or not plain:  # plain: scan.grads found every check below passed
                 validation.step_tensors(calls, backend, sharded=sharded)  # before any launch
             if sharded:
