@@ -6,7 +6,8 @@
 #   bash bench/run_gpu.sh e2e     # `sparsetrain bench e2e`: GPT-2 small and ResNet-50 training steps
 #   bash bench/run_gpu.sh sweep   # the fused step under each launch shape (words, warps, blocks)
 #   bash bench/run_gpu.sh profile # Nsight Compute on the main kernel (268M SGD, AdamW, 90% dead), and
-#                                 # compute-sanitizer memcheck on the Triton backend tests
+#                                 # compute-sanitizer memcheck on the Triton backend tests, memcheck and
+#                                 # racecheck on the native CUDA driver's tests
 #   bash bench/run_gpu.sh         # tests, bench, kernels, e2e and sweep
 # Everything lands in $OUT (default bench/results); the report is rewritten after every row, so a
 # cut-off run keeps what finished. See bench/README.md.
@@ -67,4 +68,15 @@ if [[ "$STAGE" == profile ]]; then
     compute-sanitizer --tool memcheck --target-processes all \
         python3 -m pytest -q -p no:cacheprovider -x tests/test_triton_backend.py 2>&1 | tail -40 \
         | tee "$OUT/memcheck.txt"
+    # the native CUDA driver (built at install when torch is a CUDA build and nvcc is found): memory
+    # errors and shared-memory races of its kernel on the backend-agreement tests
+    if python3 -c "from sparsetrain import backends; import sys, torch; sys.exit(not backends.runs_on('native', torch.device('cuda'))[0])"; then
+        for tool in memcheck racecheck; do
+            compute-sanitizer --tool "$tool" --target-processes all \
+                python3 -m pytest -q -p no:cacheprovider -x tests/test_native_backend.py 2>&1 | tail -40 \
+                | tee "$OUT/native_$tool.txt"
+        done
+    else
+        echo "native CUDA driver not built: see sparsetrain info" | tee "$OUT/native_memcheck.txt"
+    fi
 fi
