@@ -58,36 +58,6 @@ inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
   }
 }
 
-// The element loop of a block of n <= BLOCK elements (the parameter and gradient as floats, the
-// states at the block's first element). LOOP_PRUNE: the decision the loop takes (stochastic
-// decisions are taken after it). Dead elements (live[k] == 0) are stored back unchanged. When tracking, live[k] becomes
-// the keep bit where the loop decides, and cand[k] marks the stochastic candidates.
-template <int STATES, int LOOP_PRUNE, bool TRACK, int PRUNE>
-ST_INLINE void element_loop(const Flags& f, const TensorScalars& s, int n, float* __restrict pw,
-                            const float* __restrict pg, float* __restrict s0, float* __restrict s1,
-                            float* __restrict s2, const float* __restrict lam, const int32_t* __restrict flagged,
-                            const float* __restrict u, int32_t* __restrict live, int32_t* __restrict cand) {
-  constexpr bool LOOP_DECIDES = LOOP_PRUNE == PRUNE_LOW || LOOP_PRUNE == PRUNE_HIGH || LOOP_PRUNE == PRUNE_GROUP;
-#pragma omp simd
-  for (int k = 0; k < n; ++k) {
-    const float w_old = pw[k];
-    const float g = pg[k];
-    const float a_old = STATES >= 1 ? s0[k] : 0.0f;
-    const float b_old = STATES >= 2 ? s1[k] : 0.0f;
-    const float c_old = STATES >= 3 ? s2[k] : 0.0f;
-    float w = w_old, a = a_old, b = b_old, c = c_old;
-    const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
-    (void)kept;  // read only where the loop decides
-    const int32_t on = live[k];
-    pw[k] = on != 0 ? w : w_old;
-    if (STATES >= 1) s0[k] = on != 0 ? a : a_old;
-    if (STATES >= 2) s1[k] = on != 0 ? b : b_old;
-    if (STATES >= 3) s2[k] = on != 0 ? c : c_old;
-    if constexpr (TRACK && LOOP_DECIDES) live[k] = on & static_cast<int32_t>(kept);
-    if constexpr (TRACK && PRUNE == PRUNE_STOCHASTIC) cand[k] = on & static_cast<int32_t>(!(u[k] >= s.sample_c));
-  }
-}
-
 // The statistics terms of a decided block of n elements (keep[k]: the element stays) in fp64: |w|,
 // |g| and, when kernel_on, the sampling kernel term of each kept element go to lane k mod
 // STAT_LANES, each lane in element order (the same lanes and order for the short last block of a
@@ -237,7 +207,26 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     // 1) with x <= 0 is at most c, since exp_ of a non-positive float is at most 1 (or it is NaN,
     // which prunes nothing).
     constexpr int LOOP_PRUNE = PRUNE == PRUNE_STOCHASTIC ? PRUNE_NONE : PRUNE;
-    element_loop<STATES, LOOP_PRUNE, TRACK, PRUNE>(f, s, n, pw, pg, s0, s1, s2, lam, flagged, u, live, cand);
+#pragma omp simd
+    for (int k = 0; k < n; ++k) {
+      const float w_old = pw[k];
+      const float g = pg[k];
+      const float a_old = STATES >= 1 ? s0[k] : 0.0f;
+      const float b_old = STATES >= 2 ? s1[k] : 0.0f;
+      const float c_old = STATES >= 3 ? s2[k] : 0.0f;
+      float w = w_old, a = a_old, b = b_old, c = c_old;
+      const bool kept = step_element<LOOP_PRUNE>(f, s, w, g, a, b, c, lam[k], flagged[k] != 0, u[k]);
+      (void)kept;  // read only where the loop decides
+      const bool on = live[k] != 0;
+      pw[k] = on ? w : w_old;  // dead elements are stored back unchanged
+      if (STATES >= 1) s0[k] = on ? a : a_old;
+      if (STATES >= 2) s1[k] = on ? b : b_old;
+      if (STATES >= 3) s2[k] = on ? c : c_old;
+      if constexpr (TRACK && LOOP_DECIDES) live[k] = live[k] & static_cast<int32_t>(kept);  // the keep bit
+      if constexpr (TRACK && PRUNE == PRUNE_STOCHASTIC) {
+        cand[k] = live[k] & static_cast<int32_t>(!(u[k] >= s.sample_c));
+      }
+    }
     if constexpr (!TRACK) {
       store_back(n, bits, wbuf, param + base);
       continue;
