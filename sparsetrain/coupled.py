@@ -324,6 +324,29 @@ def _raw_param(module: nn.Module, attr: str) -> Tensor:
     return getattr(module, attr)
 
 
+def is_mask(parametrization: nn.Module) -> bool:
+    """Whether ``parametrization`` is a :class:`~sparsetrain.autograd.MaskedPruner`'s mask."""
+    return type(parametrization).__name__ == "_MaskParametrization"
+
+
+def own_parametrizations(module: nn.Module) -> list[str]:
+    """The attributes of ``module`` carrying a parametrization of the model's own (``weight_norm``,
+    ``spectral_norm``, ...: anything but a MaskedPruner's mask)."""
+    parametrizations = module._modules.get("parametrizations")
+    if parametrizations is None:
+        return []
+    return [attr for attr, plist in parametrizations.items() if not all(map(is_mask, plist))]
+
+
+def _unmaskable(module: nn.Module, attr: str) -> str | None:
+    """Why ``module.attr`` cannot be masked as one tensor (a parametrization of several, as weight_norm's), or None."""
+    parametrizations = module._modules.get("parametrizations")
+    if parametrizations is None or attr not in parametrizations or hasattr(parametrizations[attr], "original"):
+        return None
+    kinds = ", ".join(type(p).__name__ for p in parametrizations[attr])
+    return f"its {attr} is parametrized ({kinds}) from several tensors, which cannot be masked"
+
+
 def _slices(module: Any, fn_name: str, pruning_dim: int) -> list[tuple[str, int]] | str:
     """The (attribute, dim) slices Torch-Pruning's ``fn_name`` removes from ``module``, or why it cannot be masked."""
     conv1d = conv1d_type()
@@ -643,9 +666,13 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
     """The parameter slices Torch-Pruning removes for ``plan`` (root layer name -> units), or why it cannot.
 
     Nothing is modified. Every slice is one of a layer's weights and biases (:func:`_slices`); a
-    parameter held by two modules (tied weights) or outside any module is refused.
+    parameter held by two modules (tied weights) or outside any module is refused, and so is a
+    layer whose shape would change while it carries a parametrization of the model's own
+    (``weight_norm``, ...; a MaskedPruner's masks must be removed first), which Torch-Pruning's
+    slicing would not carry over. Such layers elsewhere in the model are left alone.
     """
     modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for attr, value in module._parameters.items():
@@ -663,6 +690,12 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
             slices = _slices(module, getattr(dep.handler, "__name__", ""), dep.target.pruning_dim)
             if isinstance(slices, str):
                 return f"{dep.target.name}: {slices}"
+            parametrized = own_parametrizations(module) if slices and idxs else []
+            if parametrized:
+                return (
+                    f"layer {names.get(id(module), dep.target.name)!r} ({type(module).__name__}) would change shape "
+                    f"but its {', '.join(parametrized)} has parametrizations shrink() cannot carry over"
+                )
             for attr, dim in slices:
                 if attr == "":
                     return f"{dep.target.name}: a parameter outside any layer"
@@ -780,6 +813,9 @@ def _members(tp_group, params: dict[int, tuple[str, str, str]], names: dict[int,
         if any(r is None for r in root_idxs):
             return f"{dep.target.name}: Torch-Pruning gives no root channel for some of its indices"
         for attr, dim in slices:
+            problem = _unmaskable(module, attr) if attr else None
+            if problem is not None:
+                return f"{names.get(id(module), dep.target.name)}: {problem}"
             param = module if attr == "" else _raw_param(module, attr)
             if param is None:
                 continue

@@ -16,6 +16,7 @@ import copy
 import fnmatch
 import gc
 import math
+import re
 import sys
 import weakref
 from collections.abc import Sequence
@@ -71,6 +72,22 @@ class Target:
     groups: int
     inner: int
     bias: Tensor | None = None  # unused: structured biases are targets of their own
+    aliases: tuple[str, ...] = ()  # the tensor's other names (tied weights: "lm_head.weight" beside "wte.weight")
+
+
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> its names, in ``named_parameters()`` order (a tied weight has several).
+
+    A parametrized tensor goes by its module's attribute (``conv.weight``, not
+    ``conv.parametrizations.weight.original``).
+    """
+    out: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        clean = re.sub(r"\.parametrizations\.([^.]+)\.original\d*$", r".\1", name)
+        names = out.setdefault(id(param), [])
+        if clean not in names:
+            names.append(clean)
+    return out
 
 
 def select_targets(
@@ -83,7 +100,12 @@ def select_targets(
     default_ratio: float,
     structure: str | None,
 ) -> list[Target]:
-    """Weights of modules of ``types`` (or named by ``include`` patterns), minus ``exclude`` patterns."""
+    """Weights of modules of ``types`` (or named by ``include`` patterns), minus ``exclude`` patterns.
+
+    A weight shared by several selected modules (tied weights) is one target, named by its first
+    name in ``named_parameters()`` order, its other names in ``aliases``; the modules sharing it
+    must not ask for different ratios.
+    """
     modules = dict(model.named_modules())
     for label, patterns in (("include", include), ("exclude", exclude), ("ratios", ratios)):
         for pattern in patterns or ():
@@ -91,7 +113,9 @@ def select_targets(
                 raise ValueError(f"{label}: no module of the model matches {pattern!r} (modules: {_some(modules)})")
     if types is DEFAULT_TYPES:
         types = default_types()
-    targets = []
+    names = parameter_names(model)
+    targets: list[Target] = []
+    seen: dict[int, Target] = {}
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
         if not name or not isinstance(weight, nn.Parameter):
@@ -103,13 +127,24 @@ def select_targets(
         for pattern, value in (ratios or {}).items():
             if fnmatch.fnmatchcase(name, pattern):
                 ratio = check_ratio(f"ratios[{pattern!r}]", value)
+        tied = seen.get(id(weight))
+        if tied is not None:  # one tensor, one target: its mask is decided once
+            if ratio != tied.ratio:
+                raise ValueError(
+                    f"{name}.weight is the same tensor as {tied.name} (tied weights) but its ratio would be {ratio}, "
+                    f"{tied.name}'s {tied.ratio}: give the modules sharing it one ratio"
+                )
+            continue
         try:
             groups, inner = group_layout(weight.shape, structure)
         except ValueError as exc:
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}"
             ) from None
-        targets.append(Target(f"{name}.weight", name, module, weight, ratio, structure, groups, inner))
+        first, *aliases = names.get(id(weight)) or [f"{name}.weight"]
+        target = Target(first, name, module, weight, ratio, structure, groups, inner, aliases=tuple(aliases))
+        seen[id(weight)] = target
+        targets.append(target)
     if not targets:
         raise ValueError("no prunable weight was selected (check include / exclude / types)")
     return targets
@@ -237,10 +272,13 @@ def resolve_targets(
         )
         groups = CoupledGroups.per_layer(layers, structure)
     modules = dict(unwrap(model).named_modules())
-    targets = [
-        Target(t.name, t.module_name, modules[t.module_name], t.param, method.target, structure, t.groups, t.inner)
-        for t in groups.tensors
-    ]
+    names = parameter_names(unwrap(model))
+    targets = []
+    for t in groups.tensors:
+        aliases = tuple(n for n in names.get(id(t.param), ()) if n != t.name)
+        module = modules[t.module_name]
+        targets.append(Target(t.name, t.module_name, module, t.param, method.target, structure, t.groups, t.inner,
+                              aliases=aliases))  # fmt: skip
     return targets, groups
 
 
@@ -288,7 +326,8 @@ class Pruner:
     Raises:
         TypeError: ``optimizer`` is not a sparsetrain optimizer; ``model``, ``method``, ``include``,
             ``exclude``, ``types`` or ``ratios`` of the wrong kind.
-        ValueError: a pattern that matches no module, a ratio outside ``[0, 1)``, no weight selected,
+        ValueError: a pattern that matches no module, a ratio outside ``[0, 1)`` (or two for one tied
+            weight), no weight selected,
             a selected weight that is not in the optimizer, a layout the method cannot handle, or
             ``shrink_after_prune`` where shrinking is not possible, a ``method`` object that already
             drives another attached Pruner, a weight that another attached Pruner or MaskedPruner
@@ -298,7 +337,8 @@ class Pruner:
 
     Attributes:
         targets (list[Target]): the pruned tensors, in model order (structured: every member of
-            every channel group, biases and normalization entries included).
+            every channel group, biases and normalization entries included). A tensor shared by
+            several modules (tied weights) is one target, under its first name in ``named_parameters()``.
         groups (CoupledGroups | None): the channel groups of a structured method.
         history (History): per-layer sparsity, dead outputs and inputs, and method scalars over steps.
         step_count (int): optimizer steps taken since the pruner was attached.
@@ -545,7 +585,8 @@ class Pruner:
         """The bool mask (True = alive) of a target, by parameter name, module name or tensor.
 
         Args:
-            name_or_param: ``"features.0.weight"``, ``"features.0"`` or the parameter itself.
+            name_or_param: ``"features.0.weight"``, ``"features.0"`` or the parameter itself (a tied
+                weight: any of its names).
 
         Returns:
             A new bool tensor of the weight's shape (unpacked from the 1-bit mask).
@@ -554,7 +595,7 @@ class Pruner:
             KeyError: the weight is not pruned by this pruner.
         """
         for target in self.targets:
-            if name_or_param is target.param or name_or_param in (target.name, target.module_name):
+            if name_or_param is target.param or name_or_param in (target.name, target.module_name, *target.aliases):
                 return self.optimizer.mask(target.param)
         raise KeyError(
             f"{name_or_param if isinstance(name_or_param, str) else 'the tensor'} is not pruned by this pruner"

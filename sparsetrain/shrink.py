@@ -23,7 +23,9 @@ pruner's channel groups (:mod:`sparsetrain.coupled`) whose member slices are all
 Removing only pruned slices whose outputs are exactly zero, the smaller model computes what the
 masked one computes (up to summation order). Anything else is refused before anything changes:
 unstructured methods, ``coupled=False`` groups, a compiled model, FSDP2 shards, a removed slice
-that is still alive or is not a pruned target, optimizer state this module cannot slice.
+that is still alive or is not a pruned target, optimizer state this module cannot slice, a layer
+whose shape would change while it carries a parametrization of the model's own (``weight_norm``;
+such layers that keep their shape, and their parametrizations, are left as they are).
 
 Resuming: the pruner's state (in the optimizer's ``state_dict``) records every shrink.
 :func:`rebuild` replays them on a freshly built dense model, which then loads the saved
@@ -42,7 +44,7 @@ from torch.nn.utils import parametrize
 
 from . import contract, distributed
 from . import masks as mask_format
-from .coupled import Removal, build_graph, removals, remove_units, unwrap
+from .coupled import Removal, build_graph, is_mask, removals, remove_units, unwrap
 from .optim.base import FusedOptimizer
 
 if TYPE_CHECKING:
@@ -157,11 +159,6 @@ def _refuse(pruner: Pruner, model: nn.Module, inner: nn.Module) -> None:
         raise ShrinkError("shrink() does not re-wrap nn.DataParallel; use DistributedDataParallel")
     if any(distributed.is_sharded(p) for p in inner.parameters()):
         raise ShrinkError("shrink() does not reshard FSDP2 (DTensor) parameters")
-    masked = getattr(pruner, "_mask_optimizer", None) is not None
-    for module in inner.modules():
-        for attr, plist in getattr(module, "parametrizations", {}).items():
-            if not masked or any(type(p).__name__ != "_MaskParametrization" for p in plist):
-                raise ShrinkError(f"{type(module).__name__}.{attr} has parametrizations shrink() cannot carry over")
 
 
 def _optimizers(pruner: Pruner, optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
@@ -312,13 +309,19 @@ def _rewrap(model: nn.parallel.DistributedDataParallel, inner: nn.Module) -> nn.
 
 # ------------------------------------------------------------------------------------ MaskedPruner
 def _strip_masks(pruner: Pruner, inner: nn.Module) -> list[tuple[nn.Module, str, Any]]:
-    """Remove a MaskedPruner's mask parametrizations (the originals stay the same Parameters)."""
+    """Remove a MaskedPruner's mask parametrizations (the originals stay the same Parameters).
+
+    The model's own parametrizations (``weight_norm``, ...) stay; :func:`~sparsetrain.coupled.removals`
+    refuses a layer carrying one whose shape would change.
+    """
     stripped = []
     for module in list(inner.modules()):
-        plists = getattr(module, "parametrizations", None)
+        plists = module._modules.get("parametrizations")
         if plists is None:
             continue
         for attr in list(plists.keys()):
+            if not all(map(is_mask, plists[attr])):
+                continue
             stripped.append((module, attr, plists[attr][0]))
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
     return stripped

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .coupled import call_model, flat_tensors
+from .coupled import call_model, flat_tensors, unwrap
 
 if TYPE_CHECKING:
     from .pruner import Pruner
@@ -37,6 +37,7 @@ class LayerRow:
         macs: multiply-accumulates per sample of the dense layer on the example inputs
             (``None`` without example inputs).
         alive_macs: the same counting only nonzero weights (what sparse execution would do).
+        aliases: the weight's other names (tied weights: counted once, under ``name``).
     """
 
     name: str
@@ -50,11 +51,25 @@ class LayerRow:
     alive_params: int
     macs: int | None = None
     alive_macs: int | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def _layers_of(pruner: Pruner, target) -> list:
+    """The modules computing with ``target``'s tensor: its module, and those sharing it (tied weights)."""
+    modules = dict(unwrap(pruner.model).named_modules())
+    attr = target.name.rpartition(".")[2]
+    layers = [target.module]
+    for alias in target.aliases:
+        module_name, _, alias_attr = alias.rpartition(".")
+        module = modules.get(module_name)
+        if alias_attr == attr and module is not None and all(module is not m for m in layers):
+            layers.append(module)
+    return layers
 
 
 def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
     """Per target: output positions per sample (conv: output pixels; linear: tokens), by forward hooks."""
-    positions: dict[str, int] = {}
+    seen: dict[tuple[str, int], int] = {}
     hooks = []
     tensors = [t for t in flat_tensors(example_inputs) if t.dim() > 0]
     if not tensors:
@@ -67,10 +82,12 @@ def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
         out_features = getattr(t.module, "nf", t.param.shape[0])  # transformers' Conv1D: [in, out]
 
         def hook(module, args, output, name=t.name, out_features=out_features):
-            if isinstance(output, Tensor):
-                positions[name] = output.numel() // max(1, batch * out_features)
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                seen[name, id(module)] = 0  # a lookup multiplies nothing
+            elif isinstance(output, Tensor):
+                seen[name, id(module)] = output.numel() // max(1, batch * out_features)
 
-        hooks.append(t.module.register_forward_hook(hook))
+        hooks.extend(layer.register_forward_hook(hook) for layer in _layers_of(pruner, t))
     was_training = pruner.model.training
     pruner.model.eval()
     try:
@@ -80,11 +97,14 @@ def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
         for h in hooks:
             h.remove()
         pruner.model.train(was_training)
+    positions: dict[str, int] = {}
+    for (name, _), count in seen.items():  # a tied weight: the positions of every layer using it
+        positions[name] = positions.get(name, 0) + count
     return positions
 
 
 def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> list[LayerRow]:
-    """The table's rows, one per pruned weight, in the pruner's order.
+    """The table's rows, one per pruned weight, in the pruner's order (a tied weight once).
 
     Args:
         pruner: a :class:`~sparsetrain.Pruner` (or ``MaskedPruner``).
@@ -116,6 +136,7 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
             alive += int(pruner.optimizer.mask(t.bias).sum())  # a bias entry can be 0 and alive
         sparsity = 1.0 - nonzero / max(1, c["numel"])
         row = LayerRow(t.name, shape, sparsity, dead_outputs, outputs, dead_inputs, inputs, params, alive)
+        row.aliases = t.aliases
         if t.name in positions:
             row.macs = positions[t.name] * c["numel"]
             row.alive_macs = positions[t.name] * nonzero
@@ -137,7 +158,7 @@ def format_rows(rows: list[LayerRow]) -> str:
     for r in rows:
         lines.append(
             [
-                r.name,
+                f"{r.name} (= {', '.join(r.aliases)})" if r.aliases else r.name,
                 "x".join(str(s) for s in r.shape),
                 f"{r.sparsity:.1%}",
                 f"{r.dead_outputs}/{r.outputs}",

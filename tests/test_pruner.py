@@ -448,3 +448,72 @@ def test_export_keeps_the_models_own_parametrizations(path):
     x = torch.randn(5, 6)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+class _Tied(nn.Module):
+    """Two linear layers sharing one weight (``b.weight = a.weight``) and a third of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_tied_weight_is_one_target_with_one_mask_counted_once():
+    from torch.nn.utils import prune
+
+    from sparsetrain.summary import layer_rows
+
+    model = _Tied()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, scope="global"))
+    assert [(t.name, t.aliases) for t in pruner.targets] == [("a.weight", ("b.weight",)), ("c.weight", ())]
+    opt.step()
+    # one global threshold over the distinct tensors, as torch.nn.utils.prune selects it
+    reference = _Tied()
+    prune.global_unstructured([(reference.a, "weight"), (reference.c, "weight")], prune.L1Unstructured, amount=0.5)
+    assert torch.equal(pruner.mask("b.weight"), reference.a.weight_mask.bool())
+    assert torch.equal(pruner.mask("a"), reference.a.weight_mask.bool())
+    assert torch.equal(pruner.mask("c.weight"), reference.c.weight_mask.bool())
+    rows = layer_rows(pruner, torch.randn(3, 8))
+    assert [r.params for r in rows] == [64, 40]
+    assert sum(r.alive_params for r in rows) == 52
+    assert rows[0].macs == 2 * 64  # the tensor computes in a and in b
+    table = pruner.summary(torch.randn(3, 8))
+    assert "a.weight (= b.weight)" in table
+    assert table.splitlines()[-1].split()[1:] == ["50.0%", "0/13", "0/16", "52/104", "84/168"]
+    assert set(pruner.metrics()) == {"a.weight", "c.weight"}
+    small = pruner.export()
+    assert small.b.weight is small.a.weight
+    torch.testing.assert_close(small.a.weight, model.a.weight.detach() * pruner.mask("a.weight"), rtol=0, atol=0)
+
+
+def test_modules_sharing_a_weight_with_different_ratios_are_refused():
+    model = _Tied()
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    with pytest.raises(ValueError, match=r"b.weight is the same tensor as a.weight \(tied weights\)"):
+        sparsetrain.Pruner(model, opt, methods.Magnitude(0.5), ratios={"b": 0.3})
+    assert opt.pruner is None and "mask_words" not in opt.state[model.a.weight]
+
+
+def test_a_masked_pruner_masks_a_tied_weight_once_in_every_module():
+    model = _Tied()
+    pruner = MaskedPruner(model, methods.Magnitude(0.5), backend="torch")
+    assert [t.name for t in pruner.targets] == ["a.weight", "c.weight"]
+    alive = pruner.mask("b.weight")
+    assert alive.sum() == 32
+    for layer in (model.a, model.b):
+        assert len(layer.parametrizations.weight) == 1
+        torch.testing.assert_close(layer.weight, model.a.parametrizations.weight.original * alive, rtol=0, atol=0)
+    x = torch.randn(3, 8)
+    model(x).sum().backward()
+    grad = model.a.parametrizations.weight.original.grad
+    assert torch.equal(grad[~alive], torch.zeros(int((~alive).sum())))
+    assert grad[alive].abs().sum() > 0
+    from sparsetrain.summary import layer_rows
+
+    assert sum(r.params for r in layer_rows(pruner)) == 64 + 40

@@ -101,7 +101,8 @@ def test_export_folds_the_mask_into_a_tied_weight(path):
     else:
         pruner = MaskedPruner(model, method, backend="torch")
         pruner.step()
-    assert "lm_head.weight" in {t.name for t in pruner.targets}
+    tied = [t for t in pruner.targets if "lm_head.weight" in (t.name, *t.aliases)]
+    assert [(t.name, t.aliases) for t in tied] == [("transformer.wte.weight", ("lm_head.weight",))]
     small = pruner.export()
     assert small.lm_head.weight is small.transformer.wte.weight
     mask = pruner.mask("lm_head.weight")
@@ -111,6 +112,35 @@ def test_export_folds_the_mask_into_a_tied_weight(path):
     small.eval()
     with torch.no_grad():
         torch.testing.assert_close(small(**x).logits, model(**x).logits)
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_the_tied_embedding_and_lm_head_are_one_target_counted_once(path):
+    """Both modules of GPT-2's tied weight selected: one target, one mask, its parameters counted once."""
+    from sparsetrain.summary import layer_rows
+
+    model, x = _gpt2()
+    method, include = methods.Magnitude(0.5), ["transformer.wte", "lm_head", "transformer.h.0.mlp.c_fc"]
+    if path == "fused":
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+        pruner = sparsetrain.Pruner(model, opt, method, include=include)
+        model(**x).logits.sum().backward()
+        opt.step()
+    else:
+        pruner = MaskedPruner(model, method, include=include, backend="torch")
+        pruner.step()
+        assert len(model.lm_head.parametrizations.weight) == len(model.transformer.wte.parametrizations.weight) == 1
+    names = [(t.name, t.aliases) for t in pruner.targets]
+    assert names == [("transformer.wte.weight", ("lm_head.weight",)), ("transformer.h.0.mlp.c_fc.weight", ())]
+    rows = layer_rows(pruner, x)
+    assert [r.params for r in rows] == [64 * 32, 32 * 128]
+    assert rows[0].macs == 8 * 64 * 32  # lm_head's 8 tokens; the embedding lookup multiplies nothing
+    assert sum(r.alive_params for r in rows) == (64 * 32 + 32 * 128) // 2
+    assert "transformer.wte.weight (= lm_head.weight)" in pruner.summary()
+    mask = pruner.mask("lm_head.weight")
+    assert torch.equal(pruner.mask("transformer.wte"), mask) and int(mask.sum()) == 64 * 32 // 2
+    ids = x["input_ids"]
+    torch.testing.assert_close(model.transformer.wte(ids), (model.lm_head.weight * mask)[ids], rtol=0, atol=0)
 
 
 def test_summary_counts_macs_from_keyword_inputs():

@@ -14,6 +14,7 @@ import pytest
 import shrink_cases as cases
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sparsetrain
 from sparsetrain import backends, methods
@@ -327,3 +328,85 @@ def test_masked_pruner_refuses_to_step_without_the_optimizers_it_would_leave_sta
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.dim():
                     assert value.shape == p.shape
+
+
+class _PositionalConv(nn.Module):
+    """wav2vec2's shape in small: a weight-normed convolution added to the stream, then a prunable pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.pos = weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
+        self.c1 = nn.Conv1d(4, 7, 1)
+        self.c2 = nn.Conv1d(7, 4, 1)
+
+    def forward(self, x):
+        x = x + self.pos(x)
+        return self.c2(torch.relu(self.c1(x)))
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
+def test_a_parametrized_layer_no_group_changes_shrinks_and_keeps_its_parametrization(path):
+    torch.manual_seed(0)
+    model, x = _PositionalConv(), torch.randn(3, 4, 9)
+    method = methods.Magnitude(0.5, structure="filters")
+    if path == "fused":
+        pruner = sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), method, example_inputs=x)
+    else:
+        pruner = MaskedPruner(model, method, example_inputs=x)
+    assert [g.name for g in pruner.groups.groups] == ["c1"]
+    assert "weight is parametrized (_WeightNorm)" in pruner.groups.skipped["pos"]  # two tensors: its group is left out
+    g, v = model.pos.parametrizations.weight.original0, model.pos.parametrizations.weight.original1
+    pos_weight = model.pos.weight.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    assert pruner.shrink() is model
+    assert model.c1.weight.shape == (3, 4, 1) and model.c2.weight.shape == (4, 3, 1)
+    assert parametrize.is_parametrized(model.pos, "weight")
+    assert model.pos.parametrizations.weight.original0 is g and model.pos.parametrizations.weight.original1 is v
+    torch.testing.assert_close(model.pos.weight, pos_weight, rtol=0, atol=0)
+    if path == "autograd":  # the masks are back on the shrunk layers
+        assert parametrize.is_parametrized(model.c1, "weight") and parametrize.is_parametrized(model.c2, "weight")
+    with torch.no_grad():
+        close(model(x), want)
+
+
+def test_a_parametrized_layer_the_shrink_would_change_is_refused_by_name():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model, x = _PositionalConv(), torch.randn(3, 4, 9)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), example_inputs=x)
+    spectral_norm(model.c1)  # added after tracing: the same Parameter, now the parametrization's original
+    before = snapshot(model, opt)
+    with pytest.raises(ShrinkError, match=r"'c1' \(ParametrizedConv1d\) would change shape.*weight has parametriz"):
+        pruner.shrink()
+    assert_unchanged(model, opt, before)
+    assert model.c1.parametrizations.weight.original.shape == (7, 4, 1)
+    assert parametrize.is_parametrized(model.c1, "weight") and parametrize.is_parametrized(model.pos, "weight")
+
+
+def test_wav2vec2_with_its_weight_normed_positional_convolution_shrinks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        num_feat_extract_layers=2,
+    )  # fmt: skip
+    model = transformers.Wav2Vec2Model(config).eval()
+    x = {"input_values": torch.randn(2, 200)}
+    assert any(parametrize.is_parametrized(m) for m in model.modules())
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="neurons"), example_inputs=x,
+                                include=["encoder.layers.0.feed_forward.intermediate_dense"])  # fmt: skip
+    with torch.no_grad():
+        want = model(**x).last_hidden_state
+    pruner.shrink()
+    assert model.encoder.layers[0].feed_forward.intermediate_dense.weight.shape == (12, 16)
+    assert parametrize.is_parametrized(model.encoder.pos_conv_embed.conv, "weight")
+    with torch.no_grad():
+        close(model(**x).last_hidden_state, want)
