@@ -227,46 +227,66 @@ PyObject* event_seeds(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// copy_elements(dst, src) -> bool: dst[i].copy_(src[i]) for one-element CPU tensors ``dst`` and a
-// contiguous CPU vector ``src`` of their dtype (float32 or float64), as plain stores (each destination's
-// version counter bumped, as copy_ bumps it). False, with nothing written, for anything else (CUDA
-// tensors, other dtypes, subclasses): the caller then uses torch._foreach_copy_.
-PyObject* copy_elements(PyObject* /*self*/, PyObject* args) {
-  HANDLE_TH_ERRORS
+// The one-element CPU tensors ``scalars`` and a contiguous CPU vector ``vector`` of their dtype (float32
+// or float64) exchange values as plain loads and stores: GATHER, vector[i] = scalars[i] (the vector's
+// version counter bumped once); otherwise scalars[i] = vector[i] (each scalar's version counter bumped,
+// as copy_ bumps it). False, with nothing written, for anything else (CUDA tensors, other dtypes,
+// subclasses): the caller then uses torch operations.
+template <bool GATHER>
+PyObject* transfer_elements(PyObject* args, const char* name) {
   PyObject *dst_obj, *src_obj;
   if (!PyArg_ParseTuple(args, "OO", &dst_obj, &src_obj)) return nullptr;
-  Items dst(sequence(dst_obj, "copy_elements"));
-  if (!dst.seq) return nullptr;
-  if (!plain(src_obj)) Py_RETURN_FALSE;
-  const at::Tensor& src = THPVariable_Unpack(src_obj);
-  const Py_ssize_t n = dst.size();
-  const auto dtype = src.scalar_type();
-  if (!src.device().is_cpu() || src.layout() != at::kStrided || !src.is_contiguous() || src.dim() != 1 ||
-      src.numel() != n || (dtype != at::kFloat && dtype != at::kDouble) || src.requires_grad()) {
+  PyObject* const vector_obj = GATHER ? dst_obj : src_obj;
+  Items scalars(sequence(GATHER ? src_obj : dst_obj, name));
+  if (!scalars.seq) return nullptr;
+  if (!plain(vector_obj)) Py_RETURN_FALSE;
+  const at::Tensor& vector = THPVariable_Unpack(vector_obj);
+  const Py_ssize_t n = scalars.size();
+  const auto dtype = vector.scalar_type();
+  if (!vector.device().is_cpu() || vector.layout() != at::kStrided || !vector.is_contiguous() ||
+      vector.dim() != 1 || vector.numel() != n || (dtype != at::kFloat && dtype != at::kDouble) ||
+      vector.requires_grad() || vector.is_conj() || vector.is_neg() || !vector.has_storage()) {
     Py_RETURN_FALSE;
   }
   std::vector<at::TensorImpl*> impls;
   impls.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = dst[i];
+    PyObject* obj = scalars[i];
     if (!plain(obj)) Py_RETURN_FALSE;
     const at::Tensor& t = THPVariable_Unpack(obj);
     if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.numel() != 1 ||
-        t.requires_grad() || t.is_conj() || t.is_neg() || !t.has_storage()) {
+        (!GATHER && t.requires_grad()) || t.is_conj() || t.is_neg() || !t.has_storage()) {
       Py_RETURN_FALSE;
     }
     impls.push_back(t.unsafeGetTensorImpl());
   }
+  at::TensorImpl* vec = vector.unsafeGetTensorImpl();
+  void* values = GATHER ? vec->mutable_data() : const_cast<void*>(vec->data());
   for (Py_ssize_t i = 0; i < n; ++i) {
-    at::TensorImpl* impl = impls[i];
     if (dtype == at::kFloat) {
-      *static_cast<float*>(impl->mutable_data()) = src.const_data_ptr<float>()[i];
+      float* scalar = static_cast<float*>(GATHER ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
+      if (GATHER) static_cast<float*>(values)[i] = *scalar; else *scalar = static_cast<float*>(values)[i];
     } else {
-      *static_cast<double*>(impl->mutable_data()) = src.const_data_ptr<double>()[i];
+      double* scalar = static_cast<double*>(GATHER ? const_cast<void*>(impls[i]->data()) : impls[i]->mutable_data());
+      if (GATHER) static_cast<double*>(values)[i] = *scalar; else *scalar = static_cast<double*>(values)[i];
     }
-    impl->bump_version();
+    if (!GATHER) impls[i]->bump_version();
   }
+  if (GATHER) vec->bump_version();
   Py_RETURN_TRUE;
+}
+
+// copy_elements(dst, src) -> bool: dst[i].copy_(src[i]) for one-element tensors ``dst`` and a vector ``src``
+PyObject* copy_elements(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return transfer_elements<false>(args, "copy_elements");
+  END_HANDLE_TH_ERRORS
+}
+
+// gather_elements(dst, src) -> bool: dst[i] = src[i] for a vector ``dst`` and one-element tensors ``src``
+PyObject* gather_elements(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  return transfer_elements<true>(args, "gather_elements");
   END_HANDLE_TH_ERRORS
 }
 
@@ -324,51 +344,6 @@ PyObject* attrs_equal(PyObject* /*self*/, PyObject* args) {
     if (equal < 0) return nullptr;
     if (!equal) Py_RETURN_FALSE;
   }
-  Py_RETURN_TRUE;
-  END_HANDLE_TH_ERRORS
-}
-
-// gather_elements(dst, src) -> bool: dst[i] = src[i] for one-element CPU tensors ``src`` and a contiguous
-// CPU vector ``dst`` of their dtype (float32 or float64), as plain loads (dst's version counter bumped,
-// as an in-place write bumps it). False, with nothing written, for anything else (CUDA tensors, other
-// dtypes, subclasses): the caller then gathers with torch operations.
-PyObject* gather_elements(PyObject* /*self*/, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject *dst_obj, *src_obj;
-  if (!PyArg_ParseTuple(args, "OO", &dst_obj, &src_obj)) return nullptr;
-  Items src(sequence(src_obj, "gather_elements"));
-  if (!src.seq) return nullptr;
-  if (!plain(dst_obj)) Py_RETURN_FALSE;
-  const at::Tensor& dst = THPVariable_Unpack(dst_obj);
-  const Py_ssize_t n = src.size();
-  const auto dtype = dst.scalar_type();
-  if (!dst.device().is_cpu() || dst.layout() != at::kStrided || !dst.is_contiguous() || dst.dim() != 1 ||
-      dst.numel() != n || (dtype != at::kFloat && dtype != at::kDouble) || dst.requires_grad() ||
-      dst.is_conj() || dst.is_neg() || !dst.has_storage()) {
-    Py_RETURN_FALSE;
-  }
-  std::vector<const at::TensorImpl*> impls;
-  impls.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = src[i];
-    if (!plain(obj)) Py_RETURN_FALSE;
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.numel() != 1 ||
-        t.is_conj() || t.is_neg() || !t.has_storage()) {
-      Py_RETURN_FALSE;
-    }
-    impls.push_back(t.unsafeGetTensorImpl());
-  }
-  at::TensorImpl* out = dst.unsafeGetTensorImpl();
-  void* values = out->mutable_data();
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (dtype == at::kFloat) {
-      static_cast<float*>(values)[i] = *static_cast<const float*>(impls[i]->data());
-    } else {
-      static_cast<double*>(values)[i] = *static_cast<const double*>(impls[i]->data());
-    }
-  }
-  out->bump_version();
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
