@@ -8,6 +8,12 @@ outputs are (tensors, tuples, dicts, ``ModelOutput``): if they differ by more th
 (an uncoupled ``coupled=False`` pruning whose removed filters still fed an activation with
 f(0) != 0, say), export raises instead of returning a different function.
 
+A weight shared by several layers (tied weights) stays one Parameter: a group is removed only when
+it cuts the same slices from every layer holding the tensor (two layers whose outputs are added,
+say), and the layers are then tied again; otherwise (an encoder / decoder pair, where one's rows
+are the other's columns) the dead units stay. Unstructured pruning removes a dead output only when
+every output coupled to it (added to it, or the same rows of a tied weight) is dead too.
+
 Works under ``torch.no_grad()``, on a ``DistributedDataParallel``-wrapped model (its inner module
 is copied; no collective is called, so one rank alone can export), and returns plain parameters:
 the result saves and reloads with ``torch.save`` / ``torch.load`` and, for transformers models,
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .coupled import StructureError, build_graph, call_model, flat_tensors, pruning_group, remove_units, unwrap
+from .coupled import StructureError, _slices, build_graph, call_model, flat_tensors, pruning_group, unwrap
 from .optional import require
 
 if TYPE_CHECKING:
@@ -85,6 +91,10 @@ def _strip_parametrizations(model: nn.Module) -> None:
 def dead_output_groups(module: nn.Module) -> torch.Tensor:
     """Bool per output: its incoming weights and bias are all exactly zero (it outputs f(0))."""
     weight = module.weight.detach()
+    if getattr(module, "transposed", False):  # ConvTranspose: [in, out / groups, ...]
+        if module.groups != 1:
+            return torch.zeros(module.out_channels, dtype=torch.bool, device=weight.device)
+        weight = weight.transpose(0, 1)
     dead = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
     if getattr(module, "bias", None) is not None:
         dead &= module.bias.detach() == 0
@@ -106,12 +116,86 @@ def unused_output(graph, module: nn.Module, fn, index: int) -> bool:
     return consumers > 0
 
 
-def _remove_dead_outputs(pruner: Pruner, graph, modules: dict[str, nn.Module]) -> None:
+def tied_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) holding it, for parameters held more than once (tied weights)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, attr))
+    return {key: value for key, value in holders.items() if len(value) > 1}
+
+
+def _tied_in_group(group, tied: dict[int, list[tuple[nn.Module, str]]]) -> list[int] | None:
+    """The tied parameters a Torch-Pruning group slices, or None when pruning it would untie or tear one.
+
+    Torch-Pruning slices each module's parameter on its own, so a tensor held by several modules is
+    only removed from when every holder is in the group with exactly the same slices (the holders are
+    then tied again to one of the identical results by :func:`_retie`); anything else is refused.
+    """
+    cuts: dict[int, dict[tuple[int, str], set[tuple[int, tuple[int, ...]]]]] = {}
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        module = dep.target.module
+        if id(module) in tied:  # a bare tied parameter outside any layer
+            return None
+        owned = [id(p) for p in module._parameters.values() if p is not None and id(p) in tied]
+        slices = _slices(module, getattr(dep.handler, "__name__", ""), dep.target.pruning_dim)
+        if isinstance(slices, str):
+            if owned:
+                return None
+            continue
+        for attr, dim in slices:
+            param = module._parameters.get(attr)
+            if param is None or id(param) not in tied:
+                continue
+            cut = cuts.setdefault(id(param), {}).setdefault((id(module), attr), set())
+            cut.add((dim % param.dim(), tuple(sorted(idxs))))
+    for key, per_holder in cuts.items():
+        every = {(id(m), attr) for m, attr in tied[key]}
+        if set(per_holder) != every or len({frozenset(c) for c in per_holder.values()}) != 1:
+            return None
+    return list(cuts)
+
+
+def _retie(tied: dict[int, list[tuple[nn.Module, str]]], keys: list[int]) -> None:
+    """After a group's removal: every holder of each tied parameter gets the first holder's (equal) new one."""
+    for key in keys:
+        (first, first_attr), *others = tied[key]
+        param = first._parameters[first_attr]
+        for module, attr in others:
+            if not torch.equal(module._parameters[attr], param):  # the group cut every holder alike
+                raise RuntimeError(f"export: the holders of tied {first_attr} were cut differently")
+            module._parameters[attr] = param
+        tied[id(param)] = tied.pop(key)
+
+
+def _target_modules(t, modules: dict[str, nn.Module]) -> list[nn.Module]:
+    """The modules of the copy computing with target ``t``'s tensor: its own and those of its aliases."""
+    out: list[nn.Module] = []
+    for name in (t.module_name, *(alias.rpartition(".")[0] for alias in t.aliases)):
+        module = modules.get(_inner_name(name))
+        if module is not None and all(module is not m for m in out):
+            out.append(module)
+    return out
+
+
+def _prune(graph, group, tied: dict[int, list[tuple[nn.Module, str]]], check: bool = True) -> None:
+    """Prune a Torch-Pruning group unless it would untie a shared weight (its dead units then stay).
+
+    ``check``: also leave it when Torch-Pruning's ``check_pruning_group`` refuses it (all of a layer's channels).
+    """
+    keys = _tied_in_group(group, tied)
+    if keys is not None and (not check or graph.check_pruning_group(group)):
+        group.prune()
+        _retie(tied, keys)
+
+
+def _remove_dead_outputs(pruner: Pruner, graph, modules: dict[str, nn.Module], tied) -> None:
     """Unstructured pruning: remove outputs with all-zero incoming weights, or that no consumer reads."""
     tp = require("torch_pruning", "structured export")
 
-    for t in pruner.targets:
-        module = modules[_inner_name(t.module_name)]
+    for module in [m for t in pruner.targets for m in _target_modules(t, modules)]:
         if isinstance(module, nn.Linear):
             fn = tp.prune_linear_out_channels
         elif isinstance(module, nn.modules.conv._ConvNd):
@@ -120,14 +204,39 @@ def _remove_dead_outputs(pruner: Pruner, graph, modules: dict[str, nn.Module]) -
             continue
         dead_in = dead_output_groups(module).tolist()
         try:
-            dead = [i for i, d in enumerate(dead_in) if d or unused_output(graph, module, fn, i)]
-            if not dead or len(dead) == module.weight.shape[0]:
+            unused = {i for i, d in enumerate(dead_in) if not d and unused_output(graph, module, fn, i)}
+            dead = [i for i, d in enumerate(dead_in) if d or i in unused]
+            if len(dead) == len(dead_in):
                 continue
-            group = pruning_group(graph, module, fn, dead)
+            while dead:  # units whose removal would also cut a live output elsewhere stay
+                group = pruning_group(graph, module, fn, dead)
+                live = _live_partners(group, unused)
+                if not live:
+                    _prune(graph, group, tied)
+                    break
+                dead = [i for i in dead if i not in live]
         except StructureError:  # Torch-Pruning cannot follow this layer's outputs: it keeps them
             continue
-        if graph.check_pruning_group(group):
-            group.prune()
+
+
+def _live_partners(group, unused: set[int]) -> set[int]:
+    """The root units of ``group`` whose removal would cut a live output of another layer.
+
+    A layer's output coupled to a dead one (added to it, or the same rows of a tied weight) must be
+    dead too, unless the root unit's value is read by no one (``unused``: its consumers' weights are zero).
+    """
+    live: set[int] = set()
+    for item in group:
+        module = item.dep.target.module
+        if getattr(item.dep.handler, "__name__", "") != "prune_out_channels":
+            continue
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        dead = dead_output_groups(module)
+        for idx, root in zip(item.idxs, item.root_idxs):
+            if root is not None and root not in unused and not bool(dead[idx]):
+                live.add(int(root))
+    return live
 
 
 def relative_error(result: Any, reference: Any) -> float:
@@ -187,15 +296,16 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
         reference = call_model(model, example_inputs)
     graph = build_graph(model, example_inputs)
     modules = dict(model.named_modules())
+    tied = tied_holders(model)  # a tied weight is cut only where it stays one tensor
     if pruner.groups is None:  # unstructured pruning: remove the nodes it happened to kill
-        _remove_dead_outputs(pruner, graph, modules)
+        _remove_dead_outputs(pruner, graph, modules, tied)
     for group, alive in zip(pruner.groups.groups if pruner.groups else [], pruner.alive_units()):
         dead = [int(i) for i in torch.nonzero(~alive).flatten()]
-        if dead and group.inputs:  # uncoupled input channels
+        if dead:
             root = modules[_inner_name(group.name)]
-            pruning_group(graph, root, graph.get_pruner_of_module(root).prune_in_channels, dead).prune()
-        elif dead:
-            remove_units(model, graph, {_inner_name(group.name): dead})
+            pruner_of = graph.get_pruner_of_module(root)
+            function = pruner_of.prune_in_channels if group.inputs else pruner_of.prune_out_channels
+            _prune(graph, pruning_group(graph, root, function, dead), tied, check=False)
     with torch.no_grad():
         result = call_model(model, example_inputs)
     error = relative_error(result, reference)

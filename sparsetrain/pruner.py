@@ -595,7 +595,8 @@ class Pruner:
             KeyError: the weight is not pruned by this pruner.
         """
         for target in self.targets:
-            if name_or_param is target.param or name_or_param in (target.name, target.module_name, *target.aliases):
+            names = (target.name, target.module_name, *target.aliases, *(a.rpartition(".")[0] for a in target.aliases))
+            if name_or_param is target.param or name_or_param in names:
                 return self.optimizer.mask(target.param)
         raise KeyError(
             f"{name_or_param if isinstance(name_or_param, str) else 'the tensor'} is not pruned by this pruner"

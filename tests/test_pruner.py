@@ -478,6 +478,7 @@ def test_a_tied_weight_is_one_target_with_one_mask_counted_once():
     prune.global_unstructured([(reference.a, "weight"), (reference.c, "weight")], prune.L1Unstructured, amount=0.5)
     assert torch.equal(pruner.mask("b.weight"), reference.a.weight_mask.bool())
     assert torch.equal(pruner.mask("a"), reference.a.weight_mask.bool())
+    assert torch.equal(pruner.mask("b"), reference.a.weight_mask.bool())  # the module of an alias
     assert torch.equal(pruner.mask("c.weight"), reference.c.weight_mask.bool())
     rows = layer_rows(pruner, torch.randn(3, 8))
     assert [r.params for r in rows] == [64, 40]
@@ -490,6 +491,77 @@ def test_a_tied_weight_is_one_target_with_one_mask_counted_once():
     small = pruner.export()
     assert small.b.weight is small.a.weight
     torch.testing.assert_close(small.a.weight, model.a.weight.detach() * pruner.mask("a.weight"), rtol=0, atol=0)
+
+
+def _tied_pruner(model, dead_rows):
+    """A Magnitude pruner on ``model`` whose tied ``a.weight`` has all-zero ``dead_rows`` (and zero ``a.bias``)."""
+    with torch.no_grad():
+        for row in dead_rows:
+            model.a.weight[row] = 0
+            model.a.bias[row] = 0
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.3))
+    opt.step()
+    assert all(not pruner.mask("a.weight")[row].any() for row in dead_rows)
+    return pruner
+
+
+def test_structured_export_keeps_an_encoder_decoder_tie():
+    # a's dead output 3 is the tied weight's row 3, but b reads it through column 3: removing it from
+    # a alone would untie the weight (or shrink one user of it), so the unit stays
+    model = _Tied()
+    pruner = _tied_pruner(model, [3])
+    x = torch.randn(5, 8)
+    small = pruner.export(x, structured=True)
+    assert small.a.weight is small.b.weight and small.a.weight.shape == (8, 8)
+    assert [name for name, _ in small.named_parameters()] == ["a.weight", "a.bias", "b.bias", "c.weight", "c.bias"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
+class _TiedBranches(nn.Module):
+    """One weight in two parallel layers whose outputs are added: its rows are outputs of both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = nn.Linear(7, 9), nn.Linear(7, 9), nn.Linear(9, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) + torch.tanh(self.b(2 * x)))
+
+
+def test_structured_export_removes_a_tied_row_only_where_every_user_is_dead():
+    model = _TiedBranches()
+    with torch.no_grad():
+        model.b.bias[2] = 0  # row 2: dead in a and in b; row 6: b.bias[6] != 0 keeps b's output 6 alive
+    pruner = _tied_pruner(model, [2, 6])
+    x = torch.randn(5, 7)
+    small = pruner.export(x, structured=True)
+    assert small.a.weight is small.b.weight
+    keep = [i for i in range(9) if i != 2]
+    torch.testing.assert_close(small.a.weight, (model.a.weight * pruner.mask("a.weight"))[keep], rtol=0, atol=0)
+    torch.testing.assert_close(small.b.bias, model.b.bias[keep], rtol=0, atol=0)
+    assert small.c.weight.shape == (4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
+def test_structured_export_cuts_a_tied_weight_once_for_both_users():
+    model = _TiedBranches()
+    x = torch.randn(5, 7)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.3, structure="neurons"), example_inputs=x)
+    opt.step()
+    alive = pruner.alive_units()[0]
+    assert int((~alive).sum()) == 3
+    small = pruner.export(x)
+    assert small.a.weight is small.b.weight
+    torch.testing.assert_close(small.a.weight, model.a.weight[alive], rtol=0, atol=0)
+    assert small.c.weight.shape == (4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
 
 
 def test_modules_sharing_a_weight_with_different_ratios_are_refused():
