@@ -408,6 +408,11 @@ def _group_problem(graph, group, ignored: set[int], named: set[int]) -> str | No
     return None
 
 
+def _out_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` holding its outputs (transformers' Conv1D, ConvTranspose: 1)."""
+    return 1 if isinstance(module, conv1d_type() or ()) or getattr(module, "transposed", False) else 0
+
+
 class CoupledGroups:
     """The channel groups of a model and the per-tensor slot layouts the fused step uses."""
 
@@ -496,19 +501,33 @@ class CoupledGroups:
         return cls(groups, skipped)
 
     @classmethod
-    def per_layer(cls, targets: list[Any], structure: str) -> CoupledGroups:
-        """Uncoupled groups: each target layer's own filters (with their bias) or input channels."""
+    def per_layer(
+        cls, targets: list[Any], structure: str, modules: dict[str, nn.Module] | None = None
+    ) -> CoupledGroups:
+        """Uncoupled groups: each target layer's own filters (with their bias) or input channels.
+
+        ``modules`` (the model's ``named_modules()``): a tied weight's filters are also those of every
+        other layer holding it (``target.aliases``) with the same output dimension, so their biases
+        are members too.
+        """
         groups, offset = [], 0
         for t in targets:
             w = t.param
-            out_dim = 1 if isinstance(t.module, conv1d_type() or ()) or getattr(t.module, "transposed", False) else 0
+            out_dim = _out_dim(t.module)
             dim = out_dim if structure == "filters" else 1 - out_dim
             size = w.shape[dim]
             units = torch.arange(size, device=w.device)
             members = [Member(t.name, w, dim, units, units)]
-            bias = getattr(t.module, "bias", None)
-            if structure == "filters" and isinstance(bias, nn.Parameter):
-                members.append(Member(f"{t.module_name}.bias", bias, 0, units, units, scored=False))
+            holders = [(t.module_name, t.module)]
+            for alias in t.aliases:
+                name, _, attr = alias.rpartition(".")
+                module = (modules or {}).get(name)
+                if attr == t.name.rpartition(".")[2] and module is not None and _out_dim(module) == out_dim:
+                    holders.append((name, module))
+            for name, module in holders:
+                bias = getattr(module, "bias", None)
+                if structure == "filters" and isinstance(bias, nn.Parameter) and bias.shape == (size,):
+                    members.append(Member(f"{name}.bias", bias, 0, units, units, scored=False))
             groups.append(ChannelGroup(t.module_name, t.module, size, t.ratio, offset, members, dim != out_dim))
             offset += size
         return cls(groups, {})

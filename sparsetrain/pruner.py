@@ -270,7 +270,7 @@ def resolve_targets(
             default_ratio=method.target,
             structure=structure,
         )
-        groups = CoupledGroups.per_layer(layers, structure)
+        groups = CoupledGroups.per_layer(layers, structure, dict(model.named_modules()))
     modules = dict(unwrap(model).named_modules())
     names = parameter_names(unwrap(model))
     targets = []

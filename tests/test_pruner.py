@@ -564,6 +564,24 @@ def test_structured_export_cuts_a_tied_weight_once_for_both_users():
         torch.testing.assert_close(small(x), model(x))
 
 
+def test_uncoupled_filters_of_a_tied_weight_mask_every_user_bias():
+    # coupled=False: a filter of the tied weight is a filter of b too, so b's bias entry goes with it
+    model = _TiedBranches()
+    x = torch.randn(5, 7)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
+    method = methods.Magnitude(0.3, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, include=["a"], coupled=False)
+    assert [t.name for t in pruner.targets] == ["a.weight", "a.bias", "b.bias"]
+    opt.step()
+    alive = pruner.alive_units()[0]
+    assert int((~alive).sum()) == 3
+    assert torch.equal(pruner.mask("b.bias"), alive) and torch.equal(pruner.mask("a.bias"), alive)
+    small = pruner.export(x)
+    assert small.a.weight is small.b.weight and small.b.bias.shape == (6,)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x))
+
+
 def test_modules_sharing_a_weight_with_different_ratios_are_refused():
     model = _Tied()
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.0, backend="torch")
