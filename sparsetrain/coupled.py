@@ -671,6 +671,7 @@ class Removal:
     holder: nn.Module
     attr: str
     removed: dict[int, list[int]]  # dim -> positions removed (the parameter's numbering before)
+    tied: tuple[tuple[nn.Module, str], ...] = ()  # the other (module, attribute) holding it, cut alike
 
     def kept(self) -> dict[int, Tensor]:
         """Per sliced dim, the positions that stay (int64, increasing)."""
@@ -685,7 +686,8 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
     """The parameter slices Torch-Pruning removes for ``plan`` (root layer name -> units), or why it cannot.
 
     Nothing is modified. Every slice is one of a layer's weights and biases (:func:`_slices`); a
-    parameter held by two modules (tied weights) or outside any module is refused, and so is a
+    parameter held by several modules (tied weights) must be cut alike in every one of them (it then
+    stays one tensor), a parameter outside any module is refused, and so is a
     layer whose shape would change while it carries a parametrization of the model's own
     (``weight_norm``, ...; a MaskedPruner's masks must be removed first), which Torch-Pruning's
     slicing would not carry over. Such layers elsewhere in the model are left alone.
@@ -698,6 +700,7 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
             if value is not None:
                 holders.setdefault(id(value), []).append((module, attr))
     found: dict[int, Removal] = {}
+    cuts: dict[int, dict[tuple[int, str], set[tuple[int, int]]]] = {}  # tied: per holder, its (dim, position)s
     for name, units in plan.items():
         if not units:
             continue
@@ -722,11 +725,22 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
                 if param is None:
                     continue
                 places = holders.get(id(param), [])
-                if len(places) != 1:
-                    return f"{dep.target.name}.{attr} is held by {len(places)} modules (tied weights)"
-                entry = found.setdefault(id(param), Removal(param, places[0][0], places[0][1], {}))
+                if not places:
+                    return f"{dep.target.name}.{attr} is held by no module"
+                entry = found.setdefault(id(param), Removal(param, places[0][0], places[0][1], {}, tuple(places[1:])))
                 positions = entry.removed.setdefault(dim % param.dim(), [])
                 positions.extend(sorted(set(idxs) - set(positions)))
+                if len(places) > 1:
+                    cut = cuts.setdefault(id(param), {}).setdefault((id(module), attr), set())
+                    cut.update((dim % param.dim(), i) for i in idxs)
+    for key, per_holder in cuts.items():
+        places = holders[key]
+        if set(per_holder) != {(id(m), a) for m, a in places} or len({frozenset(c) for c in per_holder.values()}) != 1:
+            first, attr = places[0]
+            return (
+                f"{names.get(id(first), type(first).__name__)}.{attr} is held by {len(places)} modules (tied weights) "
+                "and the removal would not cut it alike in all of them"
+            )
     return list(found.values())
 
 

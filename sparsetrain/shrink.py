@@ -25,7 +25,9 @@ masked one computes (up to summation order). Anything else is refused before any
 unstructured methods, ``coupled=False`` groups, a compiled model, FSDP2 shards, a removed slice
 that is still alive or is not a pruned target, optimizer state this module cannot slice, a layer
 whose shape would change while it carries a parametrization of the model's own (``weight_norm``;
-such layers that keep their shape, and their parametrizations, are left as they are).
+such layers that keep their shape, and their parametrizations, are left as they are), a weight
+shared by several layers (tied weights) that the removal would not cut alike in every one of them.
+A tied weight cut alike (parallel layers whose outputs are added) stays one Parameter.
 
 Resuming: the pruner's state (in the optimizer's ``state_dict``) records every shrink.
 :func:`rebuild` replays them on a freshly built dense model, which then loads the saved
@@ -137,6 +139,9 @@ def rebuild(model: nn.Module, state: Any, example_inputs: Any) -> nn.Module:
         if isinstance(found, str):
             raise ValueError(f"cannot replay the recorded shrink: {found}")
         remove_units(inner, graph, record)
+        for r in found:  # tied weights, cut alike in every holder: one Parameter again
+            for module, attr in r.tied:
+                module._parameters[attr] = r.holder._parameters[r.attr]
     return model
 
 
@@ -244,6 +249,10 @@ def _commit(
         # alive, e.g. the last loss) unless the type changes: pass through another dtype to drop it
         param.data = new.detach().to(torch.float32 if new.dtype == torch.float64 else torch.float64)
         param.data = new.detach()
+    for module, attr in r.tied:  # tied weights: every holder was cut alike; they share the old Parameter again
+        if not torch.equal(module._parameters[attr], new):
+            raise RuntimeError(f"Torch-Pruning cut the holders of {r.attr} differently; the model is modified")
+        module._parameters[attr] = param
     r.holder._parameters[r.attr] = param
     param.grad = grad
     for opt in owned:

@@ -410,3 +410,58 @@ def test_wav2vec2_with_its_weight_normed_positional_convolution_shrinks():
     assert parametrize.is_parametrized(model.encoder.pos_conv_embed.conv, "weight")
     with torch.no_grad():
         close(model(**x).last_hidden_state, want)
+
+
+class _TiedBranches(nn.Module):
+    """One weight in two parallel layers whose outputs are added: a unit is a row of it in both."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b, self.c = nn.Linear(7, 9), nn.Linear(7, 9), nn.Linear(9, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) + torch.tanh(self.b(2 * x)))
+
+
+def test_a_tied_weight_cut_alike_in_every_user_shrinks_and_stays_tied():
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 7, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(12)]
+    probe = data[0][0]
+
+    def run(shrink):
+        model = _TiedBranches()
+        opt = cases.optimizer("sgd", model.parameters())
+        method = methods.Magnitude(1 / 3, structure="filters", start=4)
+        pruner = sparsetrain.Pruner(model, opt, method, example_inputs=probe, shrink_after_prune=shrink)
+        return model, opt, pruner, cases.train_steps(model, opt, data)
+
+    masked, _, _, masked_losses = run(False)
+    small, opt, pruner, losses = run(True)
+    assert len(pruner.shrinks) == 1 and small.a.weight is small.b.weight and small.a.weight.shape == (6, 7)
+    assert opt.state[small.a.weight]["momentum_buffer"].shape == (6, 7)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=1e-4, atol=0)
+    close(cases.outputs(small, probe), cases.outputs(masked, probe))
+    fresh = rebuild(_TiedBranches(seed=1), pruner.state_dict(), probe)
+    assert fresh.a.weight is fresh.b.weight
+    fresh.load_state_dict(small.state_dict())
+    torch.testing.assert_close(cases.outputs(fresh, probe), cases.outputs(small, probe), rtol=0, atol=0)
+
+
+def test_a_masked_pruner_shrinks_a_tied_weight_and_keeps_one_mask_for_both_users():
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, 7, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(10)]
+    probe = data[0][0]
+    runs = []
+    for shrink in (False, True):
+        model = _TiedBranches()
+        method = methods.Magnitude(1 / 3, structure="filters", start=4)
+        pruner = MaskedPruner(model, method, example_inputs=probe, shrink_after_prune=shrink, backend="torch")
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        runs.append((model, cases.train_steps(model, opt, data, after=lambda p=pruner, o=opt: p.step(o))))
+    (masked, masked_losses), (small, losses) = runs
+    assert small.a.parametrizations.weight.original is small.b.parametrizations.weight.original
+    assert small.a.weight.shape == (6, 7) and masked.a.weight.shape == (9, 7)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=1e-4, atol=0)
+    close(cases.outputs(small, probe), cases.outputs(masked, probe))
