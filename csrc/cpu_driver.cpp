@@ -17,6 +17,7 @@
 #include <array>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_simd.h"
 #include "driver.h"
@@ -38,24 +39,38 @@ struct Partials {
 
 // The versions of cpu_simd.h this CPU runs best.
 const UniformsFn draw_block = pick_uniforms();
+const QuadsFn draw_quads = pick_quads();
 const CompactFn compact = pick_compact();
-static_assert(BLOCK % SIMD_BLOCK == 0, "a block of the driver is whole blocks of cpu_simd.h");
 
-// Uniforms of the BLOCK elements whose global indices start at `first`. Words whose bits are all
-// zero are still drawn (their uniforms are never read): the stream is position-keyed. A shard that
-// starts inside a Philox call takes the aligned blocks around its own and the slice between.
-inline void uniforms_block(uint64_t seed, uint64_t first, float* __restrict u) {
+// Uniforms of the BLOCK elements whose global indices start at `first`, for the live elements
+// (bits: the block's live bits); the entries of dead elements are left as they are (never read).
+// The stream is position-keyed, so only the Philox calls of quads with a live element are made:
+// when at most QUAD_DENSE_LIMIT of the block's 64 quads are live (sparse masks), those quads alone,
+// else the whole block at once. A shard that starts inside a Philox call takes the aligned blocks
+// around its own and the slice between.
+constexpr int QUAD_DENSE_LIMIT = 32;
+static_assert(BLOCK == SIMD_BLOCK, "a block of the driver is one block of cpu_simd.h");
+inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, float* __restrict u) {
   const int skip = static_cast<int>(first & 3);
-  for (int b = 0; b < BLOCK; b += SIMD_BLOCK) {
-    if (skip == 0) {
-      draw_block(seed, first + b, u + b);
-      continue;
-    }
+  if (skip != 0) {
     alignas(64) float both[2 * SIMD_BLOCK];
-    draw_block(seed, first + b - skip, both);
-    draw_block(seed, first + b - skip + SIMD_BLOCK, both + SIMD_BLOCK);
-    for (int k = 0; k < SIMD_BLOCK; ++k) u[b + k] = both[skip + k];
+    draw_block(seed, first - skip, both);
+    draw_block(seed, first - skip + SIMD_BLOCK, both + SIMD_BLOCK);
+    for (int k = 0; k < SIMD_BLOCK; ++k) u[k] = both[skip + k];
+    return;
   }
+  // bit 8i + j: quad j of word i has a live element
+  uint64_t quad_mask = 0;
+  for (int i = 0; i < BLOCK_WORDS; ++i) {
+    const uint32_t w = bits[i];
+    const uint32_t x = w | (w >> 1) | (w >> 2) | (w >> 3);
+    for (int j = 0; j < 8; ++j) quad_mask |= static_cast<uint64_t>((x >> (4 * j)) & 1u) << (8 * i + j);
+  }
+  if (__builtin_popcountll(quad_mask) > QUAD_DENSE_LIMIT) {
+    draw_block(seed, first, u);
+    return;
+  }
+  if (quad_mask != 0) draw_quads(seed, first >> 2, quad_mask, u);
 }
 
 // The statistics terms of a decided block of n elements (keep[k]: the element stays) in fp64: |w|,
@@ -173,7 +188,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       }
     }
     if (draw) {
-      uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), u);
+      uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), bits, u);
     }
     // live[k]: element k is live; once the block is decided, that it stays (its keep bit)
     alignas(64) int32_t live[BLOCK];
@@ -458,25 +473,48 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 // Tests of cpu_simd.h: one block of the stream, and one compaction, by the named version.
-void pick_version(const std::string& version, UniformsFn& uniforms, CompactFn& compact) {
-  TORCH_CHECK(simd_version(version, uniforms, compact), "sparsetrain: no vector version '", version,
+void pick_version(const std::string& version, UniformsFn& uniforms, QuadsFn& quads, CompactFn& compact) {
+  TORCH_CHECK(simd_version(version, uniforms, quads, compact), "sparsetrain: no vector version '", version,
               "' on this CPU (the versions: portable, avx2, avx512)");
 }
 
 at::Tensor simd_uniforms(int64_t seed, int64_t first, const std::string& version) {
   UniformsFn uniforms;
+  QuadsFn quads;
   CompactFn compact;
-  pick_version(version, uniforms, compact);
+  pick_version(version, uniforms, quads, compact);
   TORCH_CHECK(first >= 0 && first % 4 == 0, "sparsetrain: first must be a non-negative multiple of 4, got ", first);
   at::Tensor out = at::empty({SIMD_BLOCK}, at::kFloat);
   uniforms(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), out.data_ptr<float>());
   return out;
 }
 
+// The uniforms of the listed quads (in [0, 64)) of the block starting at `first`; the other
+// entries NaN.
+at::Tensor simd_uniforms_quads(int64_t seed, int64_t first, const at::Tensor& quad_list, const std::string& version) {
+  UniformsFn uniforms;
+  QuadsFn quads;
+  CompactFn compact;
+  pick_version(version, uniforms, quads, compact);
+  TORCH_CHECK(first >= 0 && first % 4 == 0, "sparsetrain: first must be a non-negative multiple of 4, got ", first);
+  TORCH_CHECK(quad_list.is_cpu() && quad_list.scalar_type() == at::kInt && quad_list.dim() == 1 &&
+                  quad_list.numel() >= 1 && quad_list.numel() <= PHILOX_BLOCK_QUADS,
+              "sparsetrain: quads must be a 1-d int32 CPU tensor of 1 to ", PHILOX_BLOCK_QUADS, " entries");
+  TORCH_CHECK(quad_list.ge(0).logical_and(quad_list.lt(PHILOX_BLOCK_QUADS)).all().item<bool>(),
+              "sparsetrain: quads must lie in [0, ", PHILOX_BLOCK_QUADS, ")");
+  uint64_t quad_mask = 0;
+  const at::Tensor q = quad_list.contiguous();
+  for (int64_t j = 0; j < q.numel(); ++j) quad_mask |= uint64_t{1} << q.data_ptr<int32_t>()[j];
+  at::Tensor out = at::full({SIMD_BLOCK}, NAN, at::kFloat);
+  quads(static_cast<uint64_t>(seed), static_cast<uint64_t>(first) >> 2, quad_mask, out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor simd_compact(const at::Tensor& flags, int64_t base, const std::string& version) {
   UniformsFn uniforms;
+  QuadsFn quads;
   CompactFn compact;
-  pick_version(version, uniforms, compact);
+  pick_version(version, uniforms, quads, compact);
   TORCH_CHECK(flags.is_cpu() && flags.scalar_type() == at::kInt && flags.numel() == SIMD_BLOCK &&
                   flags.is_contiguous(),
               "sparsetrain: flags must be a contiguous int32 CPU tensor of ", SIMD_BLOCK, " elements");
@@ -491,6 +529,8 @@ at::Tensor simd_compact(const at::Tensor& flags, int64_t base, const std::string
 
 TORCH_LIBRARY_FRAGMENT(sparsetrain_native, m) {
   m.def("simd_uniforms(int seed, int first, str version) -> Tensor", &sparsetrain::simd_uniforms);
+  m.def("simd_uniforms_quads(int seed, int first, Tensor quads, str version) -> Tensor",
+        &sparsetrain::simd_uniforms_quads);
   m.def("simd_compact(Tensor flags, int base, str version) -> Tensor", &sparsetrain::simd_compact);
 }
 

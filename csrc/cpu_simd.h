@@ -57,6 +57,20 @@ inline void uniforms_portable(uint64_t seed, uint64_t first, float* __restrict u
   }
 }
 
+// The uniforms of some quads of a block only: for each set bit j of quad_mask, the four elements of
+// quad quad0 + j go to u[4 * j] .. u[4 * j + 3]; the other entries of u are not written. The stream
+// is counter-based, so a quad drawn alone has the bits the whole block gives it. The versions list
+// the set bits (in increasing order, padded with copies of the last to a multiple of QUAD_BATCH: a
+// padding entry redraws its quad) and draw the listed quads QUAD_BATCH at a time.
+constexpr int QUAD_BATCH = 16;
+inline void uniforms_quads_portable(uint64_t seed, uint64_t quad0, uint64_t quad_mask, float* __restrict u) {
+  for (uint64_t m = quad_mask; m != 0; m &= m - 1) {
+    const int j = __builtin_ctzll(m);
+    const Philox4 r = philox4x32_10(quad0 + static_cast<uint64_t>(j), seed);
+    for (int w = 0; w < 4; ++w) u[4 * j + w] = uniform(r.v[w]);
+  }
+}
+
 // Writes base + k for the k < SIMD_BLOCK with flags[k] != 0 (flags are 0 or 1) to `where` in
 // increasing order; returns their count. `where` holds SIMD_BLOCK + COMPACT_SLACK entries.
 inline int compact_portable(const int32_t* __restrict flags, int32_t base, int32_t* __restrict where) {
@@ -114,6 +128,64 @@ __attribute__((target("avx512f"))) inline void uniforms_avx512(uint64_t seed, ui
     const __m512i xh = _mm512_xor_si512(hi, _mm512_srai_epi32(hi, 31));
     _mm512_storeu_ps(u + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(xl), scale));
     _mm512_storeu_ps(u + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(xh), scale));
+  }
+}
+
+// AVX-512, listed quads: QUAD_BATCH calls per pass (two registers), the counters from the list.
+__attribute__((target("avx512f,popcnt"))) inline void uniforms_quads_avx512(uint64_t seed, uint64_t quad0,
+                                                                            uint64_t quad_mask, float* __restrict u) {
+  constexpr int G = QUAD_BATCH / 8;
+  alignas(64) int32_t quads[PHILOX_BLOCK_QUADS + QUAD_BATCH];
+  int nq = 0;
+  __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int p = 0; p < PHILOX_BLOCK_QUADS; p += 16) {  // one vpcompressd per 16 quads
+    const __mmask16 m = static_cast<__mmask16>(quad_mask >> p);
+    _mm512_storeu_si512(quads + nq, _mm512_maskz_compress_epi32(m, iota));
+    nq += _mm_popcnt_u32(m);
+    iota = _mm512_add_epi32(iota, _mm512_set1_epi32(16));
+  }
+  if (nq == 0) return;
+  _mm512_storeu_si512(quads + nq, _mm512_set1_epi32(quads[nq - 1]));
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m512i ka = _mm512_set1_epi64(0xD2511F53u), kb = _mm512_set1_epi64(0xCD9E8D57u);
+  const __m512i perm_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i perm_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  const __m512 scale = _mm512_set1_ps(4.6566127342e-10f);
+  for (int j0 = 0; j0 < nq; j0 += QUAD_BATCH) {
+    __m512i c0[G], c1[G], c2[G], c3[G];
+    for (int g = 0; g < G; ++g) {
+      const __m256i listed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quads + j0 + 8 * g));
+      const __m512i idx = _mm512_cvtepi32_epi64(listed);
+      const __m512i q = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(quad0)), idx);
+      c0[g] = q;
+      c1[g] = _mm512_srli_epi64(q, 32);
+      c2[g] = _mm512_setzero_si512();
+      c3[g] = _mm512_setzero_si512();
+    }
+    for (uint32_t round = 0; round < 10; ++round) {
+      const __m512i rk0 = _mm512_set1_epi64(k0 + round * PHILOX_KEY_A);
+      const __m512i rk1 = _mm512_set1_epi64(k1 + round * PHILOX_KEY_B);
+      for (int g = 0; g < G; ++g) {
+        const __m512i pb = _mm512_mul_epu32(c2[g], kb), pa = _mm512_mul_epu32(c0[g], ka);
+        c0[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[g], rk0, 0x96);
+        c2[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[g], rk1, 0x96);
+        c1[g] = pb;
+        c3[g] = pa;
+      }
+    }
+    alignas(64) float out[4 * QUAD_BATCH];
+    for (int g = 0; g < G; ++g) {
+      const __m512i a = _mm512_mask_blend_epi32(0xAAAA, c0[g], _mm512_slli_epi64(c1[g], 32));
+      const __m512i b = _mm512_mask_blend_epi32(0xAAAA, c2[g], _mm512_slli_epi64(c3[g], 32));
+      const __m512i lo = _mm512_permutex2var_epi64(a, perm_lo, b), hi = _mm512_permutex2var_epi64(a, perm_hi, b);
+      const __m512i xl = _mm512_xor_si512(lo, _mm512_srai_epi32(lo, 31));
+      const __m512i xh = _mm512_xor_si512(hi, _mm512_srai_epi32(hi, 31));
+      _mm512_store_ps(out + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(xl), scale));
+      _mm512_store_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(xh), scale));
+    }
+    for (int j = 0; j < QUAD_BATCH; ++j) {
+      _mm_storeu_ps(u + 4 * quads[j0 + j], _mm_load_ps(out + 4 * j));
+    }
   }
 }
 
@@ -206,6 +278,63 @@ __attribute__((target("avx2,popcnt"))) inline int compact_avx2(const int32_t* __
   }
   return count;
 }
+// AVX2, listed quads: eight calls per pass (two registers of four), the counters from the list.
+__attribute__((target("avx2,popcnt"))) inline void uniforms_quads_avx2(uint64_t seed, uint64_t quad0,
+                                                                       uint64_t quad_mask, float* __restrict u) {
+  constexpr int G = 2;
+  alignas(32) int32_t quads[PHILOX_BLOCK_QUADS + QUAD_BATCH];
+  int nq = 0;
+  __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int p = 0; p < PHILOX_BLOCK_QUADS; p += 8) {  // eight quads at a time, as compact_avx2
+    const int m = static_cast<int>((quad_mask >> p) & 0xffu);
+    uint64_t packed;
+    __builtin_memcpy(&packed, COMPACT_TABLE.lanes[m], 8);
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(packed)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(quads + nq), _mm256_permutevar8x32_epi32(iota, perm));
+    nq += _mm_popcnt_u32(static_cast<unsigned>(m));
+    iota = _mm256_add_epi32(iota, _mm256_set1_epi32(8));
+  }
+  if (nq == 0) return;
+  for (int j = nq; j < nq + QUAD_BATCH; ++j) quads[j] = quads[nq - 1];
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i ka = _mm256_set1_epi64x(0xD2511F53u), kb = _mm256_set1_epi64x(0xCD9E8D57u);
+  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
+  for (int j0 = 0; j0 < nq; j0 += 4 * G) {
+    __m256i c0[G], c1[G], c2[G], c3[G];
+    for (int g = 0; g < G; ++g) {
+      const __m256i idx = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quads + j0 + 4 * g)));
+      const __m256i q = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(quad0)), idx);
+      c0[g] = q;
+      c1[g] = _mm256_srli_epi64(q, 32);
+      c2[g] = _mm256_setzero_si256();
+      c3[g] = _mm256_setzero_si256();
+    }
+    for (uint32_t round = 0; round < 10; ++round) {
+      const __m256i rk0 = _mm256_set1_epi64x(k0 + round * PHILOX_KEY_A);
+      const __m256i rk1 = _mm256_set1_epi64x(k1 + round * PHILOX_KEY_B);
+      for (int g = 0; g < G; ++g) {
+        const __m256i pb = _mm256_mul_epu32(c2[g], kb), pa = _mm256_mul_epu32(c0[g], ka);
+        c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[g]), rk0);
+        c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[g]), rk1);
+        c1[g] = pb;
+        c3[g] = pa;
+      }
+    }
+    alignas(32) float out[16 * G];
+    for (int g = 0; g < G; ++g) {
+      const __m256i a = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
+      const __m256i b = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
+      const __m256i l = _mm256_unpacklo_epi64(a, b), h = _mm256_unpackhi_epi64(a, b);
+      const __m256i lo = _mm256_permute2x128_si256(l, h, 0x20), hi = _mm256_permute2x128_si256(l, h, 0x31);
+      const __m256i xl = _mm256_xor_si256(lo, _mm256_srai_epi32(lo, 31));
+      const __m256i xh = _mm256_xor_si256(hi, _mm256_srai_epi32(hi, 31));
+      _mm256_store_ps(out + 16 * g, _mm256_mul_ps(_mm256_cvtepi32_ps(xl), scale));
+      _mm256_store_ps(out + 16 * g + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(xh), scale));
+    }
+    for (int j = 0; j < 4 * G; ++j) _mm_storeu_ps(u + 4 * quads[j0 + j], _mm_load_ps(out + 4 * j));
+  }
+}
+
 #pragma GCC diagnostic pop
 #endif
 
@@ -221,6 +350,16 @@ inline CompactFn pick_compact() {
 }
 
 using UniformsFn = void (*)(uint64_t seed, uint64_t first, float* __restrict u);
+using QuadsFn = void (*)(uint64_t seed, uint64_t quad0, uint64_t quad_mask, float* __restrict u);
+
+inline QuadsFn pick_quads() {
+#if defined(SPARSETRAIN_X86_PHILOX)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return &uniforms_quads_avx512;
+  if (__builtin_cpu_supports("avx2")) return &uniforms_quads_avx2;
+#endif
+  return &uniforms_quads_portable;
+}
 
 // The fastest version this CPU runs.
 inline UniformsFn pick_uniforms() {
@@ -234,9 +373,10 @@ inline UniformsFn pick_uniforms() {
 
 // A version by name ("portable", "avx2", "avx512"), for the tests that compare every version this
 // CPU runs with the torch reference; false when the name is unknown or the CPU lacks the features.
-inline bool simd_version(const std::string& name, UniformsFn& uniforms, CompactFn& compact) {
+inline bool simd_version(const std::string& name, UniformsFn& uniforms, QuadsFn& quads, CompactFn& compact) {
   if (name == "portable") {
     uniforms = &uniforms_portable;
+    quads = &uniforms_quads_portable;
     compact = &compact_portable;
     return true;
   }
@@ -244,11 +384,13 @@ inline bool simd_version(const std::string& name, UniformsFn& uniforms, CompactF
   __builtin_cpu_init();
   if (name == "avx2" && __builtin_cpu_supports("avx2")) {
     uniforms = &uniforms_avx2;
+    quads = &uniforms_quads_avx2;
     compact = &compact_avx2;
     return true;
   }
   if (name == "avx512" && __builtin_cpu_supports("avx512f")) {
     uniforms = &uniforms_avx512;
+    quads = &uniforms_quads_avx512;
     compact = &compact_avx512;
     return true;
   }

@@ -153,6 +153,23 @@ def test_every_vector_version_draws_the_reference_stream(version):
 
 
 @pytest.mark.parametrize("version", ["portable", "avx2", "avx512"])
+def test_every_vector_version_draws_listed_quads_of_the_reference_stream(version):
+    """Sparse blocks draw only their live quads: each listed quad gets the reference bits, nothing else is written."""
+    _simd_version_or_skip(version)
+    gen = torch.Generator().manual_seed(9)
+    for seed, first in [(0, 0), (2**63 - 25, 2**34 - 128), (philox.event_seed(7, 3, 11), 4 * 1001)]:
+        for count in (1, 5, 16, 17, 32, 64):
+            quads = torch.randperm(SIMD_BLOCK // 4, generator=gen)[:count].sort().values.to(torch.int32)
+            ours = torch.ops.sparsetrain_native.simd_uniforms_quads(seed, first, quads, version)
+            listed = torch.zeros(SIMD_BLOCK // 4, dtype=torch.bool)
+            listed[quads.long()] = True
+            listed = listed.repeat_interleave(4)
+            expected = philox.rand(seed, torch.arange(first, first + SIMD_BLOCK))
+            assert torch.equal(ours[listed], expected[listed]), (seed, first, count)
+            assert ours[~listed].isnan().all(), (seed, first, count)
+
+
+@pytest.mark.parametrize("version", ["portable", "avx2", "avx512"])
 def test_every_vector_version_compacts_flags_in_order(version):
     _simd_version_or_skip(version)
     gen = torch.Generator().manual_seed(8)
@@ -218,6 +235,26 @@ def test_dead_elements_are_left_as_they_were(algo):
     torch.testing.assert_close(out["params"][0][live], ref["params"][0][live], rtol=1e-6, atol=1e-7)
     assert torch.equal(out["mask_words"][0], ref["mask_words"][0])
     torch.testing.assert_close(out["stats"][0], ref["stats"][0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_sampling_event_on_sparse_masks(algo):
+    """Blocks with few live quads draw only those quads' uniforms (others all of them): the reference's masks."""
+    sizes = [8 * SIMD_BLOCK + 77, 999]
+    inputs = _inputs(sizes, [torch.float32] * 2, algo=algo, prune="stochastic", seed=31)
+    gen = torch.Generator().manual_seed(32)
+    for t, n in enumerate(sizes):  # a density per block of 256 elements, from 0 to 0.5: both sides of the limit
+        density = (torch.rand(n // SIMD_BLOCK + 1, generator=gen) * 0.5).repeat_interleave(SIMD_BLOCK)[:n]
+        _set_alive(inputs, t, (torch.rand(n, generator=gen) < density).to(DEVICE))
+    ref, out = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(ref, "torch", algo=algo, prune="stochastic")
+    _call(out, "native", algo=algo, prune="stochastic")
+    assert _mask_disagreements(inputs, ref, out, "stochastic") == 0
+    _compare(ref, out)
+    newly_pruned = sum(
+        masks.alive_count(a) - masks.alive_count(b) for a, b in zip(inputs["mask_words"], out["mask_words"])
+    )
+    assert newly_pruned > 0
 
 
 def test_found_inf_skips_everything():
