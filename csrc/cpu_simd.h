@@ -88,19 +88,18 @@ inline int compact_portable(const int32_t* __restrict flags, int32_t base, int32
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// AVX-512: eight calls per register, all 64 calls of the block in flight (eight independent chains
-// per round hide the multiply latency). A round is two vpmuludq, two shifts and two three-way xors.
-__attribute__((target("avx512f"))) inline void uniforms_avx512(uint64_t seed, uint64_t first, float* __restrict u) {
-  constexpr int G = PHILOX_BLOCK_QUADS / 8;
-  const uint64_t quad = first >> 2;
+// AVX-512: G registers of eight Philox4x32-10 calls, counters (the quad numbers) in 64-bit lanes, all
+// in flight (G independent chains per round hide the multiply latency; a round is two vpmuludq, two
+// shifts and two three-way xors); writes the calls' 32 * G uniforms to `out` in element order.
+template <int G>
+__attribute__((target("avx512f"), always_inline)) inline void philox_calls_avx512(const __m512i* counters,
+                                                                                   uint64_t seed, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i ka = _mm512_set1_epi64(0xD2511F53u), kb = _mm512_set1_epi64(0xCD9E8D57u);
   __m512i c0[G], c1[G], c2[G], c3[G];
   for (int g = 0; g < G; ++g) {
-    const __m512i q = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(quad + 8 * g)), lane);
-    c0[g] = q;  // counter low word (the high half is junk)
-    c1[g] = _mm512_srli_epi64(q, 32);
+    c0[g] = counters[g];  // counter low word (the high half is junk)
+    c1[g] = _mm512_srli_epi64(counters[g], 32);
     c2[g] = _mm512_setzero_si512();
     c3[g] = _mm512_setzero_si512();
   }
@@ -126,9 +125,21 @@ __attribute__((target("avx512f"))) inline void uniforms_avx512(uint64_t seed, ui
     // uniform(): ~x for negative x (x ^ (x >> 31)), then to float and scaled
     const __m512i xl = _mm512_xor_si512(lo, _mm512_srai_epi32(lo, 31));
     const __m512i xh = _mm512_xor_si512(hi, _mm512_srai_epi32(hi, 31));
-    _mm512_storeu_ps(u + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(xl), scale));
-    _mm512_storeu_ps(u + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(xh), scale));
+    _mm512_storeu_ps(out + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(xl), scale));
+    _mm512_storeu_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(xh), scale));
   }
+}
+
+// AVX-512: the block's 64 calls in eight registers, all in flight.
+__attribute__((target("avx512f"))) inline void uniforms_avx512(uint64_t seed, uint64_t first, float* __restrict u) {
+  constexpr int G = PHILOX_BLOCK_QUADS / 8;
+  const uint64_t quad = first >> 2;
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i counters[G];
+  for (int g = 0; g < G; ++g) {
+    counters[g] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(quad + 8 * g)), lane);
+  }
+  philox_calls_avx512<G>(counters, seed, u);
 }
 
 // AVX-512, listed quads: QUAD_BATCH calls per pass (two registers), the counters from the list.
@@ -146,46 +157,55 @@ __attribute__((target("avx512f,popcnt"))) inline void uniforms_quads_avx512(uint
   }
   if (nq == 0) return;
   _mm512_storeu_si512(quads + nq, _mm512_set1_epi32(quads[nq - 1]));
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m512i ka = _mm512_set1_epi64(0xD2511F53u), kb = _mm512_set1_epi64(0xCD9E8D57u);
-  const __m512i perm_lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
-  const __m512i perm_hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
-  const __m512 scale = _mm512_set1_ps(4.6566127342e-10f);
   for (int j0 = 0; j0 < nq; j0 += QUAD_BATCH) {
-    __m512i c0[G], c1[G], c2[G], c3[G];
+    __m512i counters[G];
     for (int g = 0; g < G; ++g) {
       const __m256i listed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quads + j0 + 8 * g));
-      const __m512i idx = _mm512_cvtepi32_epi64(listed);
-      const __m512i q = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(quad0)), idx);
-      c0[g] = q;
-      c1[g] = _mm512_srli_epi64(q, 32);
-      c2[g] = _mm512_setzero_si512();
-      c3[g] = _mm512_setzero_si512();
-    }
-    for (uint32_t round = 0; round < 10; ++round) {
-      const __m512i rk0 = _mm512_set1_epi64(k0 + round * PHILOX_KEY_A);
-      const __m512i rk1 = _mm512_set1_epi64(k1 + round * PHILOX_KEY_B);
-      for (int g = 0; g < G; ++g) {
-        const __m512i pb = _mm512_mul_epu32(c2[g], kb), pa = _mm512_mul_epu32(c0[g], ka);
-        c0[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[g], rk0, 0x96);
-        c2[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[g], rk1, 0x96);
-        c1[g] = pb;
-        c3[g] = pa;
-      }
+      counters[g] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(quad0)), _mm512_cvtepi32_epi64(listed));
     }
     alignas(64) float out[4 * QUAD_BATCH];
-    for (int g = 0; g < G; ++g) {
-      const __m512i a = _mm512_mask_blend_epi32(0xAAAA, c0[g], _mm512_slli_epi64(c1[g], 32));
-      const __m512i b = _mm512_mask_blend_epi32(0xAAAA, c2[g], _mm512_slli_epi64(c3[g], 32));
-      const __m512i lo = _mm512_permutex2var_epi64(a, perm_lo, b), hi = _mm512_permutex2var_epi64(a, perm_hi, b);
-      const __m512i xl = _mm512_xor_si512(lo, _mm512_srai_epi32(lo, 31));
-      const __m512i xh = _mm512_xor_si512(hi, _mm512_srai_epi32(hi, 31));
-      _mm512_store_ps(out + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(xl), scale));
-      _mm512_store_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(xh), scale));
-    }
+    philox_calls_avx512<G>(counters, seed, out);
     for (int j = 0; j < QUAD_BATCH; ++j) {
       _mm_storeu_ps(u + 4 * quads[j0 + j], _mm_load_ps(out + 4 * j));
     }
+  }
+}
+
+// AVX2: G registers of four Philox4x32-10 calls, counters (the quad numbers) in 64-bit lanes, all in
+// flight; writes the calls' 16 * G uniforms to `out` in element order.
+template <int G>
+__attribute__((target("avx2"), always_inline)) inline void philox_calls_avx2(const __m256i* counters, uint64_t seed,
+                                                                              float* out) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i ka = _mm256_set1_epi64x(0xD2511F53u), kb = _mm256_set1_epi64x(0xCD9E8D57u);
+  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
+  __m256i c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    c0[g] = counters[g];
+    c1[g] = _mm256_srli_epi64(counters[g], 32);
+    c2[g] = _mm256_setzero_si256();
+    c3[g] = _mm256_setzero_si256();
+  }
+  for (uint32_t round = 0; round < 10; ++round) {
+    const __m256i rk0 = _mm256_set1_epi64x(k0 + round * PHILOX_KEY_A);
+    const __m256i rk1 = _mm256_set1_epi64x(k1 + round * PHILOX_KEY_B);
+    for (int g = 0; g < G; ++g) {
+      const __m256i pb = _mm256_mul_epu32(c2[g], kb), pa = _mm256_mul_epu32(c0[g], ka);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[g]), rk0);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[g]), rk1);
+      c1[g] = pb;
+      c3[g] = pa;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m256i a = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
+    const __m256i b = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
+    const __m256i l = _mm256_unpacklo_epi64(a, b), h = _mm256_unpackhi_epi64(a, b);  // calls 0, 2 | 1, 3
+    const __m256i lo = _mm256_permute2x128_si256(l, h, 0x20), hi = _mm256_permute2x128_si256(l, h, 0x31);
+    const __m256i xl = _mm256_xor_si256(lo, _mm256_srai_epi32(lo, 31));
+    const __m256i xh = _mm256_xor_si256(hi, _mm256_srai_epi32(hi, 31));
+    _mm256_storeu_ps(out + 16 * g, _mm256_mul_ps(_mm256_cvtepi32_ps(xl), scale));
+    _mm256_storeu_ps(out + 16 * g + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(xh), scale));
   }
 }
 
@@ -193,40 +213,13 @@ __attribute__((target("avx512f,popcnt"))) inline void uniforms_quads_avx512(uint
 __attribute__((target("avx2"))) inline void uniforms_avx2(uint64_t seed, uint64_t first, float* __restrict u) {
   constexpr int G = 2;
   const uint64_t quad = first >> 2;
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
-  const __m256i ka = _mm256_set1_epi64x(0xD2511F53u), kb = _mm256_set1_epi64x(0xCD9E8D57u);
-  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
   for (int j0 = 0; j0 < PHILOX_BLOCK_QUADS; j0 += 4 * G) {
-    __m256i c0[G], c1[G], c2[G], c3[G];
+    __m256i counters[G];
     for (int g = 0; g < G; ++g) {
-      const __m256i q = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(quad + j0 + 4 * g)), lane);
-      c0[g] = q;
-      c1[g] = _mm256_srli_epi64(q, 32);
-      c2[g] = _mm256_setzero_si256();
-      c3[g] = _mm256_setzero_si256();
+      counters[g] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(quad + j0 + 4 * g)), lane);
     }
-    for (uint32_t round = 0; round < 10; ++round) {
-      const __m256i rk0 = _mm256_set1_epi64x(k0 + round * PHILOX_KEY_A);
-      const __m256i rk1 = _mm256_set1_epi64x(k1 + round * PHILOX_KEY_B);
-      for (int g = 0; g < G; ++g) {
-        const __m256i pb = _mm256_mul_epu32(c2[g], kb), pa = _mm256_mul_epu32(c0[g], ka);
-        c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[g]), rk0);
-        c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[g]), rk1);
-        c1[g] = pb;
-        c3[g] = pa;
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      const __m256i a = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
-      const __m256i b = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
-      const __m256i l = _mm256_unpacklo_epi64(a, b), h = _mm256_unpackhi_epi64(a, b);  // calls 0, 2 | 1, 3
-      const __m256i lo = _mm256_permute2x128_si256(l, h, 0x20), hi = _mm256_permute2x128_si256(l, h, 0x31);
-      const __m256i xl = _mm256_xor_si256(lo, _mm256_srai_epi32(lo, 31));
-      const __m256i xh = _mm256_xor_si256(hi, _mm256_srai_epi32(hi, 31));
-      _mm256_storeu_ps(u + 4 * (j0 + 4 * g), _mm256_mul_ps(_mm256_cvtepi32_ps(xl), scale));
-      _mm256_storeu_ps(u + 4 * (j0 + 4 * g) + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(xh), scale));
-    }
+    philox_calls_avx2<G>(counters, seed, u + 4 * j0);
   }
 }
 
@@ -296,41 +289,14 @@ __attribute__((target("avx2,popcnt"))) inline void uniforms_quads_avx2(uint64_t 
   }
   if (nq == 0) return;
   for (int j = nq; j < nq + QUAD_BATCH; ++j) quads[j] = quads[nq - 1];
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i ka = _mm256_set1_epi64x(0xD2511F53u), kb = _mm256_set1_epi64x(0xCD9E8D57u);
-  const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
   for (int j0 = 0; j0 < nq; j0 += 4 * G) {
-    __m256i c0[G], c1[G], c2[G], c3[G];
+    __m256i counters[G];
     for (int g = 0; g < G; ++g) {
       const __m256i idx = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quads + j0 + 4 * g)));
-      const __m256i q = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(quad0)), idx);
-      c0[g] = q;
-      c1[g] = _mm256_srli_epi64(q, 32);
-      c2[g] = _mm256_setzero_si256();
-      c3[g] = _mm256_setzero_si256();
-    }
-    for (uint32_t round = 0; round < 10; ++round) {
-      const __m256i rk0 = _mm256_set1_epi64x(k0 + round * PHILOX_KEY_A);
-      const __m256i rk1 = _mm256_set1_epi64x(k1 + round * PHILOX_KEY_B);
-      for (int g = 0; g < G; ++g) {
-        const __m256i pb = _mm256_mul_epu32(c2[g], kb), pa = _mm256_mul_epu32(c0[g], ka);
-        c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[g]), rk0);
-        c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[g]), rk1);
-        c1[g] = pb;
-        c3[g] = pa;
-      }
+      counters[g] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(quad0)), idx);
     }
     alignas(32) float out[16 * G];
-    for (int g = 0; g < G; ++g) {
-      const __m256i a = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
-      const __m256i b = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
-      const __m256i l = _mm256_unpacklo_epi64(a, b), h = _mm256_unpackhi_epi64(a, b);
-      const __m256i lo = _mm256_permute2x128_si256(l, h, 0x20), hi = _mm256_permute2x128_si256(l, h, 0x31);
-      const __m256i xl = _mm256_xor_si256(lo, _mm256_srai_epi32(lo, 31));
-      const __m256i xh = _mm256_xor_si256(hi, _mm256_srai_epi32(hi, 31));
-      _mm256_store_ps(out + 16 * g, _mm256_mul_ps(_mm256_cvtepi32_ps(xl), scale));
-      _mm256_store_ps(out + 16 * g + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(xh), scale));
-    }
+    philox_calls_avx2<G>(counters, seed, out);
     for (int j = 0; j < 4 * G; ++j) _mm_storeu_ps(u + 4 * quads[j0 + j], _mm_load_ps(out + 4 * j));
   }
 }
