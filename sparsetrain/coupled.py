@@ -682,6 +682,23 @@ class Removal:
         return out
 
 
+def param_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) holding it, in ``modules()`` order (a tied weight: several)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, value in module._parameters.items():
+            if value is not None:
+                holders.setdefault(id(value), []).append((module, attr))
+    return holders
+
+
+def cut_alike(per_holder: dict[tuple[int, str], set], holders: list[tuple[nn.Module, str]]) -> bool:
+    """Whether a removal cuts a tied parameter in every one of its ``holders`` and the same way in each:
+    ``per_holder`` maps (id(module), attribute) to the set of what it cuts there."""
+    every = {(id(module), attr) for module, attr in holders}
+    return set(per_holder) == every and len({frozenset(c) for c in per_holder.values()}) == 1
+
+
 def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Removal] | str:
     """The parameter slices Torch-Pruning removes for ``plan`` (root layer name -> units), or why it cannot.
 
@@ -694,11 +711,7 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
     """
     modules = dict(model.named_modules())
     names = {id(m): n for n, m in modules.items()}
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attr, value in module._parameters.items():
-            if value is not None:
-                holders.setdefault(id(value), []).append((module, attr))
+    holders = param_holders(model)
     found: dict[int, Removal] = {}
     cuts: dict[int, dict[tuple[int, str], set[tuple[int, int]]]] = {}  # tied: per holder, its (dim, position)s
     for name, units in plan.items():
@@ -735,7 +748,7 @@ def removals(model: nn.Module, graph, plan: dict[str, list[int]]) -> list[Remova
                     cut.update((dim % param.dim(), i) for i in idxs)
     for key, per_holder in cuts.items():
         places = holders[key]
-        if set(per_holder) != {(id(m), a) for m, a in places} or len({frozenset(c) for c in per_holder.values()}) != 1:
+        if not cut_alike(per_holder, places):
             first, attr = places[0]
             return (
                 f"{names.get(id(first), type(first).__name__)}.{attr} is held by {len(places)} modules (tied weights) "

@@ -28,7 +28,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .coupled import StructureError, _slices, build_graph, call_model, flat_tensors, pruning_group, unwrap
+from .coupled import (
+    StructureError,
+    _slices,
+    build_graph,
+    call_model,
+    cut_alike,
+    flat_tensors,
+    is_mask,
+    param_holders,
+    pruning_group,
+    unwrap,
+)
 from .optional import require
 
 if TYPE_CHECKING:
@@ -51,10 +62,6 @@ def _inner_name(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
-def _is_mask(parametrization: nn.Module) -> bool:
-    return type(parametrization).__name__ == "_MaskParametrization"
-
-
 def _strip_parametrizations(model: nn.Module) -> None:
     """Turn the copy's mask parametrizations (a MaskedPruner's) back into plain parameters.
 
@@ -66,10 +73,10 @@ def _strip_parametrizations(model: nn.Module) -> None:
         parametrizations = module._modules.get("parametrizations")
         if parametrizations is None:
             continue
-        ours = [name for name, plist in parametrizations.items() if any(map(_is_mask, plist))]
+        ours = [name for name, plist in parametrizations.items() if any(map(is_mask, plist))]
         if not ours:
             continue
-        stacked = [name for name in ours if not all(map(_is_mask, parametrizations[name]))]
+        stacked = [name for name in ours if not all(map(is_mask, parametrizations[name]))]
         if stacked:
             raise RuntimeError(
                 f"export: {type(module).__name__}.{stacked[0]} carries the pruner's mask together with other "
@@ -118,12 +125,7 @@ def unused_output(graph, module: nn.Module, fn, index: int) -> bool:
 
 def tied_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """id(parameter) -> every (module, attribute) holding it, for parameters held more than once (tied weights)."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for attr, param in module._parameters.items():
-            if param is not None:
-                holders.setdefault(id(param), []).append((module, attr))
-    return {key: value for key, value in holders.items() if len(value) > 1}
+    return {key: value for key, value in param_holders(model).items() if len(value) > 1}
 
 
 def _tied_in_group(group, tied: dict[int, list[tuple[nn.Module, str]]]) -> list[int] | None:
@@ -151,10 +153,8 @@ def _tied_in_group(group, tied: dict[int, list[tuple[nn.Module, str]]]) -> list[
                 continue
             cut = cuts.setdefault(id(param), {}).setdefault((id(module), attr), set())
             cut.add((dim % param.dim(), tuple(sorted(idxs))))
-    for key, per_holder in cuts.items():
-        every = {(id(m), attr) for m, attr in tied[key]}
-        if set(per_holder) != every or len({frozenset(c) for c in per_holder.values()}) != 1:
-            return None
+    if not all(cut_alike(per_holder, tied[key]) for key, per_holder in cuts.items()):
+        return None
     return list(cuts)
 
 

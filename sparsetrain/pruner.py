@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import distributed
-from .coupled import CoupledGroups, unwrap
+from .coupled import CoupledGroups, is_mask, unwrap
 from .methods.base import Method, check_ratio
 from .metrics import History
 from .optim import dead
@@ -157,7 +157,7 @@ def check_unmasked(model: nn.Module) -> None:
     for name, module in unwrap(model).named_modules():
         parametrizations = module._modules.get("parametrizations")
         if parametrizations is not None and any(
-            type(p).__name__ == "_MaskParametrization" for plist in parametrizations.values() for p in plist
+            map(is_mask, (p for plist in parametrizations.values() for p in plist))
         ):
             raise ValueError(
                 f"the model's weights are already masked by a MaskedPruner ({name}.{next(iter(parametrizations))}"

@@ -25,6 +25,11 @@ pytestmark = pytest.mark.skipif(
     not backends.runs_on("native", DEVICE)[0], reason=f"native backend: {backends.runs_on('native', DEVICE)[1]}"
 )
 
+# the NaN cases run on both compiled backends (Triton interpreted on CPU)
+_TRITON_RUNS, _TRITON_WHY_NOT = backends.runs_on("triton", DEVICE)
+NEEDS_TRITON = pytest.mark.skipif(not _TRITON_RUNS, reason=_TRITON_WHY_NOT)
+NATIVE_AND_TRITON = ["native", pytest.param("triton", marks=NEEDS_TRITON)]
+
 CHUNK = 2048 * 32  # elements per chunk of the CPU driver (csrc/cpu_driver.cpp)
 
 
@@ -74,12 +79,10 @@ def test_offsets_above_2_pow_32_and_not_multiples_of_4():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's NaN
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", NATIVE_AND_TRITON)
 def test_sampling_keeps_a_nan_weight_and_a_tensor_that_samples_none_as_the_reference(backend):
     # the reference prunes where u < q with q = clamp(c * exp(-|w| / tm), max=1): a NaN weight (q NaN) is kept;
     # a tensor with prune count 0 keeps every weight
-    if backend == "triton" and not backends.runs_on("triton", DEVICE)[0]:
-        pytest.skip(backends.runs_on("triton", DEVICE)[1])
     n = (3 if backend == "native" else 1) * BLOCK + 37  # the interpreter is slow
     inputs = _inputs([n, 300], [torch.float32] * 2, algo="sgd", prune="stochastic", seed=12)
     alive = masks.unpack(inputs["mask_words"][0].cpu(), n)
@@ -101,13 +104,11 @@ def test_sampling_keeps_a_nan_weight_and_a_tensor_that_samples_none_as_the_refer
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's NaN
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", NATIVE_AND_TRITON)
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
 def test_nan_and_inf_gradients_under_selective_decay_as_the_reference(algo, backend):
     # the reference's relevance clamp(1 - |g| / (beta * gbar), min=0) and AMSGrad's torch.maximum keep a NaN:
     # a NaN gradient, or an infinite one over an infinite mean |g| of the last step (inf / inf), gives NaN
-    if backend == "triton" and not backends.runs_on("triton", DEVICE)[0]:
-        pytest.skip(backends.runs_on("triton", DEVICE)[1])
     n = BLOCK + 37
     inputs = _inputs([n, 300], [torch.float32] * 2, algo=algo, prune="none", seed=13)
     inputs["stats"][1][contract.STAT_SUM_ABS_G] = float("inf")
