@@ -108,6 +108,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weight, mask_words, coefs = ctx.saved_tensors
+    if grad.layout != torch.strided:
+        raise RuntimeError(
+            f"a masked weight {tuple(weight.shape)} received a {grad.layout} gradient (an nn.Embedding / EmbeddingBag "
+            "with sparse=True): the masked gradient plus its regularization is dense; set sparse=False on the module"
+        )
     return masked_weight_grad(grad, weight, mask_words, coefs), None, None
 
 
@@ -136,6 +141,21 @@ def _holders(model: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
             if value is param:
                 found.append((module, name))
     return found
+
+
+def _refuse_sparse_gradients(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse a pruned tensor held by a module that makes sparse gradients (``nn.Embedding(sparse=True)``):
+    the masked gradient plus its regularization gradient is dense."""
+    for t in targets:
+        for module, _ in _holders(model, t.param):
+            if getattr(module, "sparse", False) is True:
+                name = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+                raise ValueError(
+                    f"MaskedPruner: {t.name} is held by {name!r} ({type(module).__name__}, sparse=True), whose "
+                    f"gradients are sparse, but a masked weight's gradient (masked, plus the regularization "
+                    f"gradient) is dense: build it with sparse=False, or exclude it (exclude=[{name!r}]); nothing "
+                    "was modified"
+                )
 
 
 def _plain_state_dict_hook(name: str):
@@ -212,7 +232,8 @@ class MaskedPruner(Pruner):
             parameters is refused (default ``False``).
 
     Raises:
-        ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected).
+        ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected); a pruned
+            tensor held by a module that makes sparse gradients (``nn.Embedding(sparse=True)``).
 
     Example:
         ```python
@@ -253,6 +274,7 @@ class MaskedPruner(Pruner):
             example_inputs=example_inputs,
             coupled=coupled,
         )
+        _refuse_sparse_gradients(model, self._resolved[0])
         params = [t.param for t in self._resolved[0]]
         self._mask_optimizer = SGD(params, lr=0.0, backend=backend, seed=seed, skip_nonfinite=True)
         super().__init__(

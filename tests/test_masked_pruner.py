@@ -209,3 +209,29 @@ def test_unstructured_thresholds_ignore_the_moved_originals(scope):
         assert dead == [round(0.6 * n) for n in sizes]
     else:
         assert sum(dead) == round(0.6 * sum(sizes))
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_gradient_embedding_is_refused_before_anything_changes(bag):
+    """An nn.Embedding / EmbeddingBag with sparse=True makes sparse gradients, which a masked weight's dense
+    gradient (masked, plus regularization) cannot be: refused by name at construction, the model untouched;
+    a module switched to sparse=True afterwards is refused in the backward with the same reason."""
+    torch.manual_seed(0)
+    table = nn.EmbeddingBag(20, 8, mode="sum", sparse=True) if bag else nn.Embedding(20, 8, sparse=True)
+    model = nn.Sequential(table, nn.Flatten(), nn.Linear(8 if bag else 40, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'0' \(Embedding(Bag)?, sparse=True\).*sparse=False"):
+        MaskedPruner(model, methods.Magnitude(0.5), include=["0", "2"])
+    assert not hasattr(model[0], "parametrizations")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    table.sparse = False
+    pruner = MaskedPruner(model, methods.Magnitude(0.5), include=["0", "2"])
+    table.sparse = True
+    tokens = torch.randint(0, 20, (4, 5))
+    with pytest.raises(RuntimeError, match="sparse=False"):
+        model(tokens).sum().backward()
+    table.sparse = False
+    model(tokens).sum().backward()
+    assert model[0].parametrizations.weight.original.grad.layout == torch.strided
+    assert pruner.step_count == 0
