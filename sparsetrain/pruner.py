@@ -116,38 +116,68 @@ def select_targets(
     names = parameter_names(model)
     targets: list[Target] = []
     seen: dict[int, Target] = {}
+    unstructured_only: list[str] = []  # chosen modules whose weight matrices only unstructured pruning takes
     for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not name or not isinstance(weight, nn.Parameter):
+        if not name:
             continue
         chosen = any(fnmatch.fnmatchcase(name, p) for p in include) if include else isinstance(module, tuple(types))
         if not chosen or any(fnmatch.fnmatchcase(name, p) for p in exclude or ()):
+            continue
+        weights = module_weights(module)
+        if structure is not None and weights and weights[0][0] != "weight":
+            unstructured_only.append(f"{name} ({type(module).__name__}: {', '.join(a for a, _ in weights)})")
             continue
         ratio = default_ratio
         for pattern, value in (ratios or {}).items():
             if fnmatch.fnmatchcase(name, pattern):
                 ratio = check_ratio(f"ratios[{pattern!r}]", value)
-        tied = seen.get(id(weight))
-        if tied is not None:  # one tensor, one target: its mask is decided once
-            if ratio != tied.ratio:
+        for attr, weight in weights:
+            tied = seen.get(id(weight))
+            if tied is not None:  # one tensor, one target: its mask is decided once
+                if ratio != tied.ratio:
+                    raise ValueError(
+                        f"{name}.{attr} is the same tensor as {tied.name} (tied weights) but its ratio would be "
+                        f"{ratio}, {tied.name}'s {tied.ratio}: give the modules sharing it one ratio"
+                    )
+                continue
+            try:
+                groups, inner = group_layout(weight.shape, structure)
+            except ValueError as exc:
                 raise ValueError(
-                    f"{name}.weight is the same tensor as {tied.name} (tied weights) but its ratio would be {ratio}, "
-                    f"{tied.name}'s {tied.ratio}: give the modules sharing it one ratio"
-                )
-            continue
-        try:
-            groups, inner = group_layout(weight.shape, structure)
-        except ValueError as exc:
-            raise ValueError(
-                f"module {name!r} ({type(module).__name__}, weight {tuple(weight.shape)}): {exc}"
-            ) from None
-        first, *aliases = names.get(id(weight)) or [f"{name}.weight"]
-        target = Target(first, name, module, weight, ratio, structure, groups, inner, aliases=tuple(aliases))
-        seen[id(weight)] = target
-        targets.append(target)
+                    f"module {name!r} ({type(module).__name__}, {attr} {tuple(weight.shape)}): {exc}"
+                ) from None
+            first, *aliases = names.get(id(weight)) or [f"{name}.{attr}"]
+            target = Target(first, name, module, weight, ratio, structure, groups, inner, aliases=tuple(aliases))
+            seen[id(weight)] = target
+            targets.append(target)
     if not targets:
-        raise ValueError("no prunable weight was selected (check include / exclude / types)")
+        detail = (
+            f"; structured pruning takes a module's `weight`, and {unstructured_only[0]} keeps its weight "
+            "matrices under other names: prune them unstructured (structure=None)"
+            if unstructured_only
+            else ""
+        )
+        raise ValueError(f"no prunable weight was selected (check include / exclude / types){detail}")
     return targets
+
+
+def module_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weight matrices a selected module contributes, as ``(attribute, parameter)``: its ``weight``, or,
+    for the modules that keep theirs under other names, those: ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``'s
+    ``weight_ih_l{k}``, ``weight_hh_l{k}`` (and ``weight_hr_l{k}`` with ``proj_size``, ``*_reverse`` when
+    bidirectional) and ``nn.MultiheadAttention``'s ``in_proj_weight`` (or ``q/k/v_proj_weight``; its
+    ``out_proj`` is an ``nn.Linear`` of its own). Biases never; a parametrized weight (not a Parameter) none."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter):
+        return [("weight", weight)]
+    if isinstance(module, nn.RNNBase):
+        attrs = [a for a in module._flat_weights_names if a.startswith("weight_")]
+    elif isinstance(module, nn.MultiheadAttention):
+        attrs = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    else:
+        return []
+    found = [(a, module._parameters.get(a)) for a in attrs]
+    return [(a, p) for a, p in found if isinstance(p, nn.Parameter)]
 
 
 def check_unmasked(model: nn.Module) -> None:
@@ -299,7 +329,10 @@ class Pruner:
             :class:`~sparsetrain.autograd.MaskedPruner`.
         method: the pruning method (:mod:`sparsetrain.methods`).
         include: module-name patterns (``fnmatch``, e.g. ``"features.*"``) of the modules whose
-            ``weight`` is pruned; default ``None``: every module of ``types``.
+            ``weight`` is pruned; default ``None``: every module of ``types``. A selected ``nn.LSTM`` /
+            ``nn.GRU`` / ``nn.RNN`` gives its ``weight_ih_l{k}`` / ``weight_hh_l{k}`` (``weight_hr_l{k}``,
+            ``*_reverse``) matrices, an ``nn.MultiheadAttention`` its ``in_proj_weight``
+            (:func:`module_weights`; unstructured methods only).
         exclude: module-name patterns left out (default ``None``: none), e.g. ``["lm_head"]`` for an
             output layer tied to an embedding.
         types: module classes pruned by default (default ``nn.Linear`` and ``nn.Conv1d/2d/3d``, plus

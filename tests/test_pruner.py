@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 import sparsetrain
 from sparsetrain import methods
@@ -607,3 +608,57 @@ def test_a_masked_pruner_masks_a_tied_weight_once_in_every_module():
     from sparsetrain.summary import layer_rows
 
     assert sum(r.params for r in layer_rows(pruner)) == 64 + 40
+
+
+class _Recurrent(nn.Module):
+    """An LSTM with projections (two layers, both directions), a GRU and self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.gru(self.lstm(x)[0])[0]
+        return self.fc(self.att(h, h, h)[0].mean(1))
+
+
+@pytest.mark.parametrize(
+    "select", [{"types": (nn.LSTM, nn.GRU, nn.MultiheadAttention)}, {"include": ["lstm", "gru", "att"]}]
+)
+def test_recurrent_and_attention_weight_matrices_are_pruned_when_selected(select):
+    """nn.LSTM / nn.GRU keep their matrices as weight_ih_l{k} / weight_hh_l{k} (weight_hr_l{k} with proj_size,
+    *_reverse both ways), nn.MultiheadAttention as in_proj_weight: selecting such a module prunes them (they were
+    skipped, silently with types=), one-shot as torch.nn.utils.prune.l1_unstructured selects, and the autograd
+    path's forward computes with them masked."""
+    model, x = _Recurrent(), torch.randn(3, 4, 5)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5), **select)
+    lstm = [f"lstm.weight_{k}_l{i}{r}" for i in range(2) for r in ("", "_reverse") for k in ("ih", "hh", "hr")]
+    assert sorted(t.name for t in pruner.targets) == sorted(lstm + ["gru.weight_ih_l0", "gru.weight_hh_l0",
+                                                                    "att.in_proj_weight"])  # fmt: skip
+    plain, masked = _Recurrent(), _Recurrent()
+    masked_pruner = MaskedPruner(masked, methods.Magnitude(0.5), **select)
+    for t in pruner.targets:
+        holder = nn.Linear(1, 1)
+        holder.weight = nn.Parameter(dict(plain.named_parameters())[t.name].detach().clone())
+        torch_prune.l1_unstructured(holder, "weight", amount=0.5)
+        expected = holder.weight_mask.bool()
+        assert torch.equal(opt.mask(t.param), expected), t.name
+        assert torch.equal(masked_pruner.mask(t.name), expected), t.name
+        with torch.no_grad():
+            dict(plain.named_parameters())[t.name].mul_(expected)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(masked(x), plain(x), rtol=0, atol=0)  # the masked forward, parametrized matrices
+    torch.testing.assert_close(pruner.export()(x), plain(x), rtol=0, atol=0)
+    assert "lstm.weight_hr_l1_reverse" in pruner.summary()
+
+
+def test_structured_pruning_names_a_module_whose_matrices_are_not_its_weight():
+    model = nn.Sequential(nn.LSTM(4, 6))
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"0 \(LSTM: weight_ih_l0, weight_hh_l0\) keeps its weight matrices under"):
+        sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), coupled=False, include=["0"])
