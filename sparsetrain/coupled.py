@@ -514,6 +514,13 @@ class CoupledGroups:
         for t in targets:
             w = t.param
             out_dim = _out_dim(t.module)
+            if structure == "filters" and out_dim == 1 and getattr(t.module, "groups", 1) > 1:
+                raise StructureError(
+                    f"{t.module_name}: a grouped transposed convolution (groups={t.module.groups}) keeps output "
+                    f"channel g * {w.shape[1]} + j at weight[g-th block of input channels, j], not along one dim of "
+                    f"its weight {tuple(w.shape)}: prune it unstructured (structure=None) or exclude it "
+                    f"(exclude=[{t.module_name!r}])"
+                )
             dim = out_dim if structure == "filters" else 1 - out_dim
             size = w.shape[dim]
             units = torch.arange(size, device=w.device)

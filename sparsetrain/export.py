@@ -306,14 +306,23 @@ def export(pruner: Pruner, example_inputs: Any = None, *, structured: bool | Non
             pruner_of = graph.get_pruner_of_module(root)
             function = pruner_of.prune_in_channels if group.inputs else pruner_of.prune_out_channels
             _prune(graph, pruning_group(graph, root, function, dead), tied, check=False)
-    with torch.no_grad():
-        result = call_model(model, example_inputs)
+    try:
+        with torch.no_grad():
+            result = call_model(model, example_inputs)
+    except RuntimeError as exc:  # a removal Torch-Pruning could not follow (a grouped convolution it re-grouped)
+        raise RuntimeError(
+            f"structured export made a model that cannot run on example_inputs ({str(exc).splitlines()[0]}); "
+            "export with structured=False"
+        ) from exc
     error = relative_error(result, reference)
     if not error <= RTOL:
-        raise RuntimeError(
-            f"structured export would change the model's outputs (relative error {error:.3g}); "
-            "export with structured=False"
+        shapes = [tuple(t.shape) for t in flat_tensors(result)], [tuple(t.shape) for t in flat_tensors(reference)]
+        what = (
+            f"output shapes {shapes[0]} instead of {shapes[1]}"
+            if shapes[0] != shapes[1]
+            else f"relative error {error:.3g}"
         )
+        raise RuntimeError(f"structured export would change the model's outputs ({what}); export with structured=False")
     model.train(training)
     return model
 

@@ -662,3 +662,50 @@ def test_structured_pruning_names_a_module_whose_matrices_are_not_its_weight():
     opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"0 \(LSTM: weight_ih_l0, weight_hh_l0\) keeps its weight matrices under"):
         sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), coupled=False, include=["0"])
+
+
+def test_uncoupled_filters_of_a_transposed_convolution_are_its_output_channels():
+    """ConvTranspose2d keeps its weight as [in, out / groups, kh, kw]: coupled=False filters are dim 1 with their
+    bias (groups=1, as ln_structured(dim=1) selects), exported smaller and exact; a grouped one, whose output channels
+    lie along no single dim, is refused by name before anything changes (it masked two channels per unit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 12, 2, stride=2), nn.ReLU(), nn.Conv2d(12, 2, 1)
+    )
+    x = torch.randn(2, 3, 5, 5)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    weight = model[2].weight.detach().clone()
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["2"], coupled=False)
+    holder = nn.Linear(1, 1)
+    holder.weight = nn.Parameter(weight)
+    torch_prune.ln_structured(holder, "weight", amount=0.5, n=1, dim=1)
+    assert torch.equal(opt.mask(model[2].weight), holder.weight_mask.bool())
+    dead = (model[2].weight == 0).all(dim=(0, 2, 3))
+    assert int(dead.sum()) == 6 and torch.equal(model[2].bias == 0, dead)
+    small = pruner.export(x)
+    assert small[2].weight.shape == (8, 6, 2, 2) and small[4].weight.shape == (2, 6, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 12, 2, stride=2, groups=2))
+    opt = sparsetrain.optim.SGD(grouped.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"1: a grouped transposed convolution \(groups=2\)"):
+        sparsetrain.Pruner(grouped, opt, methods.Magnitude(0.5, structure="filters"), include=["1"], coupled=False)
+    assert not any("mask_words" in s for s in opt.state.values()) and not (grouped[1].weight == 0).any()
+
+
+def test_structured_export_names_a_model_it_cannot_run():
+    """A removal Torch-Pruning re-groups wrongly (filters feeding a grouped transposed convolution) is a clear
+    refusal, not torch's shape error; a changed output shape is named as such."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 12, 2, stride=2, groups=2))
+    x = torch.randn(2, 3, 5, 5)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), include=["0"], coupled=False)
+    with pytest.raises(RuntimeError, match=r"structured export made a model that cannot run on example_inputs"):
+        pruner.export(x)
+    head = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = sparsetrain.optim.SGD(head.parameters(), lr=0.1)
+    pruner = sparsetrain.Pruner(head, opt, methods.Magnitude(0.5, structure="filters"), include=["2"], coupled=False)
+    with pytest.raises(RuntimeError, match=r"output shapes \[\(5, 1\)\] instead of \[\(5, 3\)\]"):
+        pruner.export(torch.randn(5, 4))
