@@ -304,14 +304,16 @@ class MaskedPruner(Pruner):
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
         self._maybe_shrink()
         self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        if self.shrink_after_prune:
-            self._watch_optimizers()
+        self._optimizer_steps = 0  # steps taken by the optimizers in _stepping
+        self._steps_at_last_step = 0  # _optimizer_steps when step() last ran the schedule
+        self._watch_optimizers()
 
     _shrink_in_init = False
 
     def _watch_optimizers(self) -> None:
-        """Note every other optimizer that steps a pruned tensor (a global step hook), so that
-        :meth:`step` can refuse to go on without it before a shrink leaves its state at the old shapes."""
+        """Note every other optimizer that steps a pruned tensor, and count their steps (a global step hook):
+        :meth:`step` can then refuse to go on without one before a shrink leaves its state at the old shapes,
+        and tell a training step whose optimizer step was skipped (``torch.amp.GradScaler``)."""
         pruner = weakref.ref(self)
         targets = {id(t.param) for t in self.targets}
         checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
@@ -327,6 +329,8 @@ class MaskedPruner(Pruner):
                 checked[optimizer] = groups
                 if any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
                     owner._stepping.add(optimizer)
+            if optimizer in owner._stepping:
+                owner._optimizer_steps += 1
 
         handle = register_optimizer_step_post_hook(seen)
         weakref.finalize(self, handle.remove)
@@ -357,7 +361,11 @@ class MaskedPruner(Pruner):
         """Run the method's schedule for one training step; at pruning events update the masks.
 
         Steps without an event cost nothing here. An event takes two zero-learning-rate fused steps:
-        one refreshes the statistics on the current weights, one decides and masks. With
+        one refreshes the statistics on the current weights, one decides and masks. The schedule counts
+        optimizer steps: once an optimizer has stepped the pruned weights, a call after which none did
+        (``torch.amp.GradScaler`` skipped the step for inf/NaN gradients, or gradients are still being
+        accumulated) changes nothing, as a skipped step of the fused optimizers: the schedule and its
+        events wait for the next optimizer step. With
         ``shrink_after_prune`` a structured event then shrinks the model; ``optimizers`` (yours)
         have their state sliced with it.
 
@@ -374,6 +382,9 @@ class MaskedPruner(Pruner):
                 )
         if self.shrink_after_prune:
             self._check_optimizers(optimizers)
+        if self._stepping and self._optimizer_steps == self._steps_at_last_step:
+            return  # no optimizer stepped the pruned weights since the last call (GradScaler skipped a step)
+        self._steps_at_last_step = self._optimizer_steps
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
         self._structured_event |= mode == "group"

@@ -235,3 +235,35 @@ def test_sparse_gradient_embedding_is_refused_before_anything_changes(bag):
     model(tokens).sum().backward()
     assert model[0].parametrizations.weight.original.grad.layout == torch.strided
     assert pruner.step_count == 0
+
+
+def _scaled_run(steps, skipped=(), **method_kw):
+    """MaskedPruner with torch's AdamW under torch.amp.GradScaler (CPU); the loss is made inf at ``skipped``."""
+    model = _cnn()
+    pruner = MaskedPruner(model, methods.Magnitude(0.6, schedule="linear", start=0, end=6, interval=2, **method_kw))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) * (float("inf") if step in skipped else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        pruner.step()
+        opt.zero_grad()
+    return model, pruner
+
+
+def test_a_step_the_grad_scaler_skips_leaves_the_schedule_waiting():
+    """A training step whose optimizer step torch.amp.GradScaler skipped (inf/NaN gradients) changes nothing, as
+    with the fused optimizers: the schedule counts optimizer steps, so the run equals one without those steps
+    (an event on a skipped step included: step 2 is one)."""
+    clean, clean_pruner = _scaled_run(10)
+    skipped, skipped_pruner = _scaled_run(13, skipped=(2, 3, 7))
+    assert skipped_pruner.step_count == clean_pruner.step_count == 10
+    for t, u in zip(clean_pruner.targets, skipped_pruner.targets):
+        assert torch.equal(clean_pruner.mask(t.name), skipped_pruner.mask(u.name)), t.name
+    for (name, a), b in zip(clean.state_dict().items(), skipped.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
