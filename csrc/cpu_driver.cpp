@@ -73,21 +73,24 @@ inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, 
   if (quad_mask != 0) draw_quads(seed, first >> 2, quad_mask, u);
 }
 
-// The statistics terms of a decided block of n elements (keep[k]: the element stays) in fp64: |w|,
-// |g| and, when kernel_on, the sampling kernel term of each kept element go to lane k mod
-// STAT_LANES, each lane in element order (the same lanes and order for the short last block of a
-// tensor). The loads are unconditional: a select, not a branch, keeps the loops vectorized.
+// The statistics terms of a decided block of n elements (keep[k]: the element stays) in fp64, only
+// the sums the step computes (W: |w|, G: |g|, kernel_on: the sampling kernel term) of each kept
+// element go to lane k mod STAT_LANES, each lane in element order (the same lanes and order for the
+// short last block of a tensor). The loads are unconditional: a select, not a branch, keeps the
+// loops vectorized.
+template <bool W, bool G>
 ST_INLINE void add_stats(const TensorScalars& s, bool kernel_on, int n, const float* __restrict pw,
                          const float* __restrict pg, const int32_t* __restrict keep, double* __restrict sum_w,
                          double* __restrict sum_g, double* __restrict sum_kernel) {
   if (n == BLOCK) {
-    for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
+    if (W || G) {
+      for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
 #pragma omp simd
-      for (int j = 0; j < STAT_LANES; ++j) {
-        const bool on = keep[k0 + j] != 0;
-        const float w = pw[k0 + j], g = pg[k0 + j];
-        sum_w[j] += static_cast<double>(on ? fabs_(w) : 0.0f);
-        sum_g[j] += static_cast<double>(on ? fabs_(g) : 0.0f);
+        for (int j = 0; j < STAT_LANES; ++j) {
+          const bool on = keep[k0 + j] != 0;
+          if (W) sum_w[j] += static_cast<double>(on ? fabs_(pw[k0 + j]) : 0.0f);
+          if (G) sum_g[j] += static_cast<double>(on ? fabs_(pg[k0 + j]) : 0.0f);
+        }
       }
     }
     if (!kernel_on) return;
@@ -104,9 +107,24 @@ ST_INLINE void add_stats(const TensorScalars& s, bool kernel_on, int n, const fl
   for (int k = 0; k < n; ++k) {
     const int j = k % STAT_LANES;
     const bool on = keep[k] != 0;
-    sum_w[j] += static_cast<double>(on ? fabs_(pw[k]) : 0.0f);
-    sum_g[j] += static_cast<double>(on ? fabs_(pg[k]) : 0.0f);
+    if (W) sum_w[j] += static_cast<double>(on ? fabs_(pw[k]) : 0.0f);
+    if (G) sum_g[j] += static_cast<double>(on ? fabs_(pg[k]) : 0.0f);
     if (kernel_on) sum_kernel[j] += static_cast<double>(on ? kernel_term(s, pw[k]) : 0.0f);
+  }
+}
+
+ST_INLINE void add_stats(int bits, const TensorScalars& s, bool kernel_on, int n, const float* __restrict pw,
+                         const float* __restrict pg, const int32_t* __restrict keep, double* __restrict sum_w,
+                         double* __restrict sum_g, double* __restrict sum_kernel) {
+  const bool w = (bits & STATS_SUM_ABS_W) != 0, g = (bits & STATS_SUM_ABS_G) != 0;
+  if (w && g) {
+    add_stats<true, true>(s, kernel_on, n, pw, pg, keep, sum_w, sum_g, sum_kernel);
+  } else if (w) {
+    add_stats<true, false>(s, kernel_on, n, pw, pg, keep, sum_w, sum_g, sum_kernel);
+  } else if (g) {
+    add_stats<false, true>(s, kernel_on, n, pw, pg, keep, sum_w, sum_g, sum_kernel);
+  } else {
+    add_stats<false, false>(s, kernel_on, n, pw, pg, keep, sum_w, sum_g, sum_kernel);
   }
 }
 
@@ -150,8 +168,8 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
   float* __restrict st1 = job.state[1];
   float* __restrict st2 = job.state[2];
   const bool draw = TRACK && PRUNE == PRUNE_STOCHASTIC && s.sample;
-  const bool has_stats = TRACK && f.has_stats;
-  const bool kernel_on = has_stats && s.kernel_on;
+  const bool has_stats = TRACK && f.has_stats && f.stats_out != 0;
+  const bool kernel_on = has_stats && (f.stats_out & STATS_SUM_KERNEL) != 0 && s.kernel_on;
   const bool groups = f.has_groups;
   int64_t alive = 0;
   // lane j of a sum adds the terms of the elements k = j mod STAT_LANES of each block, in order
@@ -319,10 +337,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       }
       alive += __builtin_popcount(kw[i]);
     }
-    if (has_stats) add_stats(s, kernel_on, n, pw, pg, live, sum_w, sum_g, sum_kernel);
+    if (has_stats) add_stats(f.stats_out, s, kernel_on, n, pw, pg, live, sum_w, sum_g, sum_kernel);
   }
   Partials out{};
-  out.v[STAT_ALIVE] = static_cast<double>(alive);
+  out.v[STAT_ALIVE] = has_stats && (f.stats_out & STATS_ALIVE) != 0 ? static_cast<double>(alive) : 0.0;
   for (int j = 0; j < STAT_LANES; ++j) {
     out.v[STAT_SUM_ABS_W] += sum_w[j];
     out.v[STAT_SUM_KERNEL] += sum_kernel[j];
@@ -359,7 +377,8 @@ ChunkFn pick(const Flags& f, bool track) {
   return f.momentum ? pick_prune<T, 1>(f.prune, track) : pick_prune<T, 0>(f.prune, track);
 }
 
-// chunk_flags: the flags the chunks run with (has_stats: statistics written by this step).
+// chunk_flags: the flags the chunks run with (has_stats: statistics written by this step, stats_out:
+// which).
 ChunkFn pick(const Flags& chunk_flags, const TensorScalars& s, at::ScalarType dtype) {
   const bool track = chunk_flags.has_stats || (chunk_flags.prune == PRUNE_STOCHASTIC && s.sample);
   switch (dtype) {
@@ -381,9 +400,10 @@ void run(Call& call) {
   std::vector<TensorScalars> scalars(n);
   std::vector<ChunkFn> fns(n);
   std::vector<int64_t> first_chunk(n + 1, 0);
-  // the chunks compute statistics only when they are written (the scalars below read the previous ones)
+  // the chunks compute the statistics this step writes, only those (the scalars below read the previous ones)
   Flags chunk_flags = f;
-  chunk_flags.has_stats = f.has_stats && call.write_stats;
+  chunk_flags.has_stats = f.has_stats && call.stats_mask != 0;
+  chunk_flags.stats_out = chunk_flags.has_stats ? call.stats_mask : 0;
   for (size_t t = 0; t < n; ++t) {
     const TensorJob& job = call.jobs[t];
     scalars[t] = prepare_tensor(f, call.hyper, lr, lr_on_device, job.coefs, job.stats, *job.step);
@@ -423,8 +443,8 @@ void run(Call& call) {
       for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) {
         for (int i = 0; i < NUM_PARTIALS; ++i) sums[i] += partials[c].v[i];
       }
-      for (int i = 0; i < NUM_PARTIALS; ++i) job.stats[i] = sums[i];
-      job.stats[STAT_TM] = scalars[t].tm_now;
+      for (int i = 0; i < NUM_PARTIALS; ++i) job.stats[i] = sums[i];  // 0 for the statistics not computed
+      job.stats[STAT_TM] = (call.stats_mask & STATS_SUM_KERNEL) != 0 ? scalars[t].tm_now : 0.0;
     }
     *job.step = scalars[t].step;
   }
@@ -445,12 +465,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   at::IntArrayRef shard_offsets, const at::Tensor& seeds, const c10::optional<at::Tensor>& found_inf,
                   double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay, double momentum,
                   double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal,
-                  bool write_stats) {
+                  int64_t stats_mask) {
   const Flags f = sgd_flags(momentum, nesterov, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
-  call.write_stats = write_stats;
+  call.stats_mask = checked_stats_mask(stats_mask);
   check_cpu(call, params, seeds);
   run(call);
 }
@@ -461,13 +481,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::IntArrayRef group_inner, at::IntArrayRef shard_offsets, const at::Tensor& seeds,
                    const c10::optional<at::Tensor>& found_inf, double lr, const c10::optional<at::Tensor>& lr_tensor,
                    double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                   bool maximize, int64_t prune, bool regularize, bool l1_proximal, bool write_stats) {
+                   bool maximize, int64_t prune, bool regularize, bool l1_proximal, int64_t stats_mask) {
   const Flags f = adam_flags(decoupled, amsgrad, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, 0.0, 0.0, beta1, beta2, eps};
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,
                      lr_tensor, f, h);
-  call.write_stats = write_stats;
+  call.stats_mask = checked_stats_mask(stats_mask);
   check_cpu(call, params, seeds);
   run(call);
 }

@@ -14,9 +14,11 @@
 // warps, warps in order) and stores them; the last block of a tensor to finish (an integer ticket, so
 // no float atomics) adds the tensor's chunk partials in a fixed order, writes the statistics and
 // advances the step count, then resets the ticket. Results do not depend on block scheduling, and
-// no second launch is needed. A step that does not write statistics (write_stats=False) still reads
-// the previous ones (selective decay, the sampling constant, the kernel scale) but neither sums nor
-// stores any: its blocks only take their tickets, and the last one advances the step count.
+// no second launch is needed. Only the statistics of the call's stats_mask are summed (uniform
+// branches per statistic); the others are stored as 0. A step that writes no statistics
+// (stats_mask 0) still reads the previous ones (selective decay, the sampling constant, the kernel
+// scale) but neither sums nor stores any: its blocks only take their tickets, and the last one
+// advances the step count.
 //
 // The launch runs on the current stream under a device guard; every launch is checked.
 #include <ATen/ops/empty.h>
@@ -150,7 +152,7 @@ __device__ __forceinline__ uint32_t nm_lane_keep(const float* w, uint32_t live, 
 
 template <typename T, bool ADAM>
 __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor* __restrict__ table, int num_tensors,
-                                                             Flags flags, Hyper hyper, bool write_stats,
+                                                             Flags flags, Hyper hyper, int stats_mask,
                                                              const double* lr_ptr, const float* found_inf,
                                                              const int64_t* seeds, double* __restrict__ partials,
                                                              int* tickets) {
@@ -191,8 +193,13 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
   const int64_t chunk_end = chunk_begin + CHUNK < numel ? chunk_begin + CHUNK : numel;
   const int64_t num_words = (numel + 31) / 32;
   const bool draw = flags.prune == PRUNE_STOCHASTIC && s.sample;
-  // statistics summed and stored by this step (prepare_tensor above read the previous ones either way)
-  const bool stats_out = flags.has_stats && write_stats;
+  // statistics summed and stored by this step, only those of stats_mask (prepare_tensor above read the
+  // previous ones either way)
+  const bool stats_out = flags.has_stats && stats_mask != 0;
+  const bool sum_alive = stats_out && (stats_mask & STATS_ALIVE) != 0;
+  const bool sum_w = stats_out && (stats_mask & STATS_SUM_ABS_W) != 0;
+  const bool sum_g = stats_out && (stats_mask & STATS_SUM_ABS_G) != 0;
+  const bool sum_kernel = stats_out && (stats_mask & STATS_SUM_KERNEL) != 0 && s.kernel_on;
   const uint64_t seed = draw ? static_cast<uint64_t>(seeds[t]) : 0;
   const bool quads_aligned = (job.shard_offset & 3) == 0;
   T* param = static_cast<T*>(job.param);
@@ -283,10 +290,10 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
         const bool keep = step_element(flags, s, w[k], g[k], st[0][k], st[1][k], st[2][k], lam, flagged, u[k]);
         keep_bits |= static_cast<uint32_t>(keep) << k;
         if (stats_out && keep && flags.prune != PRUNE_NM) {  // N:M: counted after its decision
-          acc[STAT_ALIVE] += 1.0;
-          acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
-          acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
-          if (s.kernel_on) acc[STAT_SUM_KERNEL] += static_cast<double>(kernel_term(s, w[k]));
+          if (sum_alive) acc[STAT_ALIVE] += 1.0;
+          if (sum_w) acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
+          if (sum_g) acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
+          if (sum_kernel) acc[STAT_SUM_KERNEL] += static_cast<double>(kernel_term(s, w[k]));
         }
       }
     }
@@ -301,10 +308,10 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
           for (int i = 0; i < 3; ++i) st[i][k] = 0.0f;
         }
         if (stats_out && keep) {
-          acc[STAT_ALIVE] += 1.0;
-          acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
-          acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
-          if (s.kernel_on) acc[STAT_SUM_KERNEL] += static_cast<double>(kernel_term(s, w[k]));
+          if (sum_alive) acc[STAT_ALIVE] += 1.0;
+          if (sum_w) acc[STAT_SUM_ABS_W] += static_cast<double>(fabs_(w[k]));
+          if (sum_g) acc[STAT_SUM_ABS_G] += static_cast<double>(fabs_(g[k]));
+          if (sum_kernel) acc[STAT_SUM_KERNEL] += static_cast<double>(kernel_term(s, w[k]));
         }
       }
     }
@@ -376,8 +383,8 @@ __global__ void __launch_bounds__(THREADS) fused_step_kernel(const DeviceTensor*
   if (threadIdx.x == 0) {
     if (stats_out) {
 #pragma unroll
-      for (int i = 0; i < NUM_PARTIALS; ++i) job.stats[i] = total[i];
-      job.stats[STAT_TM] = s.tm_now;
+      for (int i = 0; i < NUM_PARTIALS; ++i) job.stats[i] = total[i];  // 0 for the statistics not computed
+      job.stats[STAT_TM] = (stats_mask & STATS_SUM_KERNEL) != 0 ? s.tm_now : 0.0;
     }
     *job.step = s.step;
     tickets[t] = 0;  // ready for the next launch
@@ -422,7 +429,7 @@ void launch_dtype(const Call& call, const std::vector<size_t>& members, const at
   std::memcpy(table_host.data_ptr(), host.data(), bytes);
   at::Tensor table = table_host.to(device, /*non_blocking=*/true);
   // the chunks' partial statistics (none when this step writes no statistics)
-  const bool stats_out = call.flags.has_stats && call.write_stats;
+  const bool stats_out = call.flags.has_stats && call.stats_mask != 0;
   at::Tensor partials;
   if (stats_out) partials = at::empty({chunks * NUM_PARTIALS}, at::TensorOptions().dtype(at::kDouble).device(device));
   double* partials_ptr = stats_out ? partials.data_ptr<double>() : nullptr;
@@ -433,11 +440,11 @@ void launch_dtype(const Call& call, const std::vector<size_t>& members, const at
   const int n = static_cast<int>(host.size());
   if (call.flags.adam) {
     fused_step_kernel<T, true><<<static_cast<unsigned>(chunks), THREADS, 0, stream>>>(
-        table_ptr, n, call.flags, call.hyper, call.write_stats, lr_ptr, found_inf, seeds, partials_ptr,
+        table_ptr, n, call.flags, call.hyper, call.stats_mask, lr_ptr, found_inf, seeds, partials_ptr,
         tickets.data_ptr<int>());
   } else {
     fused_step_kernel<T, false><<<static_cast<unsigned>(chunks), THREADS, 0, stream>>>(
-        table_ptr, n, call.flags, call.hyper, call.write_stats, lr_ptr, found_inf, seeds, partials_ptr,
+        table_ptr, n, call.flags, call.hyper, call.stats_mask, lr_ptr, found_inf, seeds, partials_ptr,
         tickets.data_ptr<int>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -494,12 +501,12 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    at::IntArrayRef shard_offsets, const at::Tensor& seeds, const c10::optional<at::Tensor>& found_inf,
                    double lr, const c10::optional<at::Tensor>& lr_tensor, double weight_decay, double momentum,
                    double dampening, bool nesterov, bool maximize, int64_t prune, bool regularize, bool l1_proximal,
-                   bool write_stats) {
+                   int64_t stats_mask) {
   const Flags f = sgd_flags(momentum, nesterov, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, momentum, dampening, 0.0, 0.0, 0.0};
   Call call = unpack(params, grads, {momentum_buffers}, {f.momentum}, steps, mask_words, stats, tensor_coefs,
                      group_coefs, group_inner, shard_offsets, seeds, found_inf, lr_tensor, f, h);
-  call.write_stats = write_stats;
+  call.stats_mask = checked_stats_mask(stats_mask);
   if (!params.empty()) run(call, params, seeds);
 }
 
@@ -509,13 +516,13 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::IntArrayRef group_inner, at::IntArrayRef shard_offsets, const at::Tensor& seeds,
                     const c10::optional<at::Tensor>& found_inf, double lr, const c10::optional<at::Tensor>& lr_tensor,
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad,
-                    bool maximize, int64_t prune, bool regularize, bool l1_proximal, bool write_stats) {
+                    bool maximize, int64_t prune, bool regularize, bool l1_proximal, int64_t stats_mask) {
   const Flags f = adam_flags(decoupled, amsgrad, maximize, prune, regularize, l1_proximal);
   const Hyper h{lr, weight_decay, 0.0, 0.0, beta1, beta2, eps};
   Call call = unpack(params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, {true, true, amsgrad}, steps,
                      mask_words, stats, tensor_coefs, group_coefs, group_inner, shard_offsets, seeds, found_inf,
                      lr_tensor, f, h);
-  call.write_stats = write_stats;
+  call.stats_mask = checked_stats_mask(stats_mask);
   if (!params.empty()) run(call, params, seeds);
 }
 

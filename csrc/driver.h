@@ -34,8 +34,17 @@ struct Call {
   std::vector<at::ScalarType> dtypes;
   const at::Tensor* lr_tensor;
   const at::Tensor* found_inf;
-  bool write_stats = true;  // false: the statistics are read (previous step) and left as they are
+  // the statistics this step computes (STATS_* bits; the others are stored as 0); 0: none, the previous
+  // step's are read and left as they are
+  int stats_mask = STATS_ALL;
 };
+
+// The op's stats_mask (contract.STATS_* bits), checked.
+inline int checked_stats_mask(int64_t stats_mask) {
+  TORCH_CHECK(stats_mask >= 0 && stats_mask <= STATS_ALL, "sparsetrain: stats_mask must be a bit set of STATS_* (0 to ",
+              STATS_ALL, "), got ", stats_mask);
+  return static_cast<int>(stats_mask);
+}
 
 inline void check_list(const at::TensorList list, size_t n, const char* name, bool may_be_empty) {
   TORCH_CHECK((may_be_empty && list.empty()) || list.size() == n, "sparsetrain: ", name, " has ", list.size(),

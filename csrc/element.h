@@ -29,6 +29,13 @@ constexpr int NUM_COEFS = 8;
 enum Stat : int { STAT_ALIVE = 0, STAT_SUM_ABS_W, STAT_SUM_KERNEL, STAT_SUM_ABS_G, STAT_TM };
 constexpr int NUM_STATS = 5;
 constexpr int NUM_PARTIALS = 4;  // the summed statistics (all but STAT_TM)
+// Bit sets of statistics (contract.STATS_*): bit 1 << STAT_x per summed statistic; STAT_TM goes with
+// STAT_SUM_KERNEL.
+constexpr int STATS_ALIVE = 1 << STAT_ALIVE;
+constexpr int STATS_SUM_ABS_W = 1 << STAT_SUM_ABS_W;
+constexpr int STATS_SUM_KERNEL = 1 << STAT_SUM_KERNEL;
+constexpr int STATS_SUM_ABS_G = 1 << STAT_SUM_ABS_G;
+constexpr int STATS_ALL = STATS_ALIVE | STATS_SUM_ABS_W | STATS_SUM_KERNEL | STATS_SUM_ABS_G;
 enum Prune : int { PRUNE_NONE = 0, PRUNE_STOCHASTIC, PRUNE_LOW, PRUNE_HIGH, PRUNE_GROUP, PRUNE_NM };
 
 // ---------------------------------------------------------------------------------------------
@@ -172,7 +179,8 @@ struct Flags {
   bool decoupled;
   bool amsgrad;
   bool has_mask;
-  bool has_stats;
+  bool has_stats;   // the call has statistics (read: selective decay, sampling, this step's kernel scale)
+  int stats_out;    // the statistics this step computes (STATS_* bits; 0 with has_stats false)
   bool regularize;
   bool l1_proximal;
   bool has_groups;

@@ -2,7 +2,8 @@
 //
 // sparsetrain_native::sgd_step_ / adam_step_ take the arguments of sparsetrain::sgd_step_ /
 // adam_step_ (sparsetrain/ops.py) without ``backend``, with ``prune`` as its index in
-// contract.PRUNE_MODES. The CPU driver (cpu_driver.cpp) and the CUDA driver (cuda_driver.cu)
+// contract.PRUNE_MODES and ``stats_mask`` the statistics the call computes (contract.stats_computed:
+// 0 when ``write_stats`` is False). The CPU driver (cpu_driver.cpp) and the CUDA driver (cuda_driver.cu)
 // register their implementations for the CPU and CUDA dispatch keys; the Python backend
 // sparsetrain.backends.native calls them.
 #include <Python.h>
@@ -32,14 +33,14 @@ TORCH_LIBRARY(sparsetrain_native, m) {
       "Tensor(d!)[] mask_words, Tensor(e!)[] stats, Tensor[] tensor_coefs, Tensor[] group_coefs, "
       "int[] group_inner, int[] shard_offsets, Tensor seeds, Tensor? found_inf, float lr, Tensor? lr_tensor, "
       "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, int prune, "
-      "bool regularize, bool l1_proximal, bool write_stats) -> ()");
+      "bool regularize, bool l1_proximal, int stats_mask) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] mask_words, Tensor(g!)[] stats, "
       "Tensor[] tensor_coefs, Tensor[] group_coefs, int[] group_inner, int[] shard_offsets, Tensor seeds, "
       "Tensor? found_inf, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled, bool amsgrad, bool maximize, int prune, bool regularize, bool l1_proximal, "
-      "bool write_stats) -> ()");
+      "int stats_mask) -> ()");
   // "cpu" or "cpu,cuda:<architectures>": what this build contains
   m.def("build_info() -> str", &build_info);
 }

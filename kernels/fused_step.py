@@ -34,15 +34,17 @@ lets a block draw its uniforms with one Philox call per four elements; without i
 makes its own call (same values). WIDE_GROUPS (a group run or a group count too large for the
 32-bit group index, see _div_small) computes j(i) in 64 bits. Statistics: HAS_STATS, the call has
 statistics tensors, whose previous values selective decay and stochastic sampling read; STATS_OUT,
-this step computes its statistics and stores them over those (a step whose statistics no later
-step reads computes none: an event that only reads them costs what a step without them costs).
+the bit set (STATS_* below, sparsetrain.contract) of the statistics this step computes and stores
+over those, each sum a switch of its own: a sum no later step reads is not computed at all (no
+conversion, add or reduction), and is stored as 0; with STATS_OUT = 0 the step computes none (an
+event that only reads them costs what a step without them costs).
 Instruction count (tests/issue_time.py reads it from the compiled code): inside a block nothing
 branches on a decision or a random number, so the elements' alive and keep predicates are never
 held across a branch (ptxas would park them in general registers, a few instructions each). A
 dead element's values go through the arithmetic and are discarded by the selects of the stores;
 a stochastic event draws the random numbers of every live block (a tensor that samples none has
-q = 0); the kernel statistic's terms are computed on every statistics step (dropped at the end of
-the program when no scale exists).
+q = 0); the kernel statistic's terms are computed on every step that computes the kernel sum
+(dropped at the end of the program when no scale exists).
 
 Dtypes: parameters and gradients fp32 / bf16 / fp16, optimizer states fp32 or the parameter's dtype
 (one launch per pair present; math in fp32, states rounded once when stored), statistics fp64,
@@ -96,6 +98,12 @@ STAT_SUM_KERNEL = tl.constexpr(2)
 STAT_SUM_ABS_G = tl.constexpr(3)
 STAT_TM = tl.constexpr(4)
 NUM_PARTIALS = tl.constexpr(4)
+# Bit sets of statistics (STATS_OUT): 1 << STAT_* per summed statistic, as sparsetrain.contract.STATS_*.
+STATS_ALIVE = tl.constexpr(1)
+STATS_SUM_ABS_W = tl.constexpr(2)
+STATS_SUM_KERNEL = tl.constexpr(4)
+STATS_SUM_ABS_G = tl.constexpr(8)
+STATS_ALL = tl.constexpr(15)
 # A block with at most 1 live element in SPARSE_BLOCK takes the predicated path (dead elements are
 # neither read nor written): at 1/8 live, about 1 - (7/8)^8 = 66% of its 32-byte sectors hold one.
 SPARSE_BLOCK = tl.constexpr(8)
@@ -264,7 +272,7 @@ def fused_step_kernel(
         nm_n = (tl.load(coef_ptr + COEF_NM).to(tl.int32) % 64) if PRUNE == PRUNE_NM else 0  # contract.nm_code
         kernel_on = 0
         inv_tm_now = 0.0
-        if STATS_OUT:
+        if STATS_SUM_KERNEL & STATS_OUT:
             tm_now = _kernel_scale(stats_ptr, coef_ptr)
             kernel_on = tl.where(tm_now > 0, 1, 0)
             inv_tm_now = ((1.0 / tl.where(tm_now > 0, tm_now, 1.0)) * NEG_LOG2E).to(tl.float32)  # as inv_tm
@@ -324,7 +332,7 @@ def fused_step_kernel(
                     )
         if STATS_OUT:  # the program's partial row
             out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
-            tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
+            tl.store(out, _partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on, STATS_OUT))
     elif STATS_OUT:  # a dead group (or a skipped step): its partials are zero
         out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
         tl.store(out, tl.zeros([NUM_PARTIALS], dtype=tl.float64))
@@ -345,9 +353,9 @@ def _step_block(
     WORDS: tl.constexpr, FULL: tl.constexpr, NM_M: tl.constexpr,
 ):  # fmt: skip
     """One block of WORDS * 32 elements with at least one live element. Returns the block's statistics
-    (zeros unless STATS_OUT): the alive count per mask word ([WORDS] int32, popcounts of the packed
-    decisions), and [WORDS, 8] fp64 sums of four consecutive elements of |w|, the kernel terms and
-    |g|: four consecutive elements are held by one thread, so these sums stay in registers.
+    (each zero unless its bit is in STATS_OUT): the alive count per mask word ([WORDS] int32, popcounts
+    of the packed decisions), and [WORDS, 8] fp64 sums of four consecutive elements of |w|, the kernel
+    terms and |g|: four consecutive elements are held by one thread, so these sums stay in registers.
 
     FULL: the block lies wholly inside the tensor and is not sparse; unmasked (vectorizable) loads
     and stores, a dead element is read and written back unchanged, so memory sees the same values
@@ -454,11 +462,12 @@ def _step_block(
         keep = live & _nm_keep(tl.abs(w), live, nm_n, WORDS, NM_M)
 
     # writes: pruned-now elements become zero; dead-before elements get back what was read.
-    # With statistics the zero is `step * 0.0` (+0.0, which the compiler cannot see as a constant):
+    # With fp64 sums the zero is `step * 0.0` (+0.0, which the compiler cannot see as a constant):
     # |w| of the statistics is then this select's result (no second select), and the fp64
     # conversion stays after it (with a constant zero the compiler sinks the select past the
     # conversion, two selects of the 64-bit halves)
-    zero = step * 0.0 if STATS_OUT else 0.0
+    FP64_SUMS: tl.constexpr = (STATS_SUM_ABS_W | STATS_SUM_KERNEL | STATS_SUM_ABS_G) & STATS_OUT
+    zero = step * 0.0 if FP64_SUMS else 0.0
     w = tl.where(keep, w, zero)
     # chosen in fp32, then rounded once: 16-bit parameters are packed two to a register in one instruction
     store_block(param_ptr, offs, tl.where(live, w, w_in).to(PARAM_DTYPE), io, ALIGNED, FULL)
@@ -471,7 +480,7 @@ def _step_block(
         store_block(state1_ptr, offs, tl.where(keep, buf, tl.where(live, 0.0, buf_old)), io, ALIGNED, FULL)
     if HAS_MASK and PRUNE == PRUNE_NONE and FULL:
         keep_words = words  # keep = live: every bit of a full block's words is inside the tensor
-    elif (HAS_MASK and PRUNE != PRUNE_NONE) or STATS_OUT:
+    elif (HAS_MASK and PRUNE != PRUNE_NONE) or (STATS_ALIVE & STATS_OUT) != 0:
         bits = tl.where(keep, 1 << tl.arange(0, 32)[None, :], 0)
         keep_words = tl.sum(bits, axis=1)  # packed as unpack_live reads
     if HAS_MASK and PRUNE != PRUNE_NONE:  # without a decision the mask words cannot change
@@ -481,14 +490,18 @@ def _step_block(
     part_w = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_kernel = tl.zeros([WORDS, 8], dtype=tl.float64)
     part_g = tl.zeros([WORDS, 8], dtype=tl.float64)
-    if STATS_OUT:
-        # selects of 32-bit values before the fp64 conversions, whose abs modifier takes |x|
-        abs_w = tl.abs(w)  # zero for pruned and dead elements (the select above)
+    # only the statistics of STATS_OUT; selects of 32-bit values before the fp64 conversions, whose
+    # abs modifier takes |x|
+    abs_w = tl.abs(w)  # zero for pruned and dead elements (the select above)
+    if STATS_ALIVE & STATS_OUT:
         part_alive = _popcount(keep_words)  # exact count per word, from the packed decisions
+    if STATS_SUM_ABS_W & STATS_OUT:
         part_w = _quad_sums(abs_w.to(tl.float64), WORDS)
+    if STATS_SUM_KERNEL & STATS_OUT:
         # computed also while the kernel is off (kernel_on = 0: the program's sum is dropped at its end),
         # so that no branch splits the block while the decisions are held
         part_kernel = _quad_sums(tl.where(keep, tl.exp2(abs_w * inv_tm_now), zero).to(tl.float64), WORDS)
+    if STATS_SUM_ABS_G & STATS_OUT:
         part_g = _quad_sums(tl.where(keep, tl.abs(g_raw), zero).to(tl.float64), WORDS)
     return part_alive, part_w, part_kernel, part_g
 
@@ -529,11 +542,15 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 
 
 @triton.jit
-def _partial_row(alive, sum_w, sum_kernel, sum_g, kernel_on):
-    """The four fixed-order sums of a program's per-thread statistics, as one [4] row (the kernel sum
-    0 unless kernel_on: without a scale of the previous step the kernel terms are undefined)."""
+def _partial_row(alive, sum_w, sum_kernel, sum_g, kernel_on, STATS_OUT: tl.constexpr):
+    """The four fixed-order sums of a program's per-thread statistics, as one [4] row: only those of
+    STATS_OUT are reduced, the others are 0 (and the kernel sum 0 unless kernel_on: without a scale of
+    the previous step the kernel terms are undefined)."""
     i = tl.arange(0, NUM_PARTIALS)
-    a, b, c, d = tl.sum(alive).to(tl.float64), tl.sum(sum_w), tl.sum(sum_kernel), tl.sum(sum_g)
+    a = tl.sum(alive).to(tl.float64) if STATS_ALIVE & STATS_OUT else tl.zeros([], dtype=tl.float64)
+    b = tl.sum(sum_w) if STATS_SUM_ABS_W & STATS_OUT else tl.zeros([], dtype=tl.float64)
+    c = tl.sum(sum_kernel) if STATS_SUM_KERNEL & STATS_OUT else tl.zeros([], dtype=tl.float64)
+    d = tl.sum(sum_g) if STATS_SUM_ABS_G & STATS_OUT else tl.zeros([], dtype=tl.float64)
     c = tl.where(kernel_on != 0, c, 0.0)
     return tl.where(i == 0, a, tl.where(i == 1, b, tl.where(i == 2, c, d)))
 
@@ -571,8 +588,9 @@ def finish_step_kernel(
     HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Per tensor: step += 1 and (STATS_OUT) stats = fixed-order sum of its programs' partials (one
-    program each)."""
+    """Per tensor: step += 1 and (STATS_OUT, a nonzero bit set) stats = fixed-order sum of its programs'
+    partials (0 for the statistics not in STATS_OUT), and STAT_TM = this step's kernel scale when the
+    kernel sum is computed, else 0 (one program each)."""
     t = tl.program_id(0)
     advance = 1
     if HAS_FOUND_INF:
@@ -581,7 +599,9 @@ def finish_step_kernel(
     tl.store(step_ptr, tl.load(step_ptr) + advance)
     if STATS_OUT:
         stats_ptr = _row_ptr(table, ROW_STATS, t, num_tensors, tl.float64)
-        tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
+        tm_now = tl.zeros([], dtype=tl.float64)
+        if STATS_SUM_KERNEL & STATS_OUT:
+            tm_now = _kernel_scale(stats_ptr, _row_ptr(table, ROW_COEF, t, num_tensors, tl.float32))
         first = tl.load(tensor_first_partial + t).to(tl.int64)
         acc = _sum_rows(partials, first, first + tl.load(tensor_num_partials + t), CHUNK)
         cols = tl.arange(0, NUM_PARTIALS)

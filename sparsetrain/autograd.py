@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends
 from . import masks as mask_format
-from .contract import COEF_L1, COEF_L2
+from .contract import COEF_L1, COEF_L2, STATS_ALL
 from .methods.base import Method
 from .optim.sgd import SGD
 from .pruner import DEFAULT_TYPES, Pruner, Target, check_unmasked, resolve_targets
@@ -347,10 +347,14 @@ class MaskedPruner(Pruner):
                 "pruner.step(optimizer) with every optimizer of the model (nothing was changed)"
             )
 
+    def stats_to_compute(self) -> int:
+        """All of them, always: the internal optimizer steps only at events, twice (a refresh, then the
+        decision), and what each step writes is read next (the decision reads the refresh's
+        statistics, the next event's schedule the decision's)."""
+        return STATS_ALL
+
     def wants_stats(self) -> bool:
-        """Always: the internal optimizer steps only at events, twice (a refresh, then the decision), and
-        what each step writes is read next (the decision reads the refresh's statistics, the next
-        event's schedule the decision's)."""
+        """Always (:meth:`stats_to_compute`)."""
         return True
 
     def effective_weight(self, target: Target) -> Tensor:

@@ -7,9 +7,14 @@ Per prunable tensor ``t`` the fused step reads and writes (docs/design.md, "The 
 * ``group_coefs[t]``: float32 ``[2, G]``; row ``GROUP_LAM`` is the per-group L2 coefficient (GReg),
   row ``GROUP_PRUNE`` is 1.0 where the group is flagged for pruning. Element ``i`` belongs to
   group ``(i // group_inner[t]) % G``.
-* ``stats[t]``: float64 ``[NUM_STATS]``, overwritten by a step that computes statistics (the ops'
-  ``write_stats``) with those of the updated, masked tensor, read at the next step (``STAT_*``
-  below). Reductions use a fixed order.
+* ``stats[t]``: float64 ``[NUM_STATS]``, overwritten by a step that computes statistics with those
+  of the updated, masked tensor, read at the next step (``STAT_*`` below). Reductions use a fixed
+  order, in float64. Which statistics a step computes is the ops' ``stats_mask`` (bits ``STATS_*``
+  below, ``1 << STAT_*``; ``write_stats=False`` computes none): a step that computes some overwrites
+  the whole vector, the statistics it computes with this step's sums and every other one with 0
+  (``STAT_TM`` goes with ``STAT_SUM_KERNEL``: 0 when that is not computed), so the vector always
+  describes one step, stays valid (finite, non-negative) and sums exactly across ranks. A step that
+  computes none leaves the vector as it was (the previous step's, which it may read).
 
 Selective decay's ``gbar`` is ``stats[STAT_SUM_ABS_G] / stats[STAT_ALIVE]`` of the previous step
 (the term is zero while that is zero). Stochastic pruning at an event uses the previous step's
@@ -48,6 +53,15 @@ STAT_SUM_ABS_G = 3
 STAT_TM = 4
 NUM_STATS = 5
 
+# Bit sets of statistics (the ops' ``stats_mask``, ``Method.stats_read``): bit ``1 << STAT_*`` per
+# summed statistic; computing STAT_SUM_KERNEL also stores the scale it used in STAT_TM.
+STATS_NONE = 0
+STATS_ALIVE = 1 << STAT_ALIVE
+STATS_SUM_ABS_W = 1 << STAT_SUM_ABS_W
+STATS_SUM_KERNEL = 1 << STAT_SUM_KERNEL
+STATS_SUM_ABS_G = 1 << STAT_SUM_ABS_G
+STATS_ALL = STATS_ALIVE | STATS_SUM_ABS_W | STATS_SUM_KERNEL | STATS_SUM_ABS_G
+
 GROUP_LAM = 0
 GROUP_PRUNE = 1
 
@@ -55,6 +69,18 @@ PRUNE_MODES = ("none", "stochastic", "low", "high", "group", "nm")
 
 NM_GROUP_SIZES = (2, 4, 8, 16, 32)
 """The group sizes ``M`` of N:M pruning: powers of two up to 32, so that a group never straddles a mask word."""
+
+
+def stats_computed(write_stats: bool, stats_mask: int) -> int:
+    """The statistics an op call computes: ``stats_mask`` (bits ``STATS_*``) when ``write_stats``, else none.
+
+    Raises ``ValueError`` for a ``stats_mask`` that is not an integer bit set of ``STATS_ALL``.
+    """
+    if isinstance(stats_mask, bool) or not isinstance(stats_mask, int) or stats_mask & ~STATS_ALL or stats_mask < 0:
+        raise ValueError(
+            f"stats_mask must be an int bit set of contract.STATS_* (0 to {STATS_ALL}), got {stats_mask!r}"
+        )
+    return stats_mask if write_stats else STATS_NONE
 
 
 def nm_code(n: int, m: int) -> float:

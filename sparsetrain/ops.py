@@ -13,9 +13,13 @@ random stream and the group index use global indices, so masks do not depend on 
 list = all 0).
 
 Empty lists switch features off: no ``mask_words`` = no masks; no ``stats`` = no statistics; no
-``group_coefs`` = no per-group lam. With ``write_stats=False`` the previous step's statistics are
-read and left as they are (a step whose statistics no later step reads computes none). ``steps``
-are incremented by the op. When ``found_inf`` is given and nonzero, nothing at all is modified.
+``group_coefs`` = no per-group lam. Statistics are computed per statistic, only those a later step
+reads: ``stats_mask`` names them (bits ``contract.STATS_*``, default all); a call computes them and
+overwrites the whole ``stats`` vector, the statistics it does not compute with 0 (``STAT_TM`` with
+``STAT_SUM_KERNEL``). With ``write_stats=False`` (or ``stats_mask=0``) it computes none: the previous
+step's statistics are read and left as they are. ``write_stats=True`` without ``stats_mask`` keeps
+the old all-statistics behaviour. ``steps`` are incremented by the op. When ``found_inf`` is given
+and nonzero, nothing at all is modified.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, contract
 
 _PRUNING_MUTATES = ("mask_words", "stats")
 
@@ -56,6 +60,7 @@ def sgd_step_(
     l1_proximal: bool,
     backend: str,
     write_stats: bool = True,
+    stats_mask: int = contract.STATS_ALL,
 ) -> None:
     """Fused SGD (``torch.optim.SGD`` semantics) with regularization, pruning and masks, in place.
 
@@ -70,8 +75,9 @@ def sgd_step_(
         steps: float32 scalar tensors, the per-tensor step counts, incremented in place.
         mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
             ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
-        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, with ``write_stats``,
-            overwritten (this step). Empty: no statistics.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, when this step
+            computes statistics (``write_stats``, ``stats_mask``), overwritten (this step). Empty: no
+            statistics.
         tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
             ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
         group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
@@ -93,8 +99,12 @@ def sgd_step_(
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
-        write_stats: compute this step's statistics and store them over ``stats``; ``False``: only read
-            the previous ones (selective decay, sampling) and leave them as they are.
+        write_stats: compute this step's statistics (those of ``stats_mask``) and store them over
+            ``stats``; ``False``: compute none, only read the previous ones (selective decay,
+            sampling) and leave them as they are.
+        stats_mask: which statistics a writing step computes: bits ``contract.STATS_ALIVE``,
+            ``STATS_SUM_ABS_W``, ``STATS_SUM_KERNEL`` (with ``STAT_TM``), ``STATS_SUM_ABS_G``; the
+            others are stored as 0. Default ``contract.STATS_ALL``; 0 computes none.
     """
     backends.module(backend).sgd_step(
         params,
@@ -119,7 +129,7 @@ def sgd_step_(
         prune=prune,
         regularize=regularize,
         l1_proximal=l1_proximal,
-        write_stats=write_stats,
+        stats_mask=contract.stats_computed(write_stats, stats_mask),
     )
 
 
@@ -161,6 +171,7 @@ def adam_step_(
     l1_proximal: bool,
     backend: str,
     write_stats: bool = True,
+    stats_mask: int = contract.STATS_ALL,
 ) -> None:
     """Fused Adam (``decoupled=False``) or AdamW step with regularization, pruning and masks, in place.
 
@@ -177,8 +188,9 @@ def adam_step_(
             place.
         mask_words: per tensor, int32 ``[ceil(numel / 32)]``, the packed mask (bit ``i % 32`` of word
             ``i // 32``, 1 = alive); updated in place at pruning events. Empty: no masks.
-        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, with ``write_stats``,
-            overwritten (this step). Empty: no statistics.
+        stats: per tensor, float64 ``[NUM_STATS]``; read (previous step) and, when this step
+            computes statistics (``write_stats``, ``stats_mask``), overwritten (this step). Empty: no
+            statistics.
         tensor_coefs: per tensor, float32 ``[NUM_COEFS]`` (``l2``, ``l1``, ``sd``, ``sd_beta``,
             ``threshold``, ``prune_count``, ``temperature``; see :mod:`sparsetrain.contract`).
         group_coefs: per tensor, float32 ``[2, G]``: per-group ``lam`` and prune flags. Empty: none.
@@ -202,8 +214,12 @@ def adam_step_(
         regularize: apply the per-tensor ``l2`` / ``l1`` / selective-decay coefficients.
         l1_proximal: L1 as a soft-threshold after the update (``True``) or a subgradient.
         backend: ``"torch"``, ``"triton"`` or ``"native"`` (a resolved name, not ``"auto"``).
-        write_stats: compute this step's statistics and store them over ``stats``; ``False``: only read
-            the previous ones (selective decay, sampling) and leave them as they are.
+        write_stats: compute this step's statistics (those of ``stats_mask``) and store them over
+            ``stats``; ``False``: compute none, only read the previous ones (selective decay,
+            sampling) and leave them as they are.
+        stats_mask: which statistics a writing step computes: bits ``contract.STATS_ALIVE``,
+            ``STATS_SUM_ABS_W``, ``STATS_SUM_KERNEL`` (with ``STAT_TM``), ``STATS_SUM_ABS_G``; the
+            others are stored as 0. Default ``contract.STATS_ALL``; 0 computes none.
     """
     backends.module(backend).adam_step(
         params,
@@ -232,7 +248,7 @@ def adam_step_(
         prune=prune,
         regularize=regularize,
         l1_proximal=l1_proximal,
-        write_stats=write_stats,
+        stats_mask=contract.stats_computed(write_stats, stats_mask),
     )
 
 

@@ -556,11 +556,16 @@ class Pruner:
         if self.optimizer.pruner is self:
             self.optimizer.pruner = None
 
+    def stats_to_compute(self) -> int:
+        """The statistics the coming optimizer step must compute, a bit set of ``contract.STATS_*``: those
+        the method reads on the next step (:meth:`Method.stats_read`). Steps compute only these (the
+        others are stored as 0) and none when it is 0; a step that reads the previous step's (a
+        stochastic event) reads them whatever it computes."""
+        return self.method.stats_read(self.step_count + 1)
+
     def wants_stats(self) -> bool:
-        """Whether the coming optimizer step must compute statistics: the method reads them on the next
-        step (:meth:`Method.needs_stats`). Steps that need none compute none; a step that reads the
-        previous step's (a stochastic event) reads them without computing its own."""
-        return self.method.needs_stats(self.step_count + 1)
+        """Whether the coming optimizer step must compute any statistic (:meth:`stats_to_compute`)."""
+        return bool(self.stats_to_compute())
 
     # -- what methods use
     def coefs(self, target: Target) -> Tensor:
@@ -592,7 +597,7 @@ class Pruner:
 
     def stats(self, target: Target) -> Tensor:
         """The target's statistics of the last step that computed them (float64 ``[NUM_STATS]`` on its
-        device; steps compute them only when the method reads them, see :meth:`wants_stats`).
+        device; steps compute only those the method reads, the others are 0, see :meth:`stats_to_compute`).
 
         With DTensor shards they are summed across ranks first when a step requested it.
         """

@@ -47,14 +47,21 @@ VARIANTS = [
     ("sgd bf16 stochastic bf16 states", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, IS_ADAM=False, PRUNE=1)),
     ("adamw fp16 stochastic fp16 states", dict(PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float16, IS_ADAM=True, PRUNE=1)),
     ("sgd fp32 2:4", dict(PARAM_DTYPE=tl.float32, IS_ADAM=False, PRUNE=5, NM_M=4)),
+    # the statistics of a stochastic event (alive, |w|, kernel) and of selective decay (alive, |g|)
+    ("sgd bf16 stochastic event statistics", dict(PARAM_DTYPE=tl.bfloat16, IS_ADAM=False, PRUNE=1, STATS_OUT=7)),
+    ("adamw fp32 low selective decay statistics", dict(PARAM_DTYPE=tl.float32, IS_ADAM=True, PRUNE=2, STATS_OUT=9)),
 ]
 EVERYTHING_ON = dict(
     HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, DECOUPLED=True, AMSGRAD=True, HAS_MASK=True, HAS_STATS=True,
-    STATS_OUT=True, REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, WIDE_GROUPS=False, HAS_FOUND_INF=True,
-    LR_ON_DEVICE=True, ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32, NM_M=1,
+    STATS_OUT=int(fused_step.STATS_ALL), REGULARIZE=True, L1_PROX=False, HAS_GROUPS=True, WIDE_GROUPS=False,
+    HAS_FOUND_INF=True, LR_ON_DEVICE=True, ALIGNED=True, QUAD_STREAM=True, WORDS=32, BLOCKS=8, STATE_DTYPE=tl.float32,
+    NM_M=1,
 )  # fmt: skip
+# STATS_OUT, a bit set, is flipped to 0 (no statistics computed)
 SWITCHES = [
-    k for k, v in EVERYTHING_ON.items() if isinstance(v, bool) and k not in ("ALIGNED", "QUAD_STREAM", "WIDE_GROUPS")
+    k
+    for k, v in EVERYTHING_ON.items()
+    if (isinstance(v, bool) or k == "STATS_OUT") and k not in ("ALIGNED", "QUAD_STREAM", "WIDE_GROUPS")
 ]
 
 
@@ -105,12 +112,12 @@ def main() -> int:
         loads, stores = vector_accesses(kernel.asm["ptx"])
         report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
         print(json.dumps({**report, "vector_stores": stores}), flush=True)
-    for stats, found in ((True, True), (False, False)):
+    for stats, found in ((int(fused_step.STATS_ALL), True), (0, False), (7, False)):
         constexprs = {"STATS_OUT": stats, "HAS_FOUND_INF": found, "CHUNK": 256}
         signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(ASTSource(fused_step.finish_step_kernel, signature, constexprs), target=TARGET)
         registers, spills = resource_usage(kernel.asm["cubin"])
-        name = "finish" if stats else "switch: finish plain"
+        name = {0: "switch: finish plain", 7: "finish alive |w| kernel"}.get(stats, "finish")
         print(json.dumps({"variant": name, "registers": registers, "spill_bytes": spills}), flush=True)
     signature = {"src": "*fp64", "dst": "*fp64", "segment_first": "*i32", "segment_rows": "*i32", "CHUNK": "constexpr"}
     kernel = triton.compile(ASTSource(fused_step.reduce_partials_kernel, signature, {"CHUNK": 256}), target=TARGET)

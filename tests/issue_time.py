@@ -84,7 +84,7 @@ def full_block_kernel(
             )
     if STATS_OUT:
         out = partials + tl.program_id(0).to(tl.int64) * fused_step.NUM_PARTIALS + tl.arange(0, fused_step.NUM_PARTIALS)
-        tl.store(out, fused_step._partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on))
+        tl.store(out, fused_step._partial_row(acc_alive, acc_w, acc_kernel, acc_g, kernel_on, STATS_OUT))
 
 
 POINTERS = ["param_ptr", "grad_ptr", "state1_ptr", "state2_ptr", "state3_ptr", "mask_ptr", "group_ptr", "partials"]
@@ -97,18 +97,24 @@ FLOATS = [
 ]  # fmt: skip
 
 # The cases the targets name: SGD (momentum 0.9) + L2 + mask, AdamW + mask; event steps sample
-# (stochastic) and write statistics (an event on every step; the "no statistics written" cases are
-# the events of a longer interval, which read the previous step's statistics and write none); bytes
-# per element: reads and writes of w and the states, the gradient read, the mask bit read (and
-# written on event steps).
+# (stochastic) and write the statistics the next event reads (an event on every step: the alive
+# count, the |w| sum for its scale and the kernel sum; never |g|); the "no statistics written" cases
+# are the events of a longer interval, which read the previous step's statistics and write none; the
+# "all statistics written" cases add the |g| sum (a step without a Pruner); the "selective decay"
+# non-event steps write what the next step's decay term reads (alive count, |g| sum). Bytes per
+# element: reads and writes of w and the states, the gradient read, the mask bit read (and written
+# on event steps).
 BASE = dict(
     IS_ADAM=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, DECOUPLED=False, AMSGRAD=False, HAS_MASK=True,
-    HAS_STATS=False, STATS_OUT=False, REGULARIZE=True, L1_PROX=True, HAS_GROUPS=False, WIDE_GROUPS=False, PRUNE=0,
+    HAS_STATS=False, STATS_OUT=0, REGULARIZE=True, L1_PROX=True, HAS_GROUPS=False, WIDE_GROUPS=False, PRUNE=0,
     QUAD_STREAM=True,
 )  # fmt: skip
-EVENT = dict(HAS_STATS=True, STATS_OUT=True, PRUNE=1)
-EVENT_READ = dict(HAS_STATS=True, STATS_OUT=False, PRUNE=1)  # reads the previous step's statistics only
-KEPT = dict(HAS_STATS=True, STATS_OUT=True)
+EVENT_STATS = int(fused_step.STATS_ALIVE) | int(fused_step.STATS_SUM_ABS_W) | int(fused_step.STATS_SUM_KERNEL)
+DECAY_STATS = int(fused_step.STATS_ALIVE) | int(fused_step.STATS_SUM_ABS_G)
+EVENT = dict(HAS_STATS=True, STATS_OUT=EVENT_STATS, PRUNE=1)
+EVENT_ALL = dict(HAS_STATS=True, STATS_OUT=int(fused_step.STATS_ALL), PRUNE=1)
+EVENT_READ = dict(HAS_STATS=True, STATS_OUT=0, PRUNE=1)  # reads the previous step's statistics only
+KEPT = dict(HAS_STATS=True, STATS_OUT=DECAY_STATS)
 ADAMW = dict(IS_ADAM=True, HAS_MOMENTUM=False, DECOUPLED=True)
 CASES = [
     # name, switches, parameter dtype, bytes per element, target (issue time / memory floor)
@@ -120,8 +126,7 @@ CASES = [
     ("adamw bf16 event", {**ADAMW, **EVENT}, tl.bfloat16, 22.25, 0.60),
     ("sgd fp32 group penalty (greg)", dict(HAS_GROUPS=True), tl.float32, 20.125, 0.60),
     ("sgd fp32 group penalty, group prune event", dict(HAS_GROUPS=True, PRUNE=4), tl.float32, 20.25, 0.60),
-    # non-event steps whose statistics the next step reads (selective decay; the two steps before a
-    # stochastic event)
+    # non-event steps whose statistics the next step reads (selective decay: alive count and |g| sum)
     ("sgd fp32 non-event, statistics kept", KEPT, tl.float32, 20.125, 0.30),
     ("adamw fp32 non-event, statistics kept", {**ADAMW, **KEPT}, tl.float32, 28.125, 0.30),
     # 16-bit parameters with optimizer states in their dtype (the optimizers' default, as torch.optim):
@@ -133,6 +138,11 @@ CASES = [
     ("sgd bf16 event, bf16 states, no statistics written", {**EVENT_READ, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16,
      10.25, 0.60),
     ("adamw bf16 event, bf16 states, no statistics written", {**ADAMW, **EVENT_READ, "STATE_DTYPE": tl.bfloat16},
+     tl.bfloat16, 14.25, 0.60),
+    # for comparison: the same events computing every statistic, |g| included
+    ("sgd bf16 event, bf16 states, all statistics written", {**EVENT_ALL, "STATE_DTYPE": tl.bfloat16}, tl.bfloat16,
+     10.25, 0.60),
+    ("adamw bf16 event, bf16 states, all statistics written", {**ADAMW, **EVENT_ALL, "STATE_DTYPE": tl.bfloat16},
      tl.bfloat16, 14.25, 0.60),
 ]  # fmt: skip
 

@@ -42,7 +42,12 @@ def test_kernels_lower_for_sm90_without_spills():
 
 # Issue time / memory floor of the fused step's cases, from the sm_90 SASS (method: tests/issue_time.py).
 # Cases still above their target fail strictly as expected failures, so meeting a target is noticed.
-NOT_MET = {"sgd bf16 event, bf16 states", "adamw bf16 event, bf16 states"}
+NOT_MET = {
+    "sgd bf16 event, bf16 states",
+    "adamw bf16 event, bf16 states",
+    "sgd bf16 event, bf16 states, all statistics written",
+    "adamw bf16 event, bf16 states, all statistics written",
+}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from importlib import resources
 
 import torch
 
-from ..contract import PRUNE_MODES
+from ..contract import PRUNE_MODES, STATS_ALL
 from . import stand_ins, write_back
 
 _PRUNE_INDEX = {mode: index for index, mode in enumerate(PRUNE_MODES)}
@@ -105,7 +105,7 @@ def sgd_step(
     prune,
     regularize,
     l1_proximal,
-    write_stats=True,
+    stats_mask=STATS_ALL,
 ) -> None:
     """Fused SGD step on the native drivers (same function as the torch reference)."""
     if not params:
@@ -118,7 +118,7 @@ def sgd_step(
         params, stand_ins(grads)[0], momentum_buffers, steps, mask_words, stats, tensor_coefs, group_coefs,
         list(group_inner), list(shard_offsets), seeds, found_inf, float(lr), lr_tensor, float(weight_decay),
         float(momentum), float(dampening), bool(nesterov), bool(maximize), _PRUNE_INDEX[prune], bool(regularize),
-        bool(l1_proximal), bool(write_stats),
+        bool(l1_proximal), int(stats_mask),
     )  # fmt: skip
     write_back(widened + staged)
 
@@ -151,7 +151,7 @@ def adam_step(
     prune,
     regularize,
     l1_proximal,
-    write_stats=True,
+    stats_mask=STATS_ALL,
 ) -> None:
     """Fused Adam / AdamW step on the native drivers (same function as the torch reference)."""
     if not params:
@@ -167,6 +167,6 @@ def adam_step(
         params, stand_ins(grads)[0], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask_words,
         stats, tensor_coefs, group_coefs, list(group_inner), list(shard_offsets), seeds, found_inf, float(lr),
         lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
-        bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal), bool(write_stats),
+        bool(maximize), _PRUNE_INDEX[prune], bool(regularize), bool(l1_proximal), int(stats_mask),
     )  # fmt: skip
     write_back(widened + staged)

@@ -31,6 +31,11 @@ from ..contract import (
     STAT_SUM_ABS_W,
     STAT_SUM_KERNEL,
     STAT_TM,
+    STATS_ALIVE,
+    STATS_ALL,
+    STATS_SUM_ABS_G,
+    STATS_SUM_ABS_W,
+    STATS_SUM_KERNEL,
     nm_pattern,
 )
 
@@ -53,7 +58,8 @@ class _Pruning:
     prune: str
     regularize: bool
     l1_proximal: bool
-    write_stats: bool = True  # False: the previous step's statistics are read, and left as they are
+    stats_mask: int = STATS_ALL  # the statistics this step computes (contract.STATS_*); 0: none, the
+    # previous step's are read and left as they are
 
     def __post_init__(self) -> None:
         self.seed_values = self.seeds.tolist() if self.prune == "stochastic" else None
@@ -121,22 +127,29 @@ class _Pruning:
         return alive & ~flagged
 
     def finish(self, t: int, w: Tensor, g: Tensor, alive: Tensor) -> None:
-        """Write the new mask bits and this step's statistics."""
+        """Write the new mask bits and this step's statistics: those of ``stats_mask``, 0 for the others."""
         if self.mask_words:
             self.mask_words[t].copy_(mask_format.pack(alive))
-        if not self.stats or not self.write_stats:
+        bits = self.stats_mask
+        if not self.stats or not bits:
             return
         stats = self.stats[t]
-        prev_alive, prev_sum_w = float(stats[STAT_ALIVE]), float(stats[STAT_SUM_ABS_W])
-        temperature = float(self.tensor_coefs[t][COEF_TEMPERATURE]) if self.tensor_coefs else 0.0
-        tm = temperature * prev_sum_w / prev_alive if prev_alive > 0 else 0.0
+        zero = torch.zeros((), dtype=torch.float64, device=stats.device)
         w64, live = w.double().abs(), alive.double()
-        kernel = torch.exp(-w64.float() / tm).double() * live if tm > 0 else torch.zeros_like(w64)
-        stats.copy_(
-            torch.stack(
-                [live.sum(), (w64 * live).sum(), kernel.sum(), (g.double().abs() * live).sum(), w64.new_tensor(tm)]
-            )
-        )
+        values = [zero] * 5
+        if bits & STATS_ALIVE:
+            values[STAT_ALIVE] = live.sum()
+        if bits & STATS_SUM_ABS_W:
+            values[STAT_SUM_ABS_W] = (w64 * live).sum()
+        if bits & STATS_SUM_KERNEL:  # at the scale temperature * mean |w| of the previous step
+            prev_alive, prev_sum_w = float(stats[STAT_ALIVE]), float(stats[STAT_SUM_ABS_W])
+            temperature = float(self.tensor_coefs[t][COEF_TEMPERATURE]) if self.tensor_coefs else 0.0
+            tm = temperature * prev_sum_w / prev_alive if prev_alive > 0 else 0.0
+            kernel = torch.exp(-w64.float() / tm).double() * live if tm > 0 else torch.zeros_like(w64)
+            values[STAT_SUM_KERNEL], values[STAT_TM] = kernel.sum(), w64.new_tensor(tm)
+        if bits & STATS_SUM_ABS_G:
+            values[STAT_SUM_ABS_G] = (g.double().abs() * live).sum()
+        stats.copy_(torch.stack(values))
 
 
 def nm_keep(code: Tensor | float, w: Tensor, alive: Tensor, offset: int = 0) -> Tensor:

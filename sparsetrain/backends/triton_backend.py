@@ -3,7 +3,9 @@
 One ``fused_step_kernel`` launch per pair of parameter dtype (fp32, bf16, fp16) and state dtype
 (fp32 or the parameter's) present in the call, then
 one ``finish_step_kernel`` launch for all tensors (preceded by one ``reduce_partials_kernel``
-launch when a tensor has more than ``SEGMENT_THRESHOLD`` programs and statistics are kept). The
+launch when a tensor has more than ``SEGMENT_THRESHOLD`` programs and statistics are kept). Each
+statistic the step computes is a compile-time switch (``STATS_OUT``, the call's ``stats_mask``), so a
+launch computes only the sums a later step reads. The
 per-tensor address table and the block map are built once per set of tensors and cached; when
 gradients move (a new allocation), only their row of the table is refreshed.
 """
@@ -102,6 +104,9 @@ def _kernels():
 
     mirrored = (fused_step.COEF_PRUNE_COUNT, fused_step.COEF_TEMPERATURE, fused_step.STAT_TM, fused_step.NUM_PARTIALS)
     assert tuple(map(int, mirrored)) == (contract.COEF_PRUNE_COUNT, contract.COEF_TEMPERATURE, contract.STAT_TM, 4)
+    bits = (fused_step.STATS_ALIVE, fused_step.STATS_SUM_ABS_W, fused_step.STATS_SUM_KERNEL, fused_step.STATS_SUM_ABS_G)
+    names = ("STATS_ALIVE", "STATS_SUM_ABS_W", "STATS_SUM_KERNEL", "STATS_SUM_ABS_G")
+    assert tuple(map(int, bits)) == tuple(getattr(contract, name) for name in names)
     return fused_step
 
 
@@ -387,7 +392,7 @@ def _launch_contiguous(
     is_adam,
     scalars,
     flags,
-    write_stats=True,
+    stats_mask=contract.STATS_ALL,
 ) -> None:
     import triton.language as tl
 
@@ -404,6 +409,7 @@ def _launch_contiguous(
         raise RuntimeError("prune='group' needs group_coefs")
     if regularize and not tensor_coefs:
         raise RuntimeError("regularize=True needs tensor_coefs")
+    stats_out = int(stats_mask) if stats else 0  # the statistics this step computes (a compile-time bit set)
     plan = _plan(
         device,
         params,
@@ -453,7 +459,7 @@ def _launch_contiguous(
             AMSGRAD=bool(flags.get("amsgrad")),
             HAS_MASK=bool(mask_words),
             HAS_STATS=bool(stats),
-            STATS_OUT=bool(stats) and bool(write_stats),
+            STATS_OUT=stats_out,
             REGULARIZE=bool(regularize),
             L1_PROX=bool(l1_proximal),
             HAS_GROUPS=bool(group_coefs),
@@ -470,7 +476,6 @@ def _launch_contiguous(
             enable_fp_fusion=True,  # explicit: Triton 3.10 changes the default
         )
     partials = plan.partials
-    stats_out = bool(stats) and bool(write_stats)
     if stats_out and plan.segments is not None:
         segment_first, segment_rows, partials = plan.segments
         fs.reduce_partials_kernel[(segment_first.numel(),)](

@@ -53,14 +53,33 @@ class Method:
     def after_step(self, pruner: Pruner, step: int) -> None:
         """Called after optimizer step ``step``."""
 
-    def needs_stats(self, step: int) -> bool:
-        """Whether step ``step`` reads the previous step's statistics beyond what the optimizer knows.
+    def stats_read(self, step: int) -> int:
+        """Which of the previous step's statistics step ``step`` reads: a bit set of
+        ``sparsetrain.contract.STATS_*`` (0: none).
 
-        The optimizer computes statistics only on steps ``k`` where ``needs_stats(k + 1)`` (and on
-        every step with selective decay), so a method that reads them must say so here; step ``k``
-        itself reads the previous step's without computing its own (a stochastic event). For sharded
-        (FSDP2) parameters, statistics are summed across ranks before such a step and never otherwise.
+        Statistics only when consumed: optimizer step ``k`` computes exactly ``stats_read(k + 1)`` (with
+        the alive count and |g| sum on every step under selective decay), the others are stored as 0
+        and none at all when that is 0; step ``k`` itself reads the previous step's. A step that
+        computes the kernel sum (``STATS_SUM_KERNEL``) reads the previous step's alive count and |w|
+        sum (its scale ``temperature * mean|w|``), so a method that reads the kernel sum at step
+        ``s`` also declares ``STATS_ALIVE | STATS_SUM_ABS_W`` at ``s - 1``.
+
+        Default: every statistic when :meth:`needs_stats` says ``step`` reads any, none otherwise (a
+        method that only overrides :meth:`needs_stats` keeps all of them computed).
         """
+        from ..contract import STATS_ALL, STATS_NONE
+
+        return STATS_ALL if self.needs_stats(step) else STATS_NONE
+
+    def needs_stats(self, step: int) -> bool:
+        """Whether step ``step`` reads any of the previous step's statistics.
+
+        For sharded (FSDP2) parameters, statistics are summed across ranks before such a step and never
+        otherwise. Default: whether :meth:`stats_read` names any, for a method that overrides it;
+        ``False`` otherwise. Override one of the two (:meth:`stats_read` says which statistics).
+        """
+        if type(self).stats_read is not Method.stats_read:
+            return bool(self.stats_read(step))
         return False
 
     def units_removed(self, pruner: Pruner, removed: dict[str, list[int]]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from ..contract import COEF_THRESHOLD
+from ..contract import COEF_THRESHOLD, STATS_ALIVE, STATS_NONE, STATS_SUM_ABS_G
 from ..selection import kth_smallest_abs_many, next_float32, prune_count
 from ..validation import integer, number
 from .base import Method, check_ratio
@@ -75,9 +75,10 @@ class SelectiveDecay(Method):
         for t in pruner.targets:
             pruner.optimizer.set_coefs(t.param, sd=self.sd, sd_beta=self.beta)
 
-    def needs_stats(self, step: int) -> bool:
-        """The decay term reads the previous step's mean |g| at every step."""
-        return self.sd > 0
+    def stats_read(self, step: int) -> int:
+        """The decay term reads the previous step's mean |g| (|g| sum over alive count) at every step;
+        never the |w| or kernel sums (the pruning threshold comes from the weights themselves)."""
+        return STATS_ALIVE | STATS_SUM_ABS_G if self.sd > 0 else STATS_NONE
 
     def before_step(self, pruner, step: int) -> None:
         """At an event: set each tensor's magnitude threshold and schedule a ``"low"`` decision."""

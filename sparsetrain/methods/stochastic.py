@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from .. import scan
-from ..contract import COEF_PRUNE_COUNT, NUM_STATS, STAT_ALIVE
+from ..contract import (
+    COEF_PRUNE_COUNT,
+    NUM_STATS,
+    STAT_ALIVE,
+    STATS_ALIVE,
+    STATS_NONE,
+    STATS_SUM_ABS_W,
+    STATS_SUM_KERNEL,
+)
 from ..validation import integer, number
 from .base import Method, check_ratio, warn_if_sparser
 from .schedules import check_schedule, sparsity_at
@@ -111,9 +119,16 @@ class StochasticMagnitude(Method):
         """Whether optimizer step ``step`` (0-based) takes a sampling decision."""
         return self.start <= step <= self.end and (step - self.start) % self.interval == 0
 
-    def needs_stats(self, step: int) -> bool:
-        """An event reads the previous step's kernel sum, and that step's scale ``T * m`` reads the one before."""
-        return self.is_event(step) or self.is_event(step + 1)
+    def stats_read(self, step: int) -> int:
+        """An event reads the previous step's alive count (its prune count) and kernel sum (with its
+        scale ``STAT_TM``); the step before an event computes that kernel sum at the scale ``T * m`` of
+        the step before it, so it reads that step's alive count and |w| sum. Never the |g| sum."""
+        bits = STATS_NONE
+        if self.is_event(step):
+            bits |= STATS_ALIVE | STATS_SUM_KERNEL
+        if self.is_event(step + 1):
+            bits |= STATS_ALIVE | STATS_SUM_ABS_W
+        return bits
 
     def level(self, step: int) -> float:
         """Fraction of each target's ratio scheduled at ``step``."""

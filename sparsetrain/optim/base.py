@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import backends, contract, distributed, philox, scan, validation
 from .. import masks as mask_format
 from ..transfer import to_device
-from . import compat, compiled, dead, events
+from . import compat, compiled, dead, events, statistics
 
 STATE_FORMAT = 1
 
@@ -394,15 +394,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         values = philox.event_seeds(self.base_seed, call.positions, self.prune_events)
         return to_device(values, torch.int64, device)
 
-    def _stats_wanted(self, prune: str) -> tuple[bool, bool]:
-        """(read, write): whether this step reads the previous step's statistics, and whether it
-        computes its own (statistics only when consumed). Selective decay reads them every step, so
-        every step writes them; a stochastic event reads them; an attached Pruner's method says which
-        steps read them (``needs_stats``), so the step before such a step writes them. Without a
-        Pruner, always both."""
-        write = self.pruner is None or self.uses_sd or bool(self.pruner.wants_stats())
-        return write or prune == "stochastic", write
-
     def nonfinite_grads(self) -> bool:
         """Whether this step's gradients hold inf/NaN, so that ``skip_nonfinite=True`` skips it.
 
@@ -461,7 +452,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
             if prune != "none" and found_inf is not None and bool(found_inf):
                 return  # a skipped step changes nothing: the event stays pending for the next step that runs
-            stats_read, stats_write = self._stats_wanted(prune)
+            stats_read, stats_computed = statistics.wanted(self, prune)
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
                 if isinstance(lr, Tensor):
@@ -481,7 +472,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "regularize": call.masked and self.regularize,
                     "l1_proximal": self.l1_proximal,
                     "backend": backend,
-                    "write_stats": stats_write,
+                    "stats_mask": stats_computed,
                 }
                 if call.masked:
                     dead.rezero_written(call.params, call.versions, self.state, call.sources)
@@ -489,8 +480,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if call.masked:
                     call.versions = dead.versions(call.params)
         if prune != "none" and 0 in presence:  # some parameter has no gradient
-            events.decide_without_gradient(self, prune)
-        if calls and self.shard_sync is not None:
+            events.decide_without_gradient(self, prune, statistics.wanted(self, prune)[1])
+        if calls and self.shard_sync is not None and stats_computed:  # a step that wrote none left them as they were
             self.shard_sync.stepped(found_inf)
         if prune == "stochastic":
             self.prune_events += 1

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import philox
 from ..backends import torch_ref
+from ..contract import STATS_ALL
 from ..transfer import to_device
 
 if TYPE_CHECKING:
@@ -49,8 +50,9 @@ def refuse_capture(prune: str) -> None:
         )
 
 
-def decide_without_gradient(opt: FusedOptimizer, prune: str) -> None:
-    """Apply the pending decision ``prune`` to every masked parameter that has no gradient now."""
+def decide_without_gradient(opt: FusedOptimizer, prune: str, stats_mask: int = STATS_ALL) -> None:
+    """Apply the pending decision ``prune`` to every masked parameter that has no gradient now; their
+    statistics as the step's (``stats_mask``, its ``contract.STATS_*`` bits; a zero gradient)."""
     index = opt._param_index()
     waiting = [
         p for g in opt.param_groups for p in g["params"] if p.grad is None and "mask_words" in opt.state.get(p, {})
@@ -75,6 +77,7 @@ def decide_without_gradient(opt: FusedOptimizer, prune: str) -> None:
         prune=prune,
         regularize=False,
         l1_proximal=opt.l1_proximal,
+        stats_mask=stats_mask,
     )
     for t, (p, state) in enumerate(zip(waiting, states)):
         numel = p.numel()
