@@ -123,14 +123,29 @@ class _MaskParametrization(nn.Module):
     """``w * mask`` for one pruned tensor; the mask is read from the pruner's optimizer state at
     every call, so a loaded state (new tensors) takes effect at once."""
 
-    def __init__(self, optimizer: SGD, param: Tensor) -> None:
+    def __init__(self, optimizer: SGD, param: Tensor, grad_scaler: Any = None) -> None:
         super().__init__()
         self._optimizer = optimizer
         self._param_ref = [param]  # not a submodule attribute: the parameter stays owned by the model
+        self._scaler = [grad_scaler]
 
     def forward(self, weight: Tensor) -> Tensor:
         state = self._optimizer.state[self._param_ref[0]]
-        return masked_weight(weight, state["mask_words"], state["coefs"])
+        coefs = state["coefs"]
+        scale = _loss_scale(self._scaler[0])
+        if scale is not None:  # the loss is scaled: so is the regularization gradient
+            coefs = coefs * (scale.to(coefs.device) if isinstance(scale, Tensor) else scale)
+        return masked_weight(weight, state["mask_words"], coefs)
+
+
+def _loss_scale(scaler: torch.amp.GradScaler | None) -> Tensor | float | None:
+    """The factor ``scaler.scale(loss)`` multiplies the loss by: the device tensor the scaler updates in place
+    (no host read), its initial value before its first ``scale()``, ``None`` without an enabled scaler. Read
+    from the scaler's attributes, not its methods, which torch.compile does not trace (a graph break each call)."""
+    if scaler is None or not getattr(scaler, "_enabled", True):
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else float(getattr(scaler, "_init_scale", 1.0))
 
 
 def _holders(model: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
@@ -230,8 +245,13 @@ class MaskedPruner(Pruner):
             pruning event (:meth:`~sparsetrain.Pruner.shrink`); pass your optimizer to :meth:`step`
             so its state is sliced too: a step without an optimizer that has stepped the pruned
             parameters is refused (default ``False``).
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` the backward runs through (default
+            ``None``): the regularization gradient (L2 / L1) is then scaled with the loss, so that the
+            scaler's ``unscale_`` leaves it as it is unscaled. Without it, under a scaler the regularization
+            gradient comes out divided by the scale.
 
     Raises:
+        TypeError: ``grad_scaler`` that is not a ``torch.amp.GradScaler``.
         ValueError: as :class:`~sparsetrain.Pruner` (bad patterns or ratios, nothing selected); a pruned
             tensor held by a module that makes sparse gradients (``nn.Embedding(sparse=True)``).
 
@@ -262,7 +282,10 @@ class MaskedPruner(Pruner):
         example_inputs: Any = None,
         coupled: bool = True,
         shrink_after_prune: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         check_unmasked(model)
         self._resolved = resolve_targets(
             model,
@@ -299,7 +322,8 @@ class MaskedPruner(Pruner):
                 if tensor is None:
                     continue
                 for module, attr in _holders(model, tensor):
-                    parametrize.register_parametrization(module, attr, _MaskParametrization(self.optimizer, tensor))
+                    mask = _MaskParametrization(self.optimizer, tensor, grad_scaler)
+                    parametrize.register_parametrization(module, attr, mask)
                     self._hooks.append(module.register_state_dict_post_hook(_plain_state_dict_hook(attr)))
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
         self._maybe_shrink()

@@ -267,3 +267,31 @@ def test_a_step_the_grad_scaler_skips_leaves_the_schedule_waiting():
         assert torch.equal(clean_pruner.mask(t.name), skipped_pruner.mask(u.name)), t.name
     for (name, a), b in zip(clean.state_dict().items(), skipped.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_regularization_gradient_is_scaled_with_the_loss(scaled):
+    """Under torch.amp.GradScaler the backward runs on scale * loss, and unscale_ divides every gradient by the
+    scale: the masked weight's L2 / L1 gradient, added in that backward, must be scaled too (grad_scaler=), or it
+    comes out divided by the scale. Power-of-two scales are exact in fp32: the run equals the unscaled one."""
+
+    def run(scaler):
+        model = _cnn()
+        method = methods.StochasticMagnitude(0.5, start=2, end=8, interval=2, l2=0.5, l1=0.05)
+        pruner = MaskedPruner(model, method, grad_scaler=scaler)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+        for _ in range(9):
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            pruner.step()
+            opt.zero_grad()
+        return model
+
+    reference = run(torch.amp.GradScaler("cpu", enabled=False))
+    scaled_run = run(torch.amp.GradScaler("cpu", init_scale=2.0**16 if scaled else 1.0, growth_interval=2))
+    for (name, a), b in zip(reference.state_dict().items(), scaled_run.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        MaskedPruner(_cnn(), methods.Magnitude(0.5), grad_scaler=2.0**16)
