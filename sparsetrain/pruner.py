@@ -434,7 +434,15 @@ class Pruner:
         owned = set(optimizer._param_index())
         for target in self.targets:  # everything is checked before the optimizer is touched
             if target.param not in owned:
-                raise ValueError(f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer")
+                frozen = (
+                    f" (requires_grad=False: to leave a frozen layer out of pruning, exclude it: "
+                    f"exclude=[{target.module_name!r}])"
+                    if not target.param.requires_grad
+                    else ""
+                )
+                raise ValueError(
+                    f"{target.name} {tuple(target.param.shape)} is not a parameter of the optimizer{frozen}"
+                )
         if optimizer.pruner is not None:
             raise ValueError("the optimizer already has a Pruner attached; call its remove() first")
         for target in self.targets:

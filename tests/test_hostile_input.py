@@ -228,6 +228,21 @@ def test_pruner_whose_bias_is_not_in_the_optimizer_changes_nothing():
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
+def test_pruner_over_a_frozen_layer_left_out_of_the_optimizer_names_the_exclusion():
+    """The usual fine-tuning optimizer, SGD(p for p in model.parameters() if p.requires_grad): the frozen layer
+    is not the optimizer's, and the refusal says how to leave it out of pruning."""
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = sparsetrain.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, backend="torch")
+    snap = Snapshot(opt, model=model)
+    frozen = r"0\.weight \(16, 8\) is not a parameter of the optimizer \(requires_grad=False.*exclude=\['0'\]"
+    with pytest.raises(ValueError, match=frozen):
+        sparsetrain.Pruner(model, opt, Magnitude(0.5))
+    snap.unchanged()
+    pruner = sparsetrain.Pruner(model, opt, Magnitude(0.5), exclude=["0"])
+    assert [t.name for t in pruner.targets] == ["2.weight"]
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
