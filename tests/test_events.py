@@ -133,6 +133,32 @@ def test_skipped_nonfinite_step_changes_nothing_and_keeps_the_event(method):
         assert float((~clean[2].mask(t.param)).float().mean()) == pytest.approx(target, abs=0.12), t.name
 
 
+@pytest.mark.parametrize("method", ["greg1", "stochastic-l1"])
+def test_a_step_the_grad_scaler_skips_changes_nothing_and_keeps_the_event(method):
+    """torch.amp.GradScaler (unscale_, clipping, scaler.step, update) under bfloat16 autocast: a step whose
+    gradients hold inf is never handed to the optimizer, and the run equals one without it. Power-of-two scales
+    are exact, so weights, masks, history and counts are bit-identical."""
+
+    def run(steps, poison):
+        built = _build(method)
+        model, opt, _ = built
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+        for step in steps:
+            x, y = _batch(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss * (float("inf") if step in poison else 1.0)).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return built
+
+    poisoned = run([0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9, 10, 11], _Once({3, 4}))
+    _assert_same_run(run(range(STEPS), ()), poisoned)
+
+
 @pytest.mark.parametrize("method", ["greg1", "magnitude-linear"])
 def test_a_skipped_step_with_a_closure_keeps_the_event_too(method):
     """With ``opt.step(closure)`` the pruner scheduled before the closure made the gradients, so it never saw
