@@ -450,7 +450,14 @@ class CoupledGroups:
         skipped: dict[str, str] = {}
         offset = 0
         for name, module in modules.items():
-            if not name or id(module) in covered or id(module) in ignored or module not in graph.module2node:
+            if not name or id(module) in covered or id(module) in ignored:
+                continue
+            if module not in graph.module2node:
+                if id(module) in named and isinstance(getattr(module, "weight", None), nn.Parameter):
+                    skipped[name] = (
+                        "the traced forward never calls it (its weight is used directly, as nn.MultiheadAttention "
+                        "uses out_proj's), so Torch-Pruning cannot follow its channels"
+                    )
                 continue
             chosen = id(module) in named if include else isinstance(module, tuple(types))
             if not chosen:

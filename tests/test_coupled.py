@@ -323,3 +323,29 @@ def test_a_channel_mapping_that_grows_past_a_layers_size_stops_the_group_walk():
         tp.dependency.Group().add_dep(dep, idxs)
     with _bounded_walk():
         tp.dependency.Group().add_dep(dep, idxs[:6])  # within the layer's size: a legitimate walk goes on
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mid = nn.Linear(8, 6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.mid(self.att(x, x, x)[0].mean(1))))
+
+
+def test_a_named_layer_the_forward_never_calls_is_reported_not_dropped():
+    """nn.MultiheadAttention computes with out_proj.weight directly (its out_proj module is never called), so the
+    traced graph has no node for it: naming it in include= said nothing about it (silently no group)."""
+    model, x = _Attention(), torch.randn(3, 4, 8)
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(StructureError, match=r"att\.out_proj: the traced forward never calls it"):
+        sparsetrain.Pruner(model, opt, methods.Magnitude(0.5, structure="filters"), example_inputs=x,
+                           include=["att.out_proj"])  # fmt: skip
+    method = methods.Magnitude(0.5, structure="filters")
+    pruner = sparsetrain.Pruner(model, opt, method, example_inputs=x, include=["att.out_proj", "mid"])
+    assert [g.name for g in pruner.groups.groups] == ["mid"]
+    assert "skipped att.out_proj: the traced forward never calls it" in pruner.groups.describe()
