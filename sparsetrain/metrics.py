@@ -13,6 +13,21 @@ METRICS = ("weight_sparsity", "dead_outputs", "dead_inputs")
 HISTORY_LIMIT = 1024  # records kept at most; then every other one is dropped and the interval doubles
 
 
+def output_major(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``module``'s weight, or a tensor laid out like it) seen with the module's outputs along dim 0 and
+    its inputs (per group) along dim 1, as ``nn.Linear`` / ``nn.Conv2d`` store them: transformers' ``Conv1D``
+    keeps ``[in, out]``, ``nn.ConvTranspose*d`` ``[in, out / groups, *kernel]``. Other tensors as they are."""
+    if x.dim() < 2:
+        return x
+    if hasattr(module, "nf"):  # transformers' Conv1D
+        return x.transpose(0, 1)
+    if getattr(module, "transposed", False):
+        groups, rest = module.groups, x.shape[2:]
+        per_group = x.reshape(groups, x.shape[0] // groups, x.shape[1], *rest).transpose(1, 2)
+        return per_group.reshape(groups * x.shape[1], x.shape[0] // groups, *rest)
+    return x
+
+
 class History:
     """Records, every ``every`` steps, each target's metrics as one device tensor ``[targets, 3]``.
 

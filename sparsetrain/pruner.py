@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import distributed
 from .coupled import CoupledGroups, is_mask, unwrap
 from .methods.base import Method, check_ratio
-from .metrics import History
+from .metrics import History, output_major
 from .optim import dead
 from .optim.base import FusedOptimizer
 from .selection import group_layout
@@ -815,6 +815,8 @@ def layer_metrics(target: Target, weight: Tensor | None = None) -> dict[str, Ten
     ``weight``: the weight as the model uses it (default the parameter).
     """
     w = distributed.local(target.param if weight is None else weight).detach()  # FSDP2: the rank's shard
+    if not distributed.is_sharded(target.param):  # outputs along dim 0 (Conv1D, ConvTranspose: not as stored)
+        w = output_major(target.module, w)
     zero = w == 0
     rows = zero.reshape(w.shape[0], math.prod(w.shape[1:])).all(dim=1)  # an FSDP2 shard may have no rows
     out = {"weight_sparsity": zero.float().mean(), "dead_outputs": rows.float().mean()}

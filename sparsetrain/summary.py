@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .coupled import call_model, flat_tensors, unwrap
+from .metrics import output_major
 
 if TYPE_CHECKING:
     from .pruner import Pruner
@@ -84,6 +85,9 @@ def _positions(pruner: Pruner, example_inputs) -> dict[str, int]:
         def hook(module, args, output, name=t.name, out_features=out_features):
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 seen[name, id(module)] = 0  # a lookup multiplies nothing
+            elif getattr(module, "transposed", False) and args and isinstance(args[0], Tensor):
+                # a transposed convolution multiplies each input position by all its weights
+                seen[name, id(module)] = args[0].numel() // max(1, batch * module.in_channels)
             elif isinstance(output, Tensor):
                 seen[name, id(module)] = output.numel() // max(1, batch * out_features)
 
@@ -116,17 +120,20 @@ def layer_rows(pruner: Pruner, example_inputs: Tensor | tuple | None = None) -> 
     With FSDP2 shards the counts are those of the full tensors (one collective, and the model's
     forward with ``example_inputs``): every rank must call it.
     """
-    from .distributed import zero_counts
+    from .distributed import is_sharded, zero_counts
 
     positions = _positions(pruner, example_inputs) if example_inputs is not None else {}
     zeros = [pruner.dead_elements(t) for t in pruner.targets]  # 1-D members (BatchNorm entries): masked ones
     counts = zero_counts(zeros, [t.param for t in pruner.targets])  # FSDP2 shards: one collective
     rows = []
-    for t, c in zip(pruner.targets, counts):
+    for t, c, z in zip(pruner.targets, counts, zeros):
         shape = tuple(t.param.shape)
         outputs, dead_outputs, inputs, dead_inputs = c["rows"], c["dead_rows"], c["cols"], c["dead_cols"]
-        if hasattr(t.module, "nf"):  # transformers' Conv1D stores its weight as [in, out]
-            outputs, dead_outputs, inputs, dead_inputs = inputs, dead_inputs, outputs, dead_outputs
+        seen = output_major(t.module, z) if not is_sharded(t.param) else z
+        if seen is not z:  # Conv1D [in, out], ConvTranspose [in, out / groups, ...]: counted as the module sees it
+            dead = seen.reshape(seen.shape[0], -1)
+            outputs, dead_outputs = dead.shape[0], int(dead.all(dim=1).sum())
+            inputs, dead_inputs = seen.shape[1], int(seen.transpose(0, 1).reshape(seen.shape[1], -1).all(dim=1).sum())
         if len(shape) < 2:
             inputs = dead_inputs = 0
         nonzero = c["numel"] - c["zeros"]

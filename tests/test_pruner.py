@@ -709,3 +709,38 @@ def test_structured_export_names_a_model_it_cannot_run():
     pruner = sparsetrain.Pruner(head, opt, methods.Magnitude(0.5, structure="filters"), include=["2"], coupled=False)
     with pytest.raises(RuntimeError, match=r"output shapes \[\(5, 1\)\] instead of \[\(5, 3\)\]"):
         pruner.export(torch.randn(5, 4))
+
+
+def _conv1d(nx, nf):
+    return pytest.importorskip("transformers.pytorch_utils").Conv1D(nf, nx)
+
+
+@pytest.mark.parametrize("kind", ["conv_transpose", "conv1d"])
+def test_layers_storing_outputs_along_dim_1_count_dead_outputs_and_inputs_as_they_compute(kind):
+    """ConvTranspose2d keeps its weight as [in, out, kh, kw] and transformers' Conv1D as [in, out]: summary(),
+    metrics() and the history count dead outputs and inputs on the module's outputs and inputs (summary() and
+    metrics() read dim 0 as outputs, and only summary() swapped for Conv1D), and a transposed convolution's MACs
+    are its weights times its input positions (they were counted per output position of dim 0)."""
+    torch.manual_seed(0)
+    if kind == "conv_transpose":
+        layer, x, macs = nn.ConvTranspose2d(8, 12, 2, stride=2), torch.randn(2, 8, 5, 5), 25 * 8 * 12 * 4
+    else:
+        layer, x, macs = _conv1d(8, 12), torch.randn(2, 3, 8), 3 * 8 * 12
+    model = nn.Sequential(layer)
+    with torch.no_grad():
+        layer.weight[:, 1].zero_()  # output 1 dead (both store outputs along dim 1)
+        layer.weight[:, 4].zero_()  # output 4 dead
+        layer.weight[3].zero_()  # input 3 dead
+    opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="already"):
+        pruner = sparsetrain.Pruner(model, opt, methods.Magnitude(0.01), include=["0"], record_every=1)
+    from sparsetrain.summary import layer_rows
+
+    row = layer_rows(pruner, x)[0]
+    assert (row.dead_outputs, row.outputs, row.dead_inputs, row.inputs) == (2, 12, 1, 8)
+    assert row.macs == macs
+    metrics = pruner.metrics()["0.weight"]
+    assert metrics["dead_outputs"] == pytest.approx(2 / 12) and metrics["dead_inputs"] == pytest.approx(1 / 8)
+    pruner.history.record(0)
+    recorded = pruner.history.as_dict()["layers"]["0.weight"]
+    assert recorded["dead_outputs"] == [pytest.approx(2 / 12)] and recorded["dead_inputs"] == [pytest.approx(1 / 8)]
