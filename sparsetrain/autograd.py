@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import backends
+from . import backends, scan
 from . import masks as mask_format
 from .contract import COEF_L1, COEF_L2, STATS_ALL
 from .methods.base import Method
@@ -328,16 +328,15 @@ class MaskedPruner(Pruner):
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
         self._maybe_shrink()
         self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        self._optimizer_steps = 0  # steps taken by the optimizers in _stepping
-        self._steps_at_last_step = 0  # _optimizer_steps when step() last ran the schedule
+        self._versions: bytes | None = None  # the pruned tensors' version counters when step() last ran
         self._watch_optimizers()
 
     _shrink_in_init = False
 
     def _watch_optimizers(self) -> None:
-        """Note every other optimizer that steps a pruned tensor, and count their steps (a global step hook):
-        :meth:`step` can then refuse to go on without one before a shrink leaves its state at the old shapes,
-        and tell a training step whose optimizer step was skipped (``torch.amp.GradScaler``)."""
+        """Note every other optimizer that steps a pruned tensor (a global step hook): :meth:`step` can then
+        refuse to go on without one before a shrink leaves its state at the old shapes, and knows that a call
+        after which the pruned tensors were not written (their version counters) follows a skipped step."""
         pruner = weakref.ref(self)
         targets = {id(t.param) for t in self.targets}
         checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
@@ -353,8 +352,6 @@ class MaskedPruner(Pruner):
                 checked[optimizer] = groups
                 if any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
                     owner._stepping.add(optimizer)
-            if optimizer in owner._stepping:
-                owner._optimizer_steps += 1
 
         handle = register_optimizer_step_post_hook(seen)
         weakref.finalize(self, handle.remove)
@@ -390,10 +387,10 @@ class MaskedPruner(Pruner):
 
         Steps without an event cost nothing here. An event takes two zero-learning-rate fused steps:
         one refreshes the statistics on the current weights, one decides and masks. The schedule counts
-        optimizer steps: once an optimizer has stepped the pruned weights, a call after which none did
-        (``torch.amp.GradScaler`` skipped the step for inf/NaN gradients, or gradients are still being
-        accumulated) changes nothing, as a skipped step of the fused optimizers: the schedule and its
-        events wait for the next optimizer step. With
+        optimizer steps: once an optimizer has stepped the pruned weights, a call after which none of them
+        was written (``torch.amp.GradScaler`` skipped the step for inf/NaN gradients, or gradients are
+        still being accumulated) changes nothing, as a skipped step of the fused optimizers: the schedule
+        and its events wait for the next optimizer step. With
         ``shrink_after_prune`` a structured event then shrinks the model; ``optimizers`` (yours)
         have their state sliced with it.
 
@@ -410,9 +407,9 @@ class MaskedPruner(Pruner):
                 )
         if self.shrink_after_prune:
             self._check_optimizers(optimizers)
-        if self._stepping and self._optimizer_steps == self._steps_at_last_step:
-            return  # no optimizer stepped the pruned weights since the last call (GradScaler skipped a step)
-        self._steps_at_last_step = self._optimizer_steps
+        params = [t.param for t in self.targets]
+        if self._stepping and scan.versions(params) == self._versions:
+            return  # no optimizer wrote the pruned weights since the last call (GradScaler skipped its step)
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
         self._structured_event |= mode == "group"
@@ -425,6 +422,7 @@ class MaskedPruner(Pruner):
         self.step_count += 1
         self.history.maybe_record(self.step_count, self.method.scalars())
         self._maybe_shrink(optimizers)
+        self._versions = scan.versions(params)
 
     def state_dict(self) -> dict[str, Any]:
         """Masks, statistics, coefficients, the event counter and the schedule (step count, method, history)."""

@@ -269,6 +269,31 @@ def test_a_step_the_grad_scaler_skips_leaves_the_schedule_waiting():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_the_schedule_follows_an_optimizer_step_compiled_after_eager_ones():
+    """A step is recognised by the pruned tensors' version counters, which a compiled optimizer step bumps too
+    (a step hook does not run its bookkeeping under torch.compile): pruning goes on once the step is compiled."""
+
+    def run(compiled):
+        model = _cnn()
+        pruner = MaskedPruner(model, _method())
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        compiled_step = torch.compile(opt.step)
+        for step in range(10):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            (compiled_step if compiled and step >= 2 else opt.step)()  # eager first: the pruner saw the optimizer
+            pruner.step()
+            opt.zero_grad()
+        return pruner
+
+    eager_pruner, compiled_pruner = run(False), run(True)
+    assert compiled_pruner.step_count == eager_pruner.step_count == 10
+    for t in eager_pruner.targets:
+        assert torch.equal(compiled_pruner.mask(t.name), eager_pruner.mask(t.name)), t.name
+    assert float((~compiled_pruner.mask("0.weight")).float().mean()) == pytest.approx(0.6, abs=0.01)
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_the_regularization_gradient_is_scaled_with_the_loss(scaled):
     """Under torch.amp.GradScaler the backward runs on scale * loss, and unscale_ divides every gradient by the
