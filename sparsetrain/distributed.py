@@ -158,53 +158,79 @@ def exchange(sums: list[Tensor], group: dist.ProcessGroup | None, *, maxes: list
 class ShardSync:
     """Cross-rank bookkeeping of one optimizer whose parameters include DTensor shards.
 
-    Statistics written by a step are partial sums over the local shards (``stats_global`` False);
-    :meth:`request_stats` marks them to be summed at the next round of communication, which is
+    Statistics are tracked per tensor and per statistic: what was rewritten locally (a fused step
+    that computed statistics: the whole vector; ``enable_pruning``; ``set_mask``: the alive count and
+    sum |w|) holds this rank's partial sums (:meth:`rewritten`); the rest holds what it held.
+    :meth:`request_stats` has the partial ones summed at the next round of communication, which is
     either the one round of a selection or of a group score, or :meth:`flush` (called before the
-    fused step and before a method reads statistics). Every round is ONE collective
-    (:func:`exchange`); :attr:`collectives` counts them.
+    fused step and before a method reads statistics); what is already global is never summed
+    again. Every round is ONE collective (:func:`exchange`); :attr:`collectives` counts them.
     """
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
-        self.stats_global = False
         self.collectives = 0
-        self._pending: list[Tensor] = []
+        # statistics vectors holding some of this rank's partial sums, by id: (vector, contract.STATS_* bits)
+        self._partial: dict[int, tuple[Tensor, int]] = {}
+        self._requested = False
 
-    def request_stats(self, optimizer: FusedOptimizer) -> None:
-        """Have the statistics of every masked tensor summed across ranks before they are next read."""
-        if self.stats_global or self._pending:
-            return
-        self._pending = [s["stats"][: len(SUM_STATS)] for s in optimizer.state.values() if "stats" in s]
-        if not self._pending:
-            self.stats_global = True
+    @property
+    def stats_global(self) -> bool:
+        """True when no statistics vector holds partial sums (all summed across ranks)."""
+        return not self._partial
+
+    def request_stats(self, optimizer: FusedOptimizer | None = None) -> None:
+        """Have every statistics vector that holds partial sums summed across ranks before it is next read.
+
+        ``optimizer``: unused (the vectors are those marked by :meth:`rewritten`); kept for callers."""
+        self._requested = bool(self._partial)
 
     def reduce(self, tensors: list[Tensor], *, maxes: list[Tensor] = ()) -> None:
-        """Sum ``tensors`` (and any pending statistics) and take the maximum of ``maxes`` across
+        """Sum ``tensors`` (and any requested statistics) and take the maximum of ``maxes`` across
         ranks, all in one collective (see :func:`exchange`)."""
-        pending, self._pending = self._pending, []
+        pending = []
+        if self._requested:
+            pending = [run for s, bits in self._partial.values() for run in _runs(s, bits)]
+            self._partial, self._requested = {}, False
         if self.world_size > 1:
             self.collectives += 1
         exchange(pending + list(tensors), self.group, maxes=maxes)
-        if pending:
-            self.stats_global = True
 
     def flush(self) -> None:
-        """Run the pending statistics reduction now (no-op when nothing is pending)."""
-        if self._pending:
+        """Run the requested statistics reduction now (no-op when nothing is requested)."""
+        if self._requested:
             self.reduce([])
 
-    def stepped(self, skipped: Tensor | None = None) -> None:
-        """A fused step (or a mask change) rewrote the statistics with local partial sums.
+    def rewritten(self, stats: list[Tensor], skipped: Tensor | None = None, *, bits: int = contract.STATS_ALL) -> None:
+        """The statistics ``bits`` (``contract.STATS_*``) of the vectors ``stats`` were rewritten with
+        local partial sums (a fused step: all of them; a mask change: alive count and sum |w|); the
+        other statistics, and the other tensors', keep what they hold (global values stay global).
 
         ``skipped``: the step's inf/NaN flag; a skipped step wrote nothing (one host read, only with
         ``skip_nonfinite``).
         """
         if skipped is not None and bool(skipped):
             return
-        self.stats_global = False
-        self._pending = []
+        for s in stats:
+            self._partial[id(s)] = (s, self._partial.get(id(s), (s, 0))[1] | bits)
+
+    def summed(self) -> None:
+        """Every statistics vector holds global values (a loaded checkpoint saved them summed)."""
+        self._partial, self._requested = {}, False
+
+
+def _runs(stats: Tensor, bits: int) -> list[Tensor]:
+    """Views of ``stats`` over the consecutive summed statistics whose bits are set."""
+    runs, start = [], None
+    for i in (*SUM_STATS, len(SUM_STATS)):
+        on = i < len(SUM_STATS) and bool(bits >> i & 1)
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append(stats[start:i])
+            start = None
+    return runs
 
 
 def sync_of(optimizer: Any) -> ShardSync | None:
@@ -454,7 +480,7 @@ def loaded(optimizer: FusedOptimizer) -> None:
     """After a load: saved statistics are global sums (a sharded save summed them first)."""
     sync = sync_of(optimizer)
     if sync is not None:
-        sync.stats_global = True
+        sync.summed()
 
 
 def save(checkpoint_id: str, model: nn.Module, optimizer: FusedOptimizer) -> None:

@@ -493,6 +493,53 @@ def nonfinite_on_one_rank(rank: int, world: int) -> None:
         assert changed != poison, f"rank {rank}: step {'skipped' if not changed else 'taken'} with poison={poison}"
 
 
+def stats_after_a_mask_change(rank: int, world: int) -> None:
+    """FSDP2 on 2 and 4 ranks: statistics summed across ranks, then ``set_mask`` on one tensor, then the
+    read before a step that reads them: every tensor's statistics are those of one process (the
+    tensors the mask change did not touch are not summed a second time)."""
+    groups = subgroups()
+    x, y = data("mlp")
+
+    def run(group=None) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = mlp()
+        scale = 1.0
+        if group is not None:
+            model = shard("mlp", model, DeviceMesh.from_group(group, "cpu"))
+            scale = float(dist.get_world_size(group)) if dist.get_rank(group) == 0 else 0.0
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, seed=7)
+        weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+        for w in weights:
+            opt.enable_pruning(w)
+        # rank 0 computes the whole batch's loss times the group size, the others zero: the averaged
+        # gradient is the one-process gradient bit for bit
+        (scale * nn.functional.mse_loss(model(x), y)).backward()
+        opt.step()  # no pruner: every statistic computed, local partial sums on shards
+        seen = []
+        for change in (False, True):
+            if change:
+                alive = torch.rand(weights[0].shape, generator=torch.Generator().manual_seed(3)) > 0.5
+                opt.set_mask(weights[0], alive)  # rewrites the first tensor's statistics only
+            distributed.prepare_step(opt, None, "stochastic", False, flag=False)  # what an event step reads
+            seen.append([opt.state[w]["stats"].clone() for w in weights])
+        return seen
+
+    expected = run()
+    for size in (2, 4):
+        if rank < size:
+            got = run(groups[size])
+            wrong = []
+            for when, (row, want) in enumerate(zip(got, expected)):
+                for index, (a, b) in enumerate(zip(row, want)):
+                    try:
+                        torch.testing.assert_close(a, b)
+                    except AssertionError:
+                        moment = "after" if when else "before"
+                        wrong.append(f"{moment} set_mask, weight {index}: {a.tolist()} != {b.tolist()}")
+            assert not wrong, f"{size} ranks, statistics differ from one process:\n" + "\n".join(wrong)
+        dist.barrier()
+
+
 def shard_extras(rank: int, world: int) -> None:
     """FSDP2 on 2 and 4 ranks: exact selections over big shards (one collective, two when the
     ranks' values are far apart), Magnitude(largest=True) and structured Magnitude as one process,

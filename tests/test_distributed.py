@@ -64,6 +64,10 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(ranks):
     ranks.run(cases.nonfinite_on_one_rank, timeout=120)
 
 
+def test_a_mask_change_on_one_tensor_leaves_the_others_summed_statistics(ranks):
+    ranks.run(cases.stats_after_a_mask_change, timeout=120)
+
+
 def test_a_failing_rank_ends_the_run_with_its_message(ranks):
     """Last in the module: the failure ends the shared ranks."""
     ranks.run(cases.subgroups_ready, timeout=120)  # started and idle: the job below is all that is timed

@@ -215,7 +215,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state["group_inner"] = int(inner)
         self._layout_version += 1
         if self.shard_sync is not None:
-            self.shard_sync.stepped()
+            self.shard_sync.rewritten([stats])
 
     def set_mask(self, param: Tensor, alive: Tensor) -> None:
         """Replace ``param``'s mask by the bool tensor ``alive`` and zero what it prunes (and its state).
@@ -242,7 +242,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["stats"][contract.STAT_ALIVE] = keep.sum()
             state["stats"][contract.STAT_SUM_ABS_W] = shard.double().abs().sum()
         if self.shard_sync is not None:
-            self.shard_sync.stepped()
+            self.shard_sync.rewritten([state["stats"]], bits=contract.STATS_ALIVE | contract.STATS_SUM_ABS_W)
 
     def mask(self, param: Tensor) -> Tensor:
         """``param``'s mask as a bool tensor of its shape (all True when pruning is not enabled).
@@ -453,6 +453,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if prune != "none" and found_inf is not None and bool(found_inf):
                 return  # a skipped step changes nothing: the event stays pending for the next step that runs
             stats_read, stats_computed = statistics.wanted(self, prune)
+            written: list[Tensor] = []  # statistics vectors this step rewrites (with local sums when sharded)
             for call, call_grads in zip(calls, grads):
                 lr = call.group["lr"]
                 if isinstance(lr, Tensor):
@@ -463,6 +464,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 pruning = call.lists["pruning"]
                 if pruning["stats"] and not stats_read:
                     pruning = {**pruning, "stats": []}  # this step neither reads nor writes statistics
+                if stats_computed:
+                    written += pruning["stats"]
                 common = {
                     "found_inf": found_inf,
                     **lr_args,
@@ -481,8 +484,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     call.versions = dead.versions(call.params)
         if prune != "none" and 0 in presence:  # some parameter has no gradient
             events.decide_without_gradient(self, prune, statistics.wanted(self, prune)[1])
-        if calls and self.shard_sync is not None and stats_computed:  # a step that wrote none left them as they were
-            self.shard_sync.stepped(found_inf)
+        if calls and self.shard_sync is not None and written:  # only the vectors this step rewrote hold local sums
+            self.shard_sync.rewritten(written, found_inf)
         if prune == "stochastic":
             self.prune_events += 1
         self._pending_prune = "none"
