@@ -538,6 +538,7 @@ class Pruner:
     def _pre_step(self) -> bool:
         """Run the schedule for this step unless the step will be skipped (returned). With a closure, the
         step's hook runs it after the closure (:meth:`_before`), once the gradients exist."""
+        self.optimizer.check_step()  # a step that will be refused changes nothing, the schedule included
         sync = self.sync
         if sync is not None and self.method.needs_stats(self.step_count):
             sync.request_stats(self.optimizer)  # summed across ranks with the step's first collective

@@ -243,6 +243,44 @@ def test_pruner_over_a_frozen_layer_left_out_of_the_optimizer_names_the_exclusio
     assert [t.name for t in pruner.targets] == ["2.weight"]
 
 
+def _embedding_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(20, 8, sparse=True), nn.Flatten(), nn.Linear(40, 3))
+
+
+def test_a_refused_step_leaves_the_pruners_schedule_as_it_was():
+    """A step refused for its gradients (an nn.Embedding(sparse=True) in the optimizer) is refused before the
+    attached Pruner schedules it: the method's state, the pending event and the step count are as before, and
+    once the embedding makes dense gradients the run equals one that never met the refusal. (The schedule ran
+    first: Magnitude counted an event that never happened.)"""
+    tokens = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        model = _embedding_model()
+        opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, backend="torch")
+        method = Magnitude(0.5, schedule="linear", start=0, end=4, interval=1)
+        return model, opt, sparsetrain.Pruner(model, opt, method, include=["2"])
+
+    model, opt, pruner = build()
+    method_state, before = _copy(pruner.method.state_dict()), [p.detach().clone() for p in model.parameters()]
+    model(tokens).sum().backward()
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 .* has a sparse gradient"):
+        opt.step()
+    assert _same(pruner.method.state_dict(), method_state)
+    assert (pruner.step_count, opt._pending_prune, opt.prune_events) == (0, "none", 0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    model[0].sparse = False
+    reference, reference_opt, reference_pruner = build()
+    reference[0].sparse = False
+    for run_model, run_opt in ((model, opt), (reference, reference_opt)):
+        for _ in range(5):
+            run_opt.zero_grad()
+            run_model(tokens).sum().backward()
+            run_opt.step()
+    assert torch.equal(opt.mask(model[2].weight), reference_opt.mask(reference[2].weight))
+    assert pruner.step_count == reference_pruner.step_count == 5
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))

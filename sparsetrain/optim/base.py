@@ -127,6 +127,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.uses_groups = False  # set when per-group lam or group pruning is used
         self._pending_prune = "none"
         self._found_inf_cache: Tensor | None = None
+        self._accepted_layout: int | None = None  # _layout_version when a step's gradients last passed every check
         compiled.register(self)
         self.pruner: Any = None  # the attached Pruner, whose state travels with this optimizer's state_dict
         self.loaded_pruner_state: dict[str, Any] | None = None  # loaded before a Pruner was attached
@@ -427,18 +428,38 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._eager_step()
         return loss
 
+    def check_step(self) -> None:
+        """Raise now what the coming :meth:`step` would refuse about this step's gradients (sparse, on two
+        devices, of a dtype no backend steps), so that an attached :class:`~sparsetrain.Pruner` schedules
+        nothing for a step that fails. Checks before the first step, after a refused one and after the
+        parameters changed (a group added, a state loaded, a shrink); free once a step's gradients were
+        accepted (gradients that change their layout later are refused by the step itself)."""
+        if self._accepted_layout == self._layout_version or torch.compiler.is_compiling():
+            return
+        calls, _, _, plain = self._calls()
+        if calls:
+            self._checked_backend(calls, plain)
+
+    def _checked_backend(self, calls: list[_Call], plain: bool) -> str:
+        """The backend that steps ``calls``, once their tensors passed every check (raises naming the problem)."""
+        backend = self._backend_for(calls[0].params[0].device)
+        sharded = self.shard_sync is not None
+        if not plain:  # plain: fp32 / bf16 / fp16 only; "auto" steps float64 with the torch reference
+            backend = backends.for_dtypes(backend, self.requested_backend, [p for c in calls for p in c.params])
+        if sharded or not plain:  # plain: scan.grads found every check below passed
+            validation.step_tensors(calls, backend, sharded=sharded)
+        return backend
+
     def _eager_step(self) -> None:
         events.refuse_capture(self._pending_prune)
         cached, self._found_inf_cache = self._found_inf_cache, None
         prune = self._pending_prune
         calls, every_grad, presence, plain = self._calls()
         if calls:
-            backend = self._backend_for(calls[0].params[0].device)
+            self._accepted_layout = None
+            backend = self._checked_backend(calls, plain)  # before any launch
+            self._accepted_layout = self._layout_version
             sharded = self.shard_sync is not None
-            if not plain:  # plain: fp32 / bf16 / fp16 only; "auto" steps float64 with the torch reference
-                backend = backends.for_dtypes(backend, self.requested_backend, [p for c in calls for p in c.params])
-            if sharded or not plain:  # plain: scan.grads found every check below passed
-                validation.step_tensors(calls, backend, sharded=sharded)  # before any launch
             if sharded:
                 grads = [[distributed.local(p.grad) for p in call.sources] for call in calls]
             else:
