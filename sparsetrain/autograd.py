@@ -158,6 +158,13 @@ def _holders(model: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
     return found
 
 
+def _release_flat_weights(module: nn.Module, args: Any, output: Any) -> None:
+    """After a masked ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward: the weights it caches in ``_flat_weights``
+    (the masked ones, made in the autograd graph, which ``copy.deepcopy`` refuses) are kept detached, so the
+    module can be copied (``AveragedModel``, :meth:`~sparsetrain.Pruner.export`); the next forward masks again."""
+    module._flat_weights = [w if w is None else w.detach() for w in module._flat_weights]
+
+
 def _refuse_sparse_gradients(model: nn.Module, targets: list[Target]) -> None:
     """Refuse a pruned tensor held by a module that makes sparse gradients (``nn.Embedding(sparse=True)``):
     the masked gradient plus its regularization gradient is dense."""
@@ -317,6 +324,7 @@ class MaskedPruner(Pruner):
         for hook in self._hooks:  # the schedule runs from step(), not from the internal optimizer's hooks
             hook.remove()
         self._hooks = []
+        recurrent: set[int] = set()
         for t in self.targets:
             for tensor in (t.param, t.bias):
                 if tensor is None:
@@ -326,6 +334,9 @@ class MaskedPruner(Pruner):
                     parametrize.register_parametrization(module, attr, mask)
                     self._hooks.append(module.register_state_dict_post_hook(_plain_state_dict_hook(attr)))
                     self._hooks.append(module.register_load_state_dict_pre_hook(_plain_load_hook(attr)))
+                    if isinstance(module, nn.RNNBase) and id(module) not in recurrent:
+                        recurrent.add(id(module))
+                        self._hooks.append(module.register_forward_hook(_release_flat_weights))
         self._maybe_shrink()
         self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._versions: bytes | None = None  # the pruned tensors' version counters when step() last ran

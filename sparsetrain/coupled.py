@@ -252,10 +252,16 @@ def pruning_group(graph, module: nn.Module, function, idxs: list[int]):
     """``graph.get_pruning_group(module, function, idxs)``, raising StructureError where its walk diverges.
 
     Torch-Pruning loops forever on some graphs (Llama's rotary embeddings); the walk is stopped once
-    it reaches one node with more than ``MAX_VISITS`` different channel sets.
+    it reaches one node with more than ``MAX_VISITS`` different channel sets; an index it cannot map (its
+    walk through an ``nn.GRU`` / ``nn.LSTM``) raises StructureError too.
     """
     with _bounded_walk():
-        return graph.get_pruning_group(module, function, idxs=idxs)
+        try:
+            return graph.get_pruning_group(module, function, idxs=idxs)
+        except IndexError as exc:
+            raise StructureError(
+                f"Torch-Pruning cannot map {type(module).__name__}'s channels through the model ({exc})"
+            ) from exc
 
 
 def _check_forward(model: nn.Module, example_inputs: Any) -> None:

@@ -744,3 +744,35 @@ def test_layers_storing_outputs_along_dim_1_count_dead_outputs_and_inputs_as_the
     pruner.history.record(0)
     recorded = pruner.history.as_dict()["layers"]["0.weight"]
     assert recorded["dead_outputs"] == [pytest.approx(2 / 12)] and recorded["dead_inputs"] == [pytest.approx(1 / 8)]
+
+
+class _RecurrentHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.gru, self.fc = nn.Linear(5, 6), nn.GRU(6, 7, batch_first=True), nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.fc(self.gru(torch.relu(self.inp(x)))[0][:, -1])
+
+
+@pytest.mark.parametrize("path", ["fused", "masked"])
+def test_a_model_with_a_pruned_gru_exports_and_deep_copies(path):
+    """A Linear feeding an nn.GRU: Torch-Pruning's walk through the GRU ends in an IndexError, which structured
+    export now reads as "keep these outputs"; a GRU under MaskedPruner caches its masked weights (non-leaf
+    tensors) in _flat_weights after a forward, which made copy.deepcopy, AveragedModel and export fail."""
+    model, x = _RecurrentHead(), torch.randn(3, 4, 5)
+    select = {"types": (nn.Linear, nn.GRU), "exclude": ["fc"]}
+    if path == "fused":
+        pruner = sparsetrain.Pruner(model, sparsetrain.optim.SGD(model.parameters(), lr=0.1), methods.Magnitude(0.7),
+                                    **select)  # fmt: skip
+    else:
+        pruner = MaskedPruner(model, methods.Magnitude(0.7), **select)
+    assert [t.name for t in pruner.targets] == ["inp.weight", "gru.weight_ih_l0", "gru.weight_hh_l0"]
+    expected = model(x)
+    copied = copy.deepcopy(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    small = pruner.export(x, structured=True)
+    for other in (copied, averaged, small):
+        torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-6)
+    assert int((small.gru.weight_hh_l0 == 0).sum()) == round(0.7 * small.gru.weight_hh_l0.numel())
