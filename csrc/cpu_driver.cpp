@@ -6,7 +6,7 @@
 // elements, runs the element contract (element.h) on the 32 elements of each live word in fixed-size
 // loops the compiler vectorizes, and writes its own partial statistics. The partials of a tensor are
 // then added in chunk order: statistics (and everything else) do not depend on the thread count.
-// A sampling event draws its uniforms and compacts its candidates with cpu_simd.h's kernels.
+// A sampling event draws its uniforms and lists its candidates with cpu_simd.h's kernels.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -40,7 +40,7 @@ struct Partials {
 // The versions of cpu_simd.h this CPU runs best.
 const UniformsFn draw_block = pick_uniforms();
 const QuadsFn draw_quads = pick_quads();
-const CompactFn compact = pick_compact();
+const CandidatesFn list_candidates = pick_candidates();
 
 // Uniforms of the BLOCK elements whose global indices start at `first`, for the live elements
 // (bits: the block's live bits); the entries of dead elements are left as they are (never read).
@@ -57,6 +57,15 @@ inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, 
     draw_block(seed, first - skip, both);
     draw_block(seed, first - skip + SIMD_BLOCK, both + SIMD_BLOCK);
     for (int k = 0; k < SIMD_BLOCK; ++k) u[k] = both[skip + k];
+    return;
+  }
+  // more than 3/8 of the block live: more than QUAD_DENSE_LIMIT - 8 quads live, and with random
+  // masks many more; the whole block is drawn without listing its quads (the live elements get the
+  // same uniforms either way)
+  int live = 0;
+  for (int i = 0; i < BLOCK_WORDS; ++i) live += __builtin_popcount(bits[i]);
+  if (live > 3 * BLOCK / 8) {
+    draw_block(seed, first, u);
     return;
   }
   // bit 8i + j: quad j of word i has a live element
@@ -138,6 +147,41 @@ ST_INLINE void store_back(int n, const uint32_t* bits, const float* wbuf, T* par
   }
 }
 
+// The deferred stochastic decisions of a sampling event that writes no statistics: the candidates
+// of many blocks (pos: element offsets from `first`, w: updated weights, u: uniforms; nc of them,
+// room for DECIDE_PAD more) are decided together, in whole vectors, and the pruned ones zeroed
+// (parameter, states, mask bit) after their blocks were written. Nothing else of those blocks reads
+// the decision, so the result is the one a decision inside each block gives. Returns how many were pruned.
+constexpr int DECIDE_PAD = 16;
+template <int STATES>
+ST_INLINE int decide_candidates(const Flags& f, const TensorScalars& s, const TensorJob& job, int64_t first, int nc,
+                                float* __restrict cw, float* __restrict cu, int32_t* __restrict ck,
+                                int32_t* __restrict pos) {
+  for (int j = nc; j < nc + DECIDE_PAD; ++j) {  // padding: kept
+    cw[j] = 0.0f;
+    cu[j] = 1.0f;
+  }
+  for (int j0 = 0; j0 < nc; j0 += DECIDE_PAD) {
+#pragma omp simd
+    for (int j = j0; j < j0 + DECIDE_PAD; ++j) ck[j] = keep_element<PRUNE_STOCHASTIC>(f, s, cw[j], cu[j], false);
+  }
+  int np = 0;  // the pruned ones, listed in place, without a branch per candidate
+  for (int j = 0; j < nc; ++j) {
+    pos[np] = pos[j];
+    np += ck[j] ^ 1;
+  }
+  float* __restrict param = static_cast<float*>(job.param);
+  for (int j = 0; j < np; ++j) {  // as the element contract leaves a pruned element
+    const int64_t e = first + pos[j];
+    param[e] = 0.0f;
+    if (STATES >= 1) job.state[0][e] = 0.0f;
+    if (STATES >= 2) job.state[1][e] = 0.0f;
+    if (STATES >= 3) job.state[2][e] = 0.0f;
+    if (f.has_mask) job.mask[e >> 5] &= static_cast<int32_t>(~(1u << (e & 31)));
+  }
+  return np;
+}
+
 // Words [word_begin, word_end) of one tensor. Compile-time: the parameter type, the number of
 // optimizer states (SGD: 0 without momentum, 1 with; Adam: 2, 3 with AMSGrad) and the prune mode,
 // so that the element loop has no switch and no null state pointer in it; the remaining flags are
@@ -175,12 +219,24 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
   // lane j of a sum adds the terms of the elements k = j mod STAT_LANES of each block, in order
   alignas(64) double sum_w[STAT_LANES] = {}, sum_kernel[STAT_LANES] = {}, sum_g[STAT_LANES] = {};
   alignas(64) float lam[BLOCK], u[BLOCK];
-  alignas(64) int32_t flagged[BLOCK], cand[BLOCK];
+  alignas(64) int32_t flagged[BLOCK];
   for (int k = 0; k < BLOCK; ++k) {
     lam[k] = 0.0f;
     u[k] = 0.0f;
     flagged[k] = 0;
   }
+  // a sampling event without statistics on fp32 parameters defers its decisions (decide_candidates)
+  // until DEFER_CAP candidates are held or the chunk ends
+  constexpr bool MAY_DEFER = TRACK && PRUNE == PRUNE_STOCHASTIC && std::is_same<T, float>::value;
+  constexpr int DEFER_CAP = MAY_DEFER ? 2048 : 0;
+  const bool defer = MAY_DEFER && draw && !has_stats;
+  const int64_t chunk_first = word_begin * 32;
+  alignas(64) float dw[DEFER_CAP + DECIDE_PAD], du[DEFER_CAP + DECIDE_PAD];
+  alignas(64) int32_t dk[DEFER_CAP + DECIDE_PAD], dpos[DEFER_CAP + COMPACT_SLACK];
+  int nd = 0;
+  // the keep bits are the live bits when no decision is taken inside a block: the mask words then
+  // change only where the bits past a tensor's end are cleared
+  const bool keeps_live = !TRACK || (!LOOP_DECIDES && PRUNE != PRUNE_NM && !(draw && !defer));
   for (int64_t block = word_begin; block < word_end; block += BLOCK_WORDS) {
     const int words = static_cast<int>(std::min<int64_t>(BLOCK_WORDS, word_end - block));
     const int64_t base = block * 32;
@@ -192,8 +248,8 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       const int inside = n - 32 * i;  // elements of word i inside the tensor
       if (inside < 32) {
         bits[i] &= inside > 0 ? (1u << inside) - 1u : 0u;
-        // the word as the tracking loop stores it (its keep bits are its live bits): bits past the end cleared
-        if (!TRACK && f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(bits[i]);
+        // the word as a deciding block stores it: bits past the end cleared
+        if (keeps_live && f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(bits[i]);
       }
       any |= bits[i];
     }
@@ -235,10 +291,10 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     float* __restrict s1 = st1 + base;
     float* __restrict s2 = st2 + base;
     // The stochastic decision is taken after the loop, on the few elements that can be pruned: the
-    // loop keeps every live element and marks as candidates those whose uniform is not at least the
-    // sampling constant c. Any other element is kept by the decision: its probability min(c * exp_(x),
-    // 1) with x <= 0 is at most c, since exp_ of a non-positive float is at most 1 (or it is NaN,
-    // which prunes nothing).
+    // loop keeps every live element (it is the loop of a step without decisions), and the candidates
+    // are the live elements whose uniform is not at least the sampling constant c. Any other element
+    // is kept by the decision: its probability min(c * exp_(x), 1) with x <= 0 is at most c, since
+    // exp_ of a non-positive float is at most 1 (or it is NaN, which prunes nothing).
     constexpr int LOOP_PRUNE = PRUNE == PRUNE_STOCHASTIC ? PRUNE_NONE : PRUNE;
 #pragma omp simd
     for (int k = 0; k < n; ++k) {
@@ -256,9 +312,6 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       if (STATES >= 2) s1[k] = on ? b : b_old;
       if (STATES >= 3) s2[k] = on ? c : c_old;
       if constexpr (TRACK && LOOP_DECIDES) live[k] = live[k] & static_cast<int32_t>(kept);  // the keep bit
-      if constexpr (TRACK && PRUNE == PRUNE_STOCHASTIC) {
-        cand[k] = live[k] & static_cast<int32_t>(!(u[k] >= s.sample_c));
-      }
     }
     if constexpr (!TRACK) {
       store_back(n, bits, wbuf, param + base);
@@ -275,15 +328,29 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
         kw[i] = bits[i];
       }
     }
+    if constexpr (MAY_DEFER) {
+      if (defer) {
+        if (nd + BLOCK > DEFER_CAP) {
+          alive -= decide_candidates<STATES>(f, s, job, chunk_first, nd, dw, du, dk, dpos);
+          nd = 0;
+        }
+        const int32_t rel = static_cast<int32_t>(base - chunk_first);
+        const int nc = list_candidates(u, s.sample_c, bits, rel, dpos + nd);
+        for (int j = nd; j < nd + nc; ++j) {
+          const int k = dpos[j] - rel;
+          dw[j] = pw[k];
+          du[j] = u[k];
+        }
+        nd += nc;
+      }
+    }
     if constexpr (PRUNE == PRUNE_STOCHASTIC) {
-      if (draw) {
+      if (draw && !defer) {
         constexpr int V = 16;  // the decisions are taken in whole vectors: the tail is padding
         alignas(64) int32_t where[BLOCK + COMPACT_SLACK];
         alignas(64) float cw[BLOCK + V], cu[BLOCK + V];
         alignas(64) int32_t ck[BLOCK + V];
-        for (int k = n; k < BLOCK; ++k) cand[k] = 0;
-        int nc = 0;
-        for (int b = 0; b < BLOCK; b += SIMD_BLOCK) nc += compact(cand + b, b, where + nc);
+        const int nc = list_candidates(u, s.sample_c, bits, 0, where);
         for (int j = 0; j < nc; ++j) {
           cw[j] = pw[where[j]];
           cu[j] = u[where[j]];
@@ -331,13 +398,20 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       }
     }
     store_back(n, bits, wbuf, param + base);
-    for (int i = 0; i < words; ++i) {
-      if (f.has_mask && bits[i] != 0 && static_cast<uint32_t>(job.mask[block + i]) != kw[i]) {
-        job.mask[block + i] = static_cast<int32_t>(kw[i]);
+    if (keeps_live) {
+      for (int i = 0; i < words; ++i) alive += __builtin_popcount(bits[i]);
+    } else {
+      for (int i = 0; i < words; ++i) {
+        if (f.has_mask && bits[i] != 0 && static_cast<uint32_t>(job.mask[block + i]) != kw[i]) {
+          job.mask[block + i] = static_cast<int32_t>(kw[i]);
+        }
+        alive += __builtin_popcount(kw[i]);
       }
-      alive += __builtin_popcount(kw[i]);
     }
     if (has_stats) add_stats(f.stats_out, s, kernel_on, n, pw, pg, live, sum_w, sum_g, sum_kernel);
+  }
+  if constexpr (MAY_DEFER) {
+    if (nd > 0) alive -= decide_candidates<STATES>(f, s, job, chunk_first, nd, dw, du, dk, dpos);
   }
   Partials out{};
   out.v[STAT_ALIVE] = has_stats && (f.stats_out & STATS_ALIVE) != 0 ? static_cast<double>(alive) : 0.0;
@@ -492,17 +566,17 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   run(call);
 }
 
-// Tests of cpu_simd.h: one block of the stream, and one compaction, by the named version.
-void pick_version(const std::string& version, UniformsFn& uniforms, QuadsFn& quads, CompactFn& compact) {
-  TORCH_CHECK(simd_version(version, uniforms, quads, compact), "sparsetrain: no vector version '", version,
+// Tests of cpu_simd.h: one block of the stream, and one candidate list, by the named version.
+void pick_version(const std::string& version, UniformsFn& uniforms, QuadsFn& quads, CandidatesFn& candidates) {
+  TORCH_CHECK(simd_version(version, uniforms, quads, candidates), "sparsetrain: no vector version '", version,
               "' on this CPU (the versions: portable, avx2, avx512)");
 }
 
 at::Tensor simd_uniforms(int64_t seed, int64_t first, const std::string& version) {
   UniformsFn uniforms;
   QuadsFn quads;
-  CompactFn compact;
-  pick_version(version, uniforms, quads, compact);
+  CandidatesFn candidates;
+  pick_version(version, uniforms, quads, candidates);
   TORCH_CHECK(first >= 0 && first % 4 == 0, "sparsetrain: first must be a non-negative multiple of 4, got ", first);
   at::Tensor out = at::empty({SIMD_BLOCK}, at::kFloat);
   uniforms(static_cast<uint64_t>(seed), static_cast<uint64_t>(first), out.data_ptr<float>());
@@ -514,8 +588,8 @@ at::Tensor simd_uniforms(int64_t seed, int64_t first, const std::string& version
 at::Tensor simd_uniforms_quads(int64_t seed, int64_t first, const at::Tensor& quad_list, const std::string& version) {
   UniformsFn uniforms;
   QuadsFn quads;
-  CompactFn compact;
-  pick_version(version, uniforms, quads, compact);
+  CandidatesFn candidates;
+  pick_version(version, uniforms, quads, candidates);
   TORCH_CHECK(first >= 0 && first % 4 == 0, "sparsetrain: first must be a non-negative multiple of 4, got ", first);
   TORCH_CHECK(quad_list.is_cpu() && quad_list.scalar_type() == at::kInt && quad_list.dim() == 1 &&
                   quad_list.numel() >= 1 && quad_list.numel() <= PHILOX_BLOCK_QUADS,
@@ -530,17 +604,23 @@ at::Tensor simd_uniforms_quads(int64_t seed, int64_t first, const at::Tensor& qu
   return out;
 }
 
-at::Tensor simd_compact(const at::Tensor& flags, int64_t base, const std::string& version) {
+// The candidates of one block: u (SIMD_BLOCK uniforms), c the sampling constant, mask_words the
+// block's SIMD_BLOCK / 32 words of live bits; base is added to each position.
+at::Tensor simd_candidates(const at::Tensor& u, double c, const at::Tensor& mask_words, int64_t base,
+                           const std::string& version) {
   UniformsFn uniforms;
   QuadsFn quads;
-  CompactFn compact;
-  pick_version(version, uniforms, quads, compact);
-  TORCH_CHECK(flags.is_cpu() && flags.scalar_type() == at::kInt && flags.numel() == SIMD_BLOCK &&
-                  flags.is_contiguous(),
-              "sparsetrain: flags must be a contiguous int32 CPU tensor of ", SIMD_BLOCK, " elements");
-  TORCH_CHECK(flags.eq(0).logical_or(flags.eq(1)).all().item<bool>(), "sparsetrain: flags must be 0 or 1");
+  CandidatesFn candidates;
+  pick_version(version, uniforms, quads, candidates);
+  TORCH_CHECK(u.is_cpu() && u.scalar_type() == at::kFloat && u.numel() == SIMD_BLOCK && u.is_contiguous(),
+              "sparsetrain: u must be a contiguous float32 CPU tensor of ", SIMD_BLOCK, " elements");
+  TORCH_CHECK(mask_words.is_cpu() && mask_words.scalar_type() == at::kInt && mask_words.numel() == SIMD_BLOCK / 32 &&
+                  mask_words.is_contiguous(),
+              "sparsetrain: mask_words must be a contiguous int32 CPU tensor of ", SIMD_BLOCK / 32, " words");
   at::Tensor where = at::empty({SIMD_BLOCK + COMPACT_SLACK}, at::kInt);
-  const int count = compact(flags.data_ptr<int32_t>(), static_cast<int32_t>(base), where.data_ptr<int32_t>());
+  const int count = candidates(u.data_ptr<float>(), static_cast<float>(c),
+                               reinterpret_cast<const uint32_t*>(mask_words.data_ptr<int32_t>()),
+                               static_cast<int32_t>(base), where.data_ptr<int32_t>());
   return where.slice(0, 0, count).clone();
 }
 
@@ -551,7 +631,8 @@ TORCH_LIBRARY_FRAGMENT(sparsetrain_native, m) {
   m.def("simd_uniforms(int seed, int first, str version) -> Tensor", &sparsetrain::simd_uniforms);
   m.def("simd_uniforms_quads(int seed, int first, Tensor quads, str version) -> Tensor",
         &sparsetrain::simd_uniforms_quads);
-  m.def("simd_compact(Tensor flags, int base, str version) -> Tensor", &sparsetrain::simd_compact);
+  m.def("simd_candidates(Tensor u, float c, Tensor mask_words, int base, str version) -> Tensor",
+        &sparsetrain::simd_candidates);
 }
 
 TORCH_LIBRARY_IMPL(sparsetrain_native, CPU, m) {

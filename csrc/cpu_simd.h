@@ -11,8 +11,9 @@
 // bits as philox4x32_10 and uniform (tests/test_philox.py, and the native masks against the torch
 // reference).
 //
-// Compaction: the positions of the nonzero flags of a block (the elements a decision has to look
-// at), in increasing order, without a branch per element.
+// Candidates: the positions of a block's live elements whose uniform is below the sampling constant
+// (the elements a stochastic decision has to look at), in increasing order, without a branch per
+// element.
 #pragma once
 
 #include <cstdint>
@@ -29,7 +30,7 @@ namespace sparsetrain {
 
 constexpr int PHILOX_BLOCK_QUADS = 64;  // Philox calls per block: uniforms of 256 elements
 constexpr int SIMD_BLOCK = 4 * PHILOX_BLOCK_QUADS;  // elements per block
-constexpr int COMPACT_SLACK = 16;  // compaction may write this many entries past its count
+constexpr int COMPACT_SLACK = 16;  // the candidate lists may write this many entries past their count
 
 // Portable: the 64 calls side by side, one loop per round.
 inline void uniforms_portable(uint64_t seed, uint64_t first, float* __restrict u) {
@@ -71,13 +72,15 @@ inline void uniforms_quads_portable(uint64_t seed, uint64_t quad0, uint64_t quad
   }
 }
 
-// Writes base + k for the k < SIMD_BLOCK with flags[k] != 0 (flags are 0 or 1) to `where` in
-// increasing order; returns their count. `where` holds SIMD_BLOCK + COMPACT_SLACK entries.
-inline int compact_portable(const int32_t* __restrict flags, int32_t base, int32_t* __restrict where) {
+// Writes base + k for the k < SIMD_BLOCK whose element is live (bit k & 31 of bits[k >> 5]) and whose
+// uniform is not at least c (!(u[k] >= c)) to `where` in increasing order; returns their count.
+// `where` holds count + COMPACT_SLACK entries.
+inline int candidates_portable(const float* __restrict u, float c, const uint32_t* __restrict bits, int32_t base,
+                               int32_t* __restrict where) {
   int count = 0;
   for (int k = 0; k < SIMD_BLOCK; ++k) {
     where[count] = base + k;
-    count += flags[k];
+    count += static_cast<int>((bits[k >> 5] >> (k & 31)) & 1u) & static_cast<int>(!(u[k] >= c));
   }
   return count;
 }
@@ -223,16 +226,19 @@ __attribute__((target("avx2"))) inline void uniforms_avx2(uint64_t seed, uint64_
   }
 }
 
-// AVX-512: one vpcompressd per 16 flags (into a register: stored whole, the count advances).
-__attribute__((target("avx512f,popcnt"))) inline int compact_avx512(const int32_t* __restrict flags, int32_t base,
-                                                                     int32_t* __restrict where) {
+// AVX-512: one compare under the live bits and one vpcompressd per 16 elements (into a register:
+// stored whole, the count advances).
+__attribute__((target("avx512f,popcnt"))) inline int candidates_avx512(const float* __restrict u, float c,
+                                                                        const uint32_t* __restrict bits, int32_t base,
+                                                                        int32_t* __restrict where) {
   __m512i index = _mm512_add_epi32(_mm512_set1_epi32(base),
                                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
   const __m512i step = _mm512_set1_epi32(16);
+  const __m512 cv = _mm512_set1_ps(c);
   int count = 0;
   for (int k = 0; k < SIMD_BLOCK; k += 16) {
-    const __m512i x = _mm512_loadu_si512(flags + k);
-    const __mmask16 m = _mm512_test_epi32_mask(x, x);
+    const __mmask16 live = static_cast<__mmask16>(bits[k >> 5] >> (k & 31));
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(u + k), cv, _CMP_NGE_UQ);
     _mm512_storeu_si512(where + count, _mm512_maskz_compress_epi32(m, index));
     count += _mm_popcnt_u32(m);
     index = _mm512_add_epi32(index, step);
@@ -240,7 +246,7 @@ __attribute__((target("avx512f,popcnt"))) inline int compact_avx512(const int32_
   return count;
 }
 
-// AVX2: eight flags at a time, the lanes gathered by a permutation from a table of the 256 masks.
+// AVX2: eight elements at a time, the lanes gathered by a permutation from a table of the 256 masks.
 struct CompactTable {
   uint8_t lanes[256][8];
   constexpr CompactTable() : lanes() {
@@ -254,14 +260,16 @@ struct CompactTable {
 };
 inline constexpr CompactTable COMPACT_TABLE{};
 
-__attribute__((target("avx2,popcnt"))) inline int compact_avx2(const int32_t* __restrict flags, int32_t base,
-                                                               int32_t* __restrict where) {
+__attribute__((target("avx2,popcnt"))) inline int candidates_avx2(const float* __restrict u, float c,
+                                                                  const uint32_t* __restrict bits, int32_t base,
+                                                                  int32_t* __restrict where) {
   __m256i index = _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
   const __m256i step = _mm256_set1_epi32(8);
+  const __m256 cv = _mm256_set1_ps(c);
   int count = 0;
   for (int k = 0; k < SIMD_BLOCK; k += 8) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + k));
-    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(x, _mm256_setzero_si256())));
+    const int below = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(u + k), cv, _CMP_NGE_UQ));
+    const int m = below & static_cast<int>((bits[k >> 5] >> (k & 31)) & 0xffu);
     uint64_t packed;
     __builtin_memcpy(&packed, COMPACT_TABLE.lanes[m], 8);
     const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(packed)));
@@ -278,7 +286,7 @@ __attribute__((target("avx2,popcnt"))) inline void uniforms_quads_avx2(uint64_t 
   alignas(32) int32_t quads[PHILOX_BLOCK_QUADS + QUAD_BATCH];
   int nq = 0;
   __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
-  for (int p = 0; p < PHILOX_BLOCK_QUADS; p += 8) {  // eight quads at a time, as compact_avx2
+  for (int p = 0; p < PHILOX_BLOCK_QUADS; p += 8) {  // eight quads at a time, as candidates_avx2
     const int m = static_cast<int>((quad_mask >> p) & 0xffu);
     uint64_t packed;
     __builtin_memcpy(&packed, COMPACT_TABLE.lanes[m], 8);
@@ -304,15 +312,16 @@ __attribute__((target("avx2,popcnt"))) inline void uniforms_quads_avx2(uint64_t 
 #pragma GCC diagnostic pop
 #endif
 
-using CompactFn = int (*)(const int32_t* __restrict flags, int32_t base, int32_t* __restrict where);
+using CandidatesFn = int (*)(const float* __restrict u, float c, const uint32_t* __restrict bits, int32_t base,
+                             int32_t* __restrict where);
 
-inline CompactFn pick_compact() {
+inline CandidatesFn pick_candidates() {
 #if defined(SPARSETRAIN_X86_PHILOX)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &compact_avx512;
-  if (__builtin_cpu_supports("avx2")) return &compact_avx2;
+  if (__builtin_cpu_supports("avx512f")) return &candidates_avx512;
+  if (__builtin_cpu_supports("avx2")) return &candidates_avx2;
 #endif
-  return &compact_portable;
+  return &candidates_portable;
 }
 
 using UniformsFn = void (*)(uint64_t seed, uint64_t first, float* __restrict u);
@@ -339,11 +348,11 @@ inline UniformsFn pick_uniforms() {
 
 // A version by name ("portable", "avx2", "avx512"), for the tests that compare every version this
 // CPU runs with the torch reference; false when the name is unknown or the CPU lacks the features.
-inline bool simd_version(const std::string& name, UniformsFn& uniforms, QuadsFn& quads, CompactFn& compact) {
+inline bool simd_version(const std::string& name, UniformsFn& uniforms, QuadsFn& quads, CandidatesFn& candidates) {
   if (name == "portable") {
     uniforms = &uniforms_portable;
     quads = &uniforms_quads_portable;
-    compact = &compact_portable;
+    candidates = &candidates_portable;
     return true;
   }
 #if defined(SPARSETRAIN_X86_PHILOX)
@@ -351,13 +360,13 @@ inline bool simd_version(const std::string& name, UniformsFn& uniforms, QuadsFn&
   if (name == "avx2" && __builtin_cpu_supports("avx2")) {
     uniforms = &uniforms_avx2;
     quads = &uniforms_quads_avx2;
-    compact = &compact_avx2;
+    candidates = &candidates_avx2;
     return true;
   }
   if (name == "avx512" && __builtin_cpu_supports("avx512f")) {
     uniforms = &uniforms_avx512;
     quads = &uniforms_quads_avx512;
-    compact = &compact_avx512;
+    candidates = &candidates_avx512;
     return true;
   }
 #endif

@@ -171,13 +171,18 @@ def test_every_vector_version_draws_listed_quads_of_the_reference_stream(version
 
 
 @pytest.mark.parametrize("version", ["portable", "avx2", "avx512"])
-def test_every_vector_version_compacts_flags_in_order(version):
+def test_every_vector_version_lists_candidates_in_order(version):
+    """A block's candidates: its live elements whose uniform is not at least c, in order, whatever dead ones hold."""
     _simd_version_or_skip(version)
     gen = torch.Generator().manual_seed(8)
     for density in (0.0, 0.03, 0.5, 0.97, 1.0):
-        flags = (torch.rand(SIMD_BLOCK, generator=gen) < density).to(torch.int32)
-        where = torch.ops.sparsetrain_native.simd_compact(flags, 512, version)
-        assert torch.equal(where, flags.nonzero().flatten().to(torch.int32) + 512), density
+        for c in (0.0, 0.07, 0.5, 1.0):
+            u = torch.rand(SIMD_BLOCK, generator=gen)
+            u[::7] = c  # ties: u == c is no candidate
+            live = torch.rand(SIMD_BLOCK, generator=gen) < density
+            where = torch.ops.sparsetrain_native.simd_candidates(u, c, masks.pack(live), 512, version)
+            expected = (live & ~(u >= torch.tensor(c, dtype=torch.float32))).nonzero().flatten().to(torch.int32)
+            assert torch.equal(where, expected + 512), (density, c)
 
 
 def test_many_tensors_one_call():
@@ -208,6 +213,35 @@ def test_tensors_over_many_chunks_same_for_1_and_2_threads(algo):
         assert all(torch.equal(a, b) for a, b in zip(outs[0][key], outs[1][key])), key
     for a, b in zip(outs[0]["state_lists"], outs[1]["state_lists"]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_event_without_statistics_decides_as_the_event_with_them(algo):
+    """An event that writes no statistics takes its decisions over many blocks at once (here more candidates per
+    chunk than one batch holds): weights, states and masks bit for bit those of the event writing statistics, for 1
+    and 2 threads, the reference's masks, and the statistics left as they were."""
+    sizes = [2 * CHUNK + 4099, 77, 3001]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16]
+    inputs = _inputs(sizes, dtypes, algo=algo, prune="stochastic", seed=23)
+    with_stats, ref = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    _call(with_stats, "native", algo=algo, prune="stochastic")
+    _call(ref, "torch", algo=algo, prune="stochastic", write_stats=False)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = copy.deepcopy(inputs)
+            _call(out, "native", algo=algo, prune="stochastic", write_stats=False)
+            for key in ("params", "mask_words", "steps"):
+                assert all(torch.equal(a, b) for a, b in zip(out[key], with_stats[key])), (key, n)
+            for a, b in zip(out["state_lists"], with_stats["state_lists"]):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), n
+            assert all(torch.equal(a, b) for a, b in zip(out["stats"], inputs["stats"])), n
+    finally:
+        torch.set_num_threads(threads)
+    assert _mask_disagreements(inputs, ref, out, "stochastic") == 0
+    _compare(ref, out)
+    assert sum(masks.alive_count(a) - masks.alive_count(b) for a, b in zip(inputs["mask_words"], out["mask_words"]))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")

@@ -73,11 +73,14 @@ def _inputs(sizes, dtypes, *, algo, prune, seed, states=True, groups=3, shard_of
     return to_device(inputs, DEVICE)
 
 
-def _call(inputs, backend, *, algo, prune, regularize=True, l1_proximal=True, lr_tensor=None, **hyper):
+def _call(
+    inputs, backend, *, algo, prune, regularize=True, l1_proximal=True, lr_tensor=None, write_stats=True, **hyper
+):
     x = inputs
     common = dict(
         mask_words=x["mask_words"],
         stats=x["stats"],
+        write_stats=write_stats,
         tensor_coefs=x["tensor_coefs"],
         group_coefs=x["group_coefs"],
         group_inner=x["group_inner"],
