@@ -10,7 +10,7 @@ per thread count:
   and the sampling kernel's sum);
 * the same step with a stochastic sampling event (Philox draws and the decision on every live weight)
   as the optimizer takes it (it reads the previous step's statistics and computes none:
-  ``write_stats=False``), and the same event computing this step's statistics too;
+  ``stats_mask=0``, the optimizer's ``write_stats=False``), and the same event computing this step's statistics too;
 * torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask + statistics), without and
   with a sampling event;
 * the torch reference backend on the same SGD / AdamW steps (one measurement each: it is slow).
@@ -88,7 +88,7 @@ def _fused(x, backend: str, algo: str, prune: str, stats: bool = True, write_sta
     common = dict(
         mask_words=x["mask_words"],
         stats=x["stats"] if stats else [],
-        write_stats=write_stats,
+        stats_mask=contract.stats_computed(write_stats, contract.STATS_ALL),
         tensor_coefs=x["tensor_coefs"],
         group_coefs=[],
         group_inner=[],
