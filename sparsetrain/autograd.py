@@ -337,6 +337,9 @@ class MaskedPruner(Pruner):
                     if isinstance(module, nn.RNNBase) and id(module) not in recurrent:
                         recurrent.add(id(module))
                         self._hooks.append(module.register_forward_hook(_release_flat_weights))
+                        # torch.compile traced a masked recurrent layer into a crash (heap corruption): it runs
+                        # eagerly inside a compiled model. The class is the module's own (made by parametrize).
+                        type(module).forward = torch.compiler.disable(type(module).forward)
         self._maybe_shrink()
         self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._versions: bytes | None = None  # the pruned tensors' version counters when step() last ran

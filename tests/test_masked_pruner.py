@@ -2,6 +2,8 @@
 biases, metrics of the masked weights, and plain checkpoints of a live model."""
 
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -320,3 +322,34 @@ def test_the_regularization_gradient_is_scaled_with_the_loss(scaled):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
         MaskedPruner(_cnn(), methods.Magnitude(0.5), grad_scaler=2.0**16)
+
+
+_COMPILED_LSTM = """
+import torch
+from torch import nn
+from sparsetrain import methods
+from sparsetrain.autograd import MaskedPruner
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.LSTM(4, 6, batch_first=True))
+pruner = MaskedPruner(model, methods.Magnitude(0.5, schedule="linear", end=2, interval=1), include=["0"])
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+compiled = torch.compile(model, backend="eager")
+x = torch.randn(3, 5, 4)
+for _ in range(3):
+    compiled(x)[0].sum().backward()
+    opt.step()
+    pruner.step()
+    opt.zero_grad()
+torch.testing.assert_close(compiled(x)[0], pruner.export()(x)[0], rtol=0, atol=0)
+print(pruner.step_count)
+"""
+
+
+def test_a_masked_lstm_runs_inside_a_compiled_model():
+    """torch.compile traced an LSTM whose weights MaskedPruner masks into heap corruption (the process died):
+    the masked recurrent layer now runs eagerly inside the compiled model. In a subprocess, as the failure
+    killed the interpreter."""
+    done = subprocess.run([sys.executable, "-c", _COMPILED_LSTM], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "3"
