@@ -6,13 +6,14 @@ per thread count:
 * torch.optim.SGD(foreach=True), momentum 0.9 + weight decay, no pruning at all;
 * the native SGD step with momentum + L2 + a 50%-sparse mask, no pruning event and no statistics (the
   step a pruning method takes away from its events);
-* the same step with statistics (the step before a sampling event: alive count, sums of |w| and |g|,
-  and the sampling kernel's sum);
+* the same step computing the statistics StochasticMagnitude reads at its next event (the step
+  before an event: alive count and the sampling kernel's sum), and computing all four statistics;
 * the same step with a stochastic sampling event (Philox draws and the decision on every live weight)
-  as the optimizer takes it (it reads the previous step's statistics and computes none:
-  ``stats_mask=0``, the optimizer's ``write_stats=False``), and the same event computing this step's statistics too;
-* torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask + statistics), without and
-  with a sampling event;
+  as the optimizer takes it between sparse events (it reads the previous step's statistics and
+  computes none: ``stats_mask=0``); an event on every step, which also computes what the next event
+  reads (alive count, sum |w|, kernel sum: ``StochasticMagnitude(interval=1)``'s set); and an event
+  computing all four statistics;
+* torch.optim.AdamW(foreach=True) against the native AdamW step (L2 + mask) in the same cases;
 * the torch reference backend on the same SGD / AdamW steps (one measurement each: it is slow).
 
 Median wall time of repeated steps after a warm-up. Prints a markdown report (machine, versions,
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sparsetrain import contract, masks, philox
+from sparsetrain import contract, masks, methods, philox
 from sparsetrain.backends import module
 from sparsetrain.benchmarks.shapes import resnet50_shapes
 
@@ -84,11 +85,11 @@ def _inputs(shapes, algo: str):
     )
 
 
-def _fused(x, backend: str, algo: str, prune: str, stats: bool = True, write_stats: bool = True) -> None:
+def _fused(x, backend: str, algo: str, prune: str, stats: bool = True, stats_mask: int = contract.STATS_ALL) -> None:
     common = dict(
         mask_words=x["mask_words"],
         stats=x["stats"] if stats else [],
-        stats_mask=contract.stats_computed(write_stats, contract.STATS_ALL),
+        stats_mask=stats_mask,
         tensor_coefs=x["tensor_coefs"],
         group_coefs=[],
         group_inner=[],
@@ -114,11 +115,32 @@ def _fused(x, backend: str, algo: str, prune: str, stats: bool = True, write_sta
         )  # fmt: skip
 
 
-CASES = (  # prune mode, statistics read, statistics written, label
-    ("none", False, False, "non-event"),
-    ("none", True, True, "non-event with statistics"),
-    ("stochastic", True, False, "sampling event"),
-    ("stochastic", True, True, "sampling event with statistics"),
+def _computed(method, step: int) -> int:
+    """The statistics the optimizer step ``step`` computes under ``method`` (what its next step reads)."""
+    return method.stats_read(step + 1)
+
+
+_SPARSE_EVENTS = methods.StochasticMagnitude(0.5, start=10, end=100, interval=10)
+_EVERY_STEP = methods.StochasticMagnitude(0.5, start=10, end=100, interval=1)
+BEFORE_EVENT = _computed(_SPARSE_EVENTS, 19)  # alive, kernel sum
+EVENT = _computed(_SPARSE_EVENTS, 20)  # none
+EVENT_EVERY_STEP = _computed(_EVERY_STEP, 20)  # alive, sum |w|, kernel sum
+# names without "|": they label rows of a markdown table
+NAMES = {contract.STATS_ALIVE: "alive", contract.STATS_SUM_ABS_W: "sum abs(w)", contract.STATS_SUM_KERNEL: "kernel sum"}
+NAMES[contract.STATS_SUM_ABS_G] = "sum abs(g)"
+
+
+def _named(bits: int) -> str:
+    return ", ".join(name for bit, name in NAMES.items() if bits & bit) or "none"
+
+
+CASES = (  # prune mode, statistics read, statistics computed (stats_mask), label
+    ("none", False, contract.STATS_NONE, "non-event"),
+    ("none", True, BEFORE_EVENT, f"step before an event, computes {_named(BEFORE_EVENT)}"),
+    ("none", True, contract.STATS_ALL, "non-event, computes all statistics"),
+    ("stochastic", True, EVENT, f"sampling event, computes {_named(EVENT)}"),
+    ("stochastic", True, EVENT_EVERY_STEP, f"sampling event on every step, computes {_named(EVENT_EVERY_STEP)}"),
+    ("stochastic", True, contract.STATS_ALL, "sampling event, computes all statistics"),
 )
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 _clock = time.perf_counter
@@ -219,13 +241,11 @@ def main() -> None:
         t = r["threads"]
         parts = []
         for label, optim in (("SGD", "torch.optim.SGD foreach"), ("AdamW", "torch.optim.AdamW foreach")):
-            plain, with_stats = r[f"native {label} non-event"], r[f"native {label} non-event with statistics"]
-            event = r[f"native {label} sampling event"]
-            event_stats = r[f"native {label} sampling event with statistics"]
+            plain, before, _, event, every, event_all = (r[f"native {label} {case[3]}"] for case in CASES)
             parts.append(
-                f"native {label} non-event / {optim.split()[0]} = {plain / r[optim]:.2f}; {label} event / non-event = "
-                f"{event / plain:.2f} (event with statistics / non-event = {event_stats / plain:.2f}, "
-                f"/ non-event with statistics = {event_stats / with_stats:.2f})"
+                f"native {label} non-event / {optim.split()[0]} = {plain / r[optim]:.2f}; per non-event {label} step: "
+                f"step before an event {before / plain:.2f}, event {event / plain:.2f}, event on every step "
+                f"{every / plain:.2f}, event computing all statistics {event_all / plain:.2f}"
             )
         lines.append(f"- {t} thread(s): " + "; ".join(parts))
     report = "\n".join(lines) + "\n"

@@ -196,3 +196,34 @@ def test_readme_performance_tables_are_generated_from_the_committed_results():
     done = subprocess.run([sys.executable, str(root / "bench" / "readme_table.py"), "--check"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not backends.availability("native")[0], reason=backends.availability("native")[1])
+def test_native_cpu_bench_runs_and_labels_what_each_case_computes(tmp_path, monkeypatch):
+    """bench/native_cpu.py at a tiny size: every case runs on the native backend and the torch reference,
+    and each case computes the statistics its label names (those StochasticMagnitude's steps compute)."""
+    from sparsetrain import contract
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import native_cpu
+
+    every = contract.STATS_ALIVE | contract.STATS_SUM_ABS_W | contract.STATS_SUM_KERNEL
+    assert (native_cpu.BEFORE_EVENT, native_cpu.EVENT, native_cpu.EVENT_EVERY_STEP) == (
+        contract.STATS_ALIVE | contract.STATS_SUM_KERNEL,
+        contract.STATS_NONE,
+        every,
+    )
+    out = tmp_path / "report.md"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["native_cpu.py", "--elements", "3000", "--threads", "1", "--reps", "1",
+                                      "--out", str(out)])  # fmt: skip
+    try:
+        native_cpu.main()
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    for backend in ("native", "torch reference"):
+        for algo in ("SGD", "AdamW"):
+            for *_, label in native_cpu.CASES:
+                assert f"| {backend} {algo} {label} |" in text, (backend, algo, label)
+    assert "sampling event on every step, computes alive, sum abs(w), kernel sum" in text
