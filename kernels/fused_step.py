@@ -311,8 +311,8 @@ def fused_step_kernel(
                         WORDS,
                         True, NM_M,
                     )  # fmt: skip
-                    acc_alive, acc_w, acc_kernel, acc_g = _add4(
-                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
+                    acc_alive, acc_w, acc_kernel, acc_g = _accumulate(
+                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g, STATS_OUT
                     )
                 else:
                     part_alive, part_w, part_kernel, part_g = _step_block(
@@ -327,8 +327,8 @@ def fused_step_kernel(
                         WORDS,
                         False, NM_M,
                     )  # fmt: skip
-                    acc_alive, acc_w, acc_kernel, acc_g = _add4(
-                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
+                    acc_alive, acc_w, acc_kernel, acc_g = _accumulate(
+                        acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g, STATS_OUT
                     )
         if STATS_OUT:  # the program's partial row
             out = partials + (first_row + group) * NUM_PARTIALS + tl.arange(0, NUM_PARTIALS)
@@ -537,8 +537,18 @@ def _quad_sums(x, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+def _accumulate(acc_alive, acc_w, acc_kernel, acc_g, alive, sum_w, sum_kernel, sum_g, STATS_OUT: tl.constexpr):
+    """The program's statistics plus a block's, for the statistics of STATS_OUT only: a sum no step
+    reads is not added per block (a floating-point add of zero is an instruction the compiler keeps)."""
+    if STATS_ALIVE & STATS_OUT:
+        acc_alive = acc_alive + alive
+    if STATS_SUM_ABS_W & STATS_OUT:
+        acc_w = acc_w + sum_w
+    if STATS_SUM_KERNEL & STATS_OUT:
+        acc_kernel = acc_kernel + sum_kernel
+    if STATS_SUM_ABS_G & STATS_OUT:
+        acc_g = acc_g + sum_g
+    return acc_alive, acc_w, acc_kernel, acc_g
 
 
 @triton.jit

@@ -4,7 +4,8 @@ Run as a script (``TRITON_INTERPRET`` unset): the interpreter checks the math on
 that the same source lowers through Triton's GPU compiler and ptxas to a cubin. Prints one JSON
 line per variant: ``{"variant": ..., "registers": N, "spill_bytes": N, "vector_loads": N,
 "vector_stores": N}`` (spills: local memory + stack; vector: 8- or 16-byte global loads / stores in
-the PTX).
+the PTX); the fused step's variants also give ``"instructions"`` and ``"fp64_adds"``, counted in the
+SASS (static counts: what changes when a switch adds or removes work).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 
 import triton
 import triton.language as tl
+from issue_time import sass
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -111,7 +113,10 @@ def main() -> int:
         registers, spills = resource_usage(kernel.asm["cubin"])
         loads, stores = vector_accesses(kernel.asm["ptx"])
         report = {"variant": name, "registers": registers, "spill_bytes": spills, "vector_loads": loads}
-        print(json.dumps({**report, "vector_stores": stores}), flush=True)
+        instructions = [text for address, text in sass(kernel.asm["cubin"]) if address >= 0]
+        fp64_adds = sum(re.match(r"(@!?U?P\w+\s+)?DADD\b", text) is not None for text in instructions)
+        report.update(vector_stores=stores, instructions=len(instructions), fp64_adds=fp64_adds)
+        print(json.dumps(report), flush=True)
     for stats, found in ((int(fused_step.STATS_ALL), True), (0, False), (7, False)):
         constexprs = {"STATS_OUT": stats, "HAS_FOUND_INF": found, "CHUNK": 256}
         signature = {**FINISH_SIGNATURE, **{k: "constexpr" for k in constexprs}}

@@ -79,8 +79,8 @@ def full_block_kernel(
                 HAS_STATS, STATS_OUT, REGULARIZE, L1_PROX, HAS_GROUPS, WIDE_GROUPS, PRUNE, True, QUAD_STREAM, WORDS,
                 True, 1,
             )  # fmt: skip
-            acc_alive, acc_w, acc_kernel, acc_g = fused_step._add4(
-                acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g
+            acc_alive, acc_w, acc_kernel, acc_g = fused_step._accumulate(
+                acc_alive, acc_w, acc_kernel, acc_g, part_alive, part_w, part_kernel, part_g, STATS_OUT
             )
     if STATS_OUT:
         out = partials + tl.program_id(0).to(tl.int64) * fused_step.NUM_PARTIALS + tl.arange(0, fused_step.NUM_PARTIALS)

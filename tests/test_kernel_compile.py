@@ -35,6 +35,10 @@ def test_kernels_lower_for_sm90_without_spills():
         else:
             reads, writes = streamed[report["variant"].split()[0]]
             assert report["vector_loads"] >= reads and report["vector_stores"] >= writes, report
+    # a sum no step reads costs nothing: SGD computing no statistic has no fp64 add (neither a sum nor a
+    # per-block add of zeros), while with every statistic on it has them
+    assert named["switch: sgd STATS_OUT=False"]["fp64_adds"] == 0, named["switch: sgd STATS_OUT=False"]
+    assert named["sgd fp32 stochastic"]["fp64_adds"] > 0, named["sgd fp32 stochastic"]
     forward, backward = named["masked weight forward bf16"], named["masked weight backward fp32"]
     assert forward["vector_loads"] >= 1 and forward["vector_stores"] >= 1, forward
     assert backward["vector_loads"] >= 2 and backward["vector_stores"] >= 1, backward
