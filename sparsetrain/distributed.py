@@ -181,10 +181,11 @@ class ShardSync:
         return not self._partial
 
     def request_stats(self, optimizer: FusedOptimizer | None = None) -> None:
-        """Have every statistics vector that holds partial sums summed across ranks before it is next read.
+        """Have the statistics that hold partial sums summed across ranks at the next round or :meth:`flush`
+        (those rewritten in between included), before they are next read.
 
         ``optimizer``: unused (the vectors are those marked by :meth:`rewritten`); kept for callers."""
-        self._requested = bool(self._partial)
+        self._requested = True
 
     def reduce(self, tensors: list[Tensor], *, maxes: list[Tensor] = ()) -> None:
         """Sum ``tensors`` (and any requested statistics) and take the maximum of ``maxes`` across
@@ -198,9 +199,10 @@ class ShardSync:
         exchange(pending + list(tensors), self.group, maxes=maxes)
 
     def flush(self) -> None:
-        """Run the requested statistics reduction now (no-op when nothing is requested)."""
-        if self._requested:
+        """Run the requested statistics reduction now (no collective when nothing requested holds partial sums)."""
+        if self._requested and self._partial:
             self.reduce([])
+        self._requested = False
 
     def rewritten(self, stats: list[Tensor], skipped: Tensor | None = None, *, bits: int = contract.STATS_ALL) -> None:
         """The statistics ``bits`` (``contract.STATS_*``) of the vectors ``stats`` were rewritten with

@@ -496,9 +496,12 @@ def nonfinite_on_one_rank(rank: int, world: int) -> None:
 def stats_after_a_mask_change(rank: int, world: int) -> None:
     """FSDP2 on 2 and 4 ranks: statistics summed across ranks, then ``set_mask`` on one tensor, then the
     read before a step that reads them: every tensor's statistics are those of one process (the
-    tensors the mask change did not touch are not summed a second time)."""
+    tensors the mask change did not touch are not summed a second time). Then a read requested while
+    every vector was global (a Pruner's step before its method runs), a mask change, and the read
+    (``Pruner.stats``): the changed tensor's statistics are summed too."""
     groups = subgroups()
     x, y = data("mlp")
+    moments = ["after the step", "after set_mask", "after a request, set_mask"]
 
     def run(group=None) -> list[list[torch.Tensor]]:
         torch.manual_seed(0)
@@ -508,6 +511,7 @@ def stats_after_a_mask_change(rank: int, world: int) -> None:
             model = shard("mlp", model, DeviceMesh.from_group(group, "cpu"))
             scale = float(dist.get_world_size(group)) if dist.get_rank(group) == 0 else 0.0
         opt = sparsetrain.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, seed=7)
+        sync = distributed.sync_of(opt)
         weights = [m.weight for m in model if isinstance(m, nn.Linear)]
         for w in weights:
             opt.enable_pruning(w)
@@ -515,12 +519,21 @@ def stats_after_a_mask_change(rank: int, world: int) -> None:
         # gradient is the one-process gradient bit for bit
         (scale * nn.functional.mse_loss(model(x), y)).backward()
         opt.step()  # no pruner: every statistic computed, local partial sums on shards
+        alive = [
+            torch.rand(w.shape, generator=torch.Generator().manual_seed(3 + i)) > 0.5 for i, w in enumerate(weights)
+        ]
         seen = []
-        for change in (False, True):
-            if change:
-                alive = torch.rand(weights[0].shape, generator=torch.Generator().manual_seed(3)) > 0.5
-                opt.set_mask(weights[0], alive)  # rewrites the first tensor's statistics only
-            distributed.prepare_step(opt, None, "stochastic", False, flag=False)  # what an event step reads
+        for moment in moments:
+            if moment == "after set_mask":
+                opt.set_mask(weights[0], alive[0])  # rewrites the first tensor's statistics only
+            if moment == "after a request, set_mask":
+                if sync is not None:
+                    sync.request_stats(opt)  # nothing holds partial sums now
+                opt.set_mask(weights[1], alive[1])
+                if sync is not None:
+                    sync.flush()  # as Pruner.stats() before a method reads them
+            else:
+                distributed.prepare_step(opt, None, "stochastic", False, flag=False)  # what an event step reads
             seen.append([opt.state[w]["stats"].clone() for w in weights])
         return seen
 
@@ -529,13 +542,12 @@ def stats_after_a_mask_change(rank: int, world: int) -> None:
         if rank < size:
             got = run(groups[size])
             wrong = []
-            for when, (row, want) in enumerate(zip(got, expected)):
+            for moment, row, want in zip(moments, got, expected):
                 for index, (a, b) in enumerate(zip(row, want)):
                     try:
                         torch.testing.assert_close(a, b)
                     except AssertionError:
-                        moment = "after" if when else "before"
-                        wrong.append(f"{moment} set_mask, weight {index}: {a.tolist()} != {b.tolist()}")
+                        wrong.append(f"{moment}, weight {index}: {a.tolist()} != {b.tolist()}")
             assert not wrong, f"{size} ranks, statistics differ from one process:\n" + "\n".join(wrong)
         dist.barrier()
 
