@@ -343,14 +343,18 @@ class MaskedPruner(Pruner):
         self._maybe_shrink()
         self._stepping: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._versions: bytes | None = None  # the pruned tensors' version counters when step() last ran
+        self._optimizer_steps = 0  # eager steps of the optimizers in _stepping (a fused torch step bumps no version)
+        self._steps_seen = 0  # _optimizer_steps when step() last ran
         self._watch_optimizers()
 
     _shrink_in_init = False
 
     def _watch_optimizers(self) -> None:
-        """Note every other optimizer that steps a pruned tensor (a global step hook): :meth:`step` can then
-        refuse to go on without one before a shrink leaves its state at the old shapes, and knows that a call
-        after which the pruned tensors were not written (their version counters) follows a skipped step."""
+        """Note every other optimizer that steps a pruned tensor, and count its eager steps (a global step hook):
+        :meth:`step` can then refuse to go on without one before a shrink leaves its state at the old shapes, and
+        knows that a call after which no such step ran and the pruned tensors were not written (their version
+        counters: a compiled step runs no hook bookkeeping, torch's fused CPU step bumps no version) follows a
+        skipped step."""
         pruner = weakref.ref(self)
         targets = {id(t.param) for t in self.targets}
         checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
@@ -366,6 +370,8 @@ class MaskedPruner(Pruner):
                 checked[optimizer] = groups
                 if any(id(p) in targets for g in optimizer.param_groups for p in g["params"]):
                     owner._stepping.add(optimizer)
+            if optimizer in owner._stepping:
+                owner._optimizer_steps += 1
 
         handle = register_optimizer_step_post_hook(seen)
         weakref.finalize(self, handle.remove)
@@ -422,8 +428,10 @@ class MaskedPruner(Pruner):
         if self.shrink_after_prune:
             self._check_optimizers(optimizers)
         params = [t.param for t in self.targets]
-        if self._stepping and scan.versions(params) == self._versions:
-            return  # no optimizer wrote the pruned weights since the last call (GradScaler skipped its step)
+        stepped = self._optimizer_steps != self._steps_seen or scan.versions(params) != self._versions
+        if self._stepping and not stepped:
+            return  # no optimizer stepped the pruned weights since the last call (GradScaler skipped its step)
+        self._steps_seen = self._optimizer_steps
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
         self._structured_event |= mode == "group"

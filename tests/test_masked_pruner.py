@@ -271,6 +271,18 @@ def test_a_step_the_grad_scaler_skips_leaves_the_schedule_waiting():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("impl", [{"fused": True}, {"foreach": True}])
+def test_the_schedule_follows_torchs_fused_adamw(impl):
+    """torch's fused AdamW step writes the weights without bumping their version counters: the schedule must
+    still count its steps (it stalled after the first, pruning nothing more, when steps were told by versions)."""
+    model = _cnn()
+    pruner = MaskedPruner(model, _method())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **impl)
+    _train(model, opt, pruner, range(10))
+    assert pruner.step_count == 10
+    assert float((~pruner.mask("0.weight")).float().mean()) == pytest.approx(0.6, abs=0.01)
+
+
 def test_the_schedule_follows_an_optimizer_step_compiled_after_eager_ones():
     """A step is recognised by the pruned tensors' version counters, which a compiled optimizer step bumps too
     (a step hook does not run its bookkeeping under torch.compile): pruning goes on once the step is compiled."""
