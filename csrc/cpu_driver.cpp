@@ -43,14 +43,14 @@ const QuadsFn draw_quads = pick_quads();
 const CandidatesFn list_candidates = pick_candidates();
 
 // Uniforms of the BLOCK elements whose global indices start at `first`, for the live elements
-// (bits: the block's live bits); the entries of dead elements are left as they are (never read).
+// (bits: the block's live bits, num_live of them); the entries of dead elements are left as they are (never read).
 // The stream is position-keyed, so only the Philox calls of quads with a live element are made:
 // when at most QUAD_DENSE_LIMIT of the block's 64 quads are live (sparse masks), those quads alone,
 // else the whole block at once. A shard that starts inside a Philox call takes the aligned blocks
 // around its own and the slice between.
 constexpr int QUAD_DENSE_LIMIT = 32;
 static_assert(BLOCK == SIMD_BLOCK, "a block of the driver is one block of cpu_simd.h");
-inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, float* __restrict u) {
+inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, int num_live, float* __restrict u) {
   const int skip = static_cast<int>(first & 3);
   if (skip != 0) {
     alignas(64) float both[2 * SIMD_BLOCK];
@@ -62,9 +62,7 @@ inline void uniforms_block(uint64_t seed, uint64_t first, const uint32_t* bits, 
   // more than 3/8 of the block live: more than QUAD_DENSE_LIMIT - 8 quads live, and with random
   // masks many more; the whole block is drawn without listing its quads (the live elements get the
   // same uniforms either way)
-  int live = 0;
-  for (int i = 0; i < BLOCK_WORDS; ++i) live += __builtin_popcount(bits[i]);
-  if (live > 3 * BLOCK / 8) {
+  if (num_live > 3 * BLOCK / 8) {
     draw_block(seed, first, u);
     return;
   }
@@ -242,7 +240,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     const int64_t base = block * 32;
     const int n = static_cast<int>(std::min<int64_t>(BLOCK, job.numel - base));
     uint32_t bits[BLOCK_WORDS] = {};
-    uint32_t any = 0;
+    int num_live = 0;
     for (int i = 0; i < words; ++i) {
       bits[i] = f.has_mask ? static_cast<uint32_t>(job.mask[block + i]) : 0xffffffffu;
       const int inside = n - 32 * i;  // elements of word i inside the tensor
@@ -251,9 +249,9 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
         // the word as a deciding block stores it: bits past the end cleared
         if (keeps_live && f.has_mask && bits[i] != 0) job.mask[block + i] = static_cast<int32_t>(bits[i]);
       }
-      any |= bits[i];
+      num_live += __builtin_popcount(bits[i]);
     }
-    if (any == 0) continue;  // dead words: their elements are neither read nor written
+    if (num_live == 0) continue;  // dead words: their elements are neither read nor written
     if (groups) {
       for (int k = 0; k < n; ++k) {
         const int64_t j = group_index(job.shard_offset + base + k, job.inner, job.groups);
@@ -262,7 +260,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
       }
     }
     if (draw) {
-      uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), bits, u);
+      uniforms_block(job.seed, static_cast<uint64_t>(job.shard_offset + base), bits, num_live, u);
     }
     // live[k]: element k is live; once the block is decided, that it stays (its keep bit)
     alignas(64) int32_t live[BLOCK];
@@ -399,7 +397,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     }
     store_back(n, bits, wbuf, param + base);
     if (keeps_live) {
-      for (int i = 0; i < words; ++i) alive += __builtin_popcount(bits[i]);
+      alive += num_live;
     } else {
       for (int i = 0; i < words; ++i) {
         if (f.has_mask && bits[i] != 0 && static_cast<uint32_t>(job.mask[block + i]) != kw[i]) {
