@@ -352,9 +352,9 @@ class MaskedPruner(Pruner):
     def _watch_optimizers(self) -> None:
         """Note every other optimizer that steps a pruned tensor, and count its eager steps (a global step hook):
         :meth:`step` can then refuse to go on without one before a shrink leaves its state at the old shapes, and
-        knows that a call after which no such step ran and the pruned tensors were not written (their version
-        counters: a compiled step runs no hook bookkeeping, torch's fused CPU step bumps no version) follows a
-        skipped step."""
+        tell a step GradScaler skipped: no such step ran, the pruned tensors were not written (their version
+        counters: a compiled step runs no hook bookkeeping, torch's fused CPU step bumps no version) and their
+        gradients hold inf/NaN."""
         pruner = weakref.ref(self)
         targets = {id(t.param) for t in self.targets}
         checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
@@ -406,11 +406,11 @@ class MaskedPruner(Pruner):
         """Run the method's schedule for one training step; at pruning events update the masks.
 
         Steps without an event cost nothing here. An event takes two zero-learning-rate fused steps:
-        one refreshes the statistics on the current weights, one decides and masks. The schedule counts
-        optimizer steps: once an optimizer has stepped the pruned weights, a call after which none of them
-        was written (``torch.amp.GradScaler`` skipped the step for inf/NaN gradients, or gradients are
-        still being accumulated) changes nothing, as a skipped step of the fused optimizers: the schedule
-        and its events wait for the next optimizer step. With
+        one refreshes the statistics on the current weights, one decides and masks. A step that
+        ``torch.amp.GradScaler`` skipped changes nothing, as a skipped step of the fused optimizers (the
+        schedule and its events wait for the next step that runs): once an optimizer has stepped the pruned
+        weights, a call after which none did, while their gradients hold inf/NaN, is such a step (call it
+        before ``zero_grad()``, as in the loop below). With
         ``shrink_after_prune`` a structured event then shrinks the model; ``optimizers`` (yours)
         have their state sliced with it.
 
@@ -429,8 +429,8 @@ class MaskedPruner(Pruner):
             self._check_optimizers(optimizers)
         params = [t.param for t in self.targets]
         stepped = self._optimizer_steps != self._steps_seen or scan.versions(params) != self._versions
-        if self._stepping and not stepped:
-            return  # no optimizer stepped the pruned weights since the last call (GradScaler skipped its step)
+        if self._stepping and not stepped and self._nonfinite_grads():
+            return  # GradScaler skipped the optimizer's step (inf/NaN gradients): so does the schedule
         self._steps_seen = self._optimizer_steps
         self.method.before_step(self, self.step_count)
         mode = self._mask_optimizer._pending_prune
@@ -445,6 +445,12 @@ class MaskedPruner(Pruner):
         self.history.maybe_record(self.step_count, self.method.scalars())
         self._maybe_shrink(optimizers)
         self._versions = scan.versions(params)
+
+    def _nonfinite_grads(self) -> bool:
+        """Whether a pruned tensor's gradient holds inf/NaN (one host read)."""
+        grads = [t.param.grad for t in self.targets if t.param.grad is not None]
+        grads = [g for g in grads if g.layout == torch.strided and g.numel()]
+        return bool(grads) and bool(self._mask_optimizer._found_inf(grads))
 
     def state_dict(self) -> dict[str, Any]:
         """Masks, statistics, coefficients, the event counter and the schedule (step count, method, history)."""

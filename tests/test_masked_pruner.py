@@ -283,14 +283,19 @@ def test_the_schedule_follows_torchs_fused_adamw(impl):
     assert float((~pruner.mask("0.weight")).float().mean()) == pytest.approx(0.6, abs=0.01)
 
 
-def test_the_schedule_follows_an_optimizer_step_compiled_after_eager_ones():
-    """A step is recognised by the pruned tensors' version counters, which a compiled optimizer step bumps too
-    (a step hook does not run its bookkeeping under torch.compile): pruning goes on once the step is compiled."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_schedule_follows_an_optimizer_step_compiled_after_eager_ones(fused):
+    """A compiled optimizer step runs no step-hook bookkeeping, and torch's fused AdamW bumps no version counter:
+    pruning must go on once the step is compiled (it stopped: the pruner took every later call for a step the
+    GradScaler skipped). Skipping needs inf/NaN gradients as well."""
 
     def run(compiled):
         model = _cnn()
         pruner = MaskedPruner(model, _method())
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        if fused:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
         compiled_step = torch.compile(opt.step)
         for step in range(10):
             gen = torch.Generator().manual_seed(step)
