@@ -227,3 +227,25 @@ def test_native_cpu_bench_runs_and_labels_what_each_case_computes(tmp_path, monk
             for *_, label in native_cpu.CASES:
                 assert f"| {backend} {algo} {label} |" in text, (backend, algo, label)
     assert "sampling event on every step, computes alive, sum abs(w), kernel sum" in text
+
+
+@pytest.mark.skipif(not backends.availability("native")[0], reason=backends.availability("native")[1])
+def test_native_cpu_bench_repeated_step_before_an_event_computes_the_kernel_sum():
+    """The bench's repeated "step before an event" (which computes alive and the kernel sum, not sum |w|)
+    runs every repetition with the kernel scale a real run has: the kernel sum it writes matches the one
+    computed from the weights it leaves, on the second and later steps as on the first."""
+    from sparsetrain import contract, masks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import native_cpu
+
+    x = native_cpu._inputs(native_cpu._shapes(3000), "sgd")
+    saved = x["stats"][0].clone()  # the previous step's statistics, which the bench gives every step
+    for _ in range(3):
+        native_cpu._fused(x, "native", "sgd", "none", True, native_cpu.BEFORE_EVENT)
+        temperature = float(x["tensor_coefs"][0][contract.COEF_TEMPERATURE])
+        tm = temperature * float(saved[contract.STAT_SUM_ABS_W] / saved[contract.STAT_ALIVE])
+        alive = masks.unpack(x["mask_words"][0], x["params"][0].numel())
+        w = x["params"][0].double().abs().view(-1)
+        expected = (torch.exp(-w / tm) * alive).sum()
+        torch.testing.assert_close(x["stats"][0][contract.STAT_SUM_KERNEL], expected, rtol=1e-5, atol=0.0)
