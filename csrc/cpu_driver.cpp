@@ -90,7 +90,19 @@ ST_INLINE void add_stats(const TensorScalars& s, bool kernel_on, int n, const fl
                          const float* __restrict pg, const int32_t* __restrict keep, double* __restrict sum_w,
                          double* __restrict sum_g, double* __restrict sum_kernel) {
   if (n == BLOCK) {
-    if (W || G) {
+    if (kernel_on) {  // one pass over the block for every sum (each lane's terms in the same order)
+      for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
+#pragma omp simd
+        for (int j = 0; j < STAT_LANES; ++j) {
+          const bool on = keep[k0 + j] != 0;
+          const float w = pw[k0 + j];
+          if (W) sum_w[j] += static_cast<double>(on ? fabs_(w) : 0.0f);
+          if (G) sum_g[j] += static_cast<double>(on ? fabs_(pg[k0 + j]) : 0.0f);
+          const float term = kernel_term(s, w);  // computed for every element, then selected
+          sum_kernel[j] += static_cast<double>(on ? term : 0.0f);
+        }
+      }
+    } else if (W || G) {
       for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
 #pragma omp simd
         for (int j = 0; j < STAT_LANES; ++j) {
@@ -98,15 +110,6 @@ ST_INLINE void add_stats(const TensorScalars& s, bool kernel_on, int n, const fl
           if (W) sum_w[j] += static_cast<double>(on ? fabs_(pw[k0 + j]) : 0.0f);
           if (G) sum_g[j] += static_cast<double>(on ? fabs_(pg[k0 + j]) : 0.0f);
         }
-      }
-    }
-    if (!kernel_on) return;
-    for (int k0 = 0; k0 < BLOCK; k0 += STAT_LANES) {
-#pragma omp simd
-      for (int j = 0; j < STAT_LANES; ++j) {
-        const bool on = keep[k0 + j] != 0;
-        const float term = kernel_term(s, pw[k0 + j]);  // computed for every element, then selected
-        sum_kernel[j] += static_cast<double>(on ? term : 0.0f);
       }
     }
     return;
