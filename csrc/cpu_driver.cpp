@@ -148,17 +148,13 @@ ST_INLINE void store_back(int n, const uint32_t* bits, const float* wbuf, T* par
   }
 }
 
-// The deferred stochastic decisions of a sampling event that writes no statistics: the candidates
-// of many blocks (pos: element offsets from `first`, w: updated weights, u: uniforms; nc of them,
-// room for DECIDE_PAD more) are decided together, in whole vectors, and the pruned ones zeroed
-// (parameter, states, mask bit) after their blocks were written. Nothing else of those blocks reads
-// the decision, so the result is the one a decision inside each block gives. Returns how many were pruned.
 constexpr int DECIDE_PAD = 16;
-template <int STATES>
-ST_INLINE int decide_candidates(const Flags& f, const TensorScalars& s, const TensorJob& job, int64_t first, int nc,
-                                float* __restrict cw, float* __restrict cu, int32_t* __restrict ck,
-                                int32_t* __restrict pos) {
-  for (int j = nc; j < nc + DECIDE_PAD; ++j) {  // padding: kept
+
+// The stochastic decisions of nc candidates (cw: updated weights, cu: uniforms; room for DECIDE_PAD
+// more) in whole vectors: ck[j] = 1 where candidate j is kept (the padding is kept).
+ST_INLINE void decide_in_vectors(const Flags& f, const TensorScalars& s, int nc, float* __restrict cw,
+                                 float* __restrict cu, int32_t* __restrict ck) {
+  for (int j = nc; j < nc + DECIDE_PAD; ++j) {
     cw[j] = 0.0f;
     cu[j] = 1.0f;
   }
@@ -166,6 +162,18 @@ ST_INLINE int decide_candidates(const Flags& f, const TensorScalars& s, const Te
 #pragma omp simd
     for (int j = j0; j < j0 + DECIDE_PAD; ++j) ck[j] = keep_element<PRUNE_STOCHASTIC>(f, s, cw[j], cu[j], false);
   }
+}
+
+// The deferred stochastic decisions of a sampling event that writes no statistics: the candidates
+// of many blocks (pos: element offsets from `first`, w: updated weights, u: uniforms; nc of them,
+// room for DECIDE_PAD more) are decided together, in whole vectors, and the pruned ones zeroed
+// (parameter, states, mask bit) after their blocks were written. Nothing else of those blocks reads
+// the decision, so the result is the one a decision inside each block gives. Returns how many were pruned.
+template <int STATES>
+ST_INLINE int decide_candidates(const Flags& f, const TensorScalars& s, const TensorJob& job, int64_t first, int nc,
+                                float* __restrict cw, float* __restrict cu, int32_t* __restrict ck,
+                                int32_t* __restrict pos) {
+  decide_in_vectors(f, s, nc, cw, cu, ck);
   int np = 0;  // the pruned ones, listed in place, without a branch per candidate
   for (int j = 0; j < nc; ++j) {
     pos[np] = pos[j];
@@ -347,23 +355,15 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) Partials run
     }
     if constexpr (PRUNE == PRUNE_STOCHASTIC) {
       if (draw && !defer) {
-        constexpr int V = 16;  // the decisions are taken in whole vectors: the tail is padding
         alignas(64) int32_t where[BLOCK + COMPACT_SLACK];
-        alignas(64) float cw[BLOCK + V], cu[BLOCK + V];
-        alignas(64) int32_t ck[BLOCK + V];
+        alignas(64) float cw[BLOCK + DECIDE_PAD], cu[BLOCK + DECIDE_PAD];
+        alignas(64) int32_t ck[BLOCK + DECIDE_PAD];
         const int nc = list_candidates(u, s.sample_c, bits, 0, where);
         for (int j = 0; j < nc; ++j) {
           cw[j] = pw[where[j]];
           cu[j] = u[where[j]];
         }
-        for (int j = nc; j < nc + V; ++j) {
-          cw[j] = 0.0f;
-          cu[j] = 1.0f;
-        }
-        for (int j0 = 0; j0 < nc; j0 += V) {
-#pragma omp simd
-          for (int j = j0; j < j0 + V; ++j) ck[j] = keep_element<PRUNE_STOCHASTIC>(f, s, cw[j], cu[j], false);
-        }
+        decide_in_vectors(f, s, nc, cw, cu, ck);
         for (int j = 0; j < nc; ++j) {  // without a branch on the decision: zeroed by masks
           const int k = where[j];
           const uint32_t m = 0u - static_cast<uint32_t>(ck[j]);
