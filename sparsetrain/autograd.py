@@ -394,10 +394,6 @@ class MaskedPruner(Pruner):
         statistics, the next event's schedule the decision's)."""
         return STATS_ALL
 
-    def wants_stats(self) -> bool:
-        """Always (:meth:`stats_to_compute`)."""
-        return True
-
     def effective_weight(self, target: Target) -> Tensor:
         """The masked weight the model computes with."""
         return target.param.detach() * self.optimizer.mask(target.param)

@@ -180,11 +180,9 @@ class ShardSync:
         """True when no statistics vector holds partial sums (all summed across ranks)."""
         return not self._partial
 
-    def request_stats(self, optimizer: FusedOptimizer | None = None) -> None:
-        """Have the statistics that hold partial sums summed across ranks at the next round or :meth:`flush`
-        (those rewritten in between included), before they are next read.
-
-        ``optimizer``: unused (the vectors are those marked by :meth:`rewritten`); kept for callers."""
+    def request_stats(self) -> None:
+        """Have the statistics that hold partial sums (those :meth:`rewritten` marked) summed across ranks at
+        the next round or :meth:`flush` (those rewritten in between included), before they are next read."""
         self._requested = True
 
     def reduce(self, tensors: list[Tensor], *, maxes: list[Tensor] = ()) -> None:
@@ -264,7 +262,7 @@ def prepare_step(
     if sync is None:
         return found_inf
     if prune == "stochastic" or sd_used:
-        sync.request_stats(optimizer)
+        sync.request_stats()
     if not flag:
         sync.flush()
         return found_inf
@@ -394,7 +392,7 @@ def portable_state_dict(optimizer: FusedOptimizer, sd: dict[str, Any]) -> dict[s
     sync = sync_of(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if sync is not None:
-        sync.request_stats(optimizer)
+        sync.request_stats()
         sync.flush()
         per_element = optimizer._algo_state_names()
         for index, p in enumerate(params):

@@ -541,7 +541,7 @@ class Pruner:
         self.optimizer.check_step()  # a step that will be refused changes nothing, the schedule included
         sync = self.sync
         if sync is not None and self.method.needs_stats(self.step_count):
-            sync.request_stats(self.optimizer)  # summed across ranks with the step's first collective
+            sync.request_stats()  # summed across ranks with the step's first collective
         if self.optimizer.nonfinite_grads():
             return True  # a skipped step changes nothing: the schedule waits for the next step that runs
         self.method.before_step(self, self.step_count)

@@ -528,7 +528,7 @@ def stats_after_a_mask_change(rank: int, world: int) -> None:
                 opt.set_mask(weights[0], alive[0])  # rewrites the first tensor's statistics only
             if moment == "after a request, set_mask":
                 if sync is not None:
-                    sync.request_stats(opt)  # nothing holds partial sums now
+                    sync.request_stats()  # nothing holds partial sums now
                 opt.set_mask(weights[1], alive[1])
                 if sync is not None:
                     sync.flush()  # as Pruner.stats() before a method reads them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..contract import STATS_ALIVE, STATS_ALL, STATS_NONE, STATS_SUM_ABS_G
+from ..contract import STATS_ALIVE, STATS_ALL, STATS_SUM_ABS_G
 
 
 def wanted(optimizer: Any, prune: str) -> tuple[bool, int]:
@@ -21,11 +21,7 @@ def wanted(optimizer: Any, prune: str) -> tuple[bool, int]:
     any, for a stochastic event, and for selective decay).
     """
     pruner = optimizer.pruner
-    if pruner is None:
-        compute = STATS_ALL
-    else:
-        choose = getattr(pruner, "stats_to_compute", None)
-        compute = choose() if choose is not None else (STATS_ALL if pruner.wants_stats() else STATS_NONE)
+    compute = STATS_ALL if pruner is None else pruner.stats_to_compute()
     if optimizer.uses_sd:  # the decay term reads the previous step's mean |g| on every step
         compute |= STATS_ALIVE | STATS_SUM_ABS_G
     return bool(compute) or prune == "stochastic", compute
